@@ -1,0 +1,1 @@
+"""Run configuration: command-line options, ``--config_file`` and ``--dataset_config``."""

@@ -1,0 +1,1 @@
+"""Model loading, conversion, tokenizers, text encoding and saving."""
