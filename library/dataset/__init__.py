@@ -1,0 +1,1 @@
+"""Datasets: image discovery, captions, buckets, transforms, batching and caches."""
