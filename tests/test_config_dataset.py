@@ -171,7 +171,8 @@ batch_size = 4                              # バッチサイズ
 """, **dirs)
     (ds,) = resolve(db, support=SUPPORT_TRAIN_DB).datasets
     assert ds.enable_bucket and ds.resolution == (512, 512) and ds.batch_size == 4
-    assert [(s.num_repeats, s.is_reg, s.class_tokens) for s in ds.subsets] == [(10, False, "hoge girl"), (1, True, "girl")]
+    got = [(s.num_repeats, s.is_reg, s.class_tokens) for s in ds.subsets]
+    assert got == [(10, False, "hoge girl"), (1, True, "girl")]
     assert ds.subsets[0].caption_extension == ".caption"
 
     ft = write(tmp_path / "ft.toml", """
@@ -247,6 +248,8 @@ def test_command_line_names_map_to_config_options(tmp_path, dirs):
     assert (ds.batch_size, s.num_repeats, s.flip_aug, s.caption_extension) == (3, 7, True, ".txt")
     assert s.face_crop_aug_range == (2.0, 4.0)
     assert (ds.prior_loss_weight, ds.validation_split) == (0.5, 0.25)
+    old_spelling = resolve(cfg, "--caption_extention", ".tags").datasets[0].subsets[0]
+    assert old_spelling.caption_extension == ".tags"
 
 
 def test_all_problems_listed_with_file_place_key_and_hints(tmp_path, dirs):
@@ -282,7 +285,8 @@ resolution = 'big'
         "datasets[0].subsets[0]: unknown key `caption_extenson` in [[datasets.subsets]]. did you mean "
         "'caption_extension'?",
         "datasets[1]: `resolution`: expected a size like 512 or [width, height] like [512, 768], found 'big' (string)",
-        "datasets[1].subsets[0]: `batch_size` may only be set in [general] or [[datasets]], not in [[datasets.subsets]]",
+        "datasets[1].subsets[0]: `batch_size` may only be set in [general] or [[datasets]], "
+        "not in [[datasets.subsets]]",
         "datasets[1].subsets[0]: `shuffle_caption`: expected true or false, found 1 (integer)",
         "datasets[1].subsets[1]: `image_dir` is required",
     ]
@@ -339,13 +343,14 @@ def test_command_line_value_problem_names_the_option(tmp_path, image_factory):
         resolve_dataset_params(args, SUPPORT_TRAIN_NETWORK)
     msg = exc.value.message
     assert "--train_data_dir 10_sks dog: `caption_dropout_rate` = 2.0 (from --caption_dropout_rate on the command " \
-           "line) must be between 0 and 1" in msg
+           "line or in --config_file) must be between 0 and 1" in msg
     assert "`min_bucket_reso` = 256 (default) must be a positive multiple of bucket_reso_steps = 48" in msg
 
 
 def test_toml_syntax_error_names_file_line_column(tmp_path):
     cfg = tmp_path / "s.toml"
-    cfg.write_text("[general]\nshuffle_caption = true\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"C:\\hoge\"\n")
+    cfg.write_text('[general]\nshuffle_caption = true\n[[datasets]]\n  [[datasets.subsets]]\n'
+                   '  image_dir = "C:\\hoge"\n')
     with pytest.raises(UserError) as exc:
         resolve(cfg)
     assert f"{cfg}: not valid TOML" in exc.value.message and "line 5, column" in exc.value.message
