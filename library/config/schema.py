@@ -27,6 +27,8 @@ LEVEL_NAMES = {GENERAL: "[general]", DATASET: "[[datasets]]", SUBSET: "[[dataset
 
 def describe_value(value: Any) -> str:
     """A found value in user terms: ``'ten' (string)``, ``3.5 (number)``, ``true (boolean)``."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return f"{str(value).lower()} (boolean)"
     if isinstance(value, int):
