@@ -524,3 +524,20 @@ def test_checker_tool(tmp_path, dirs, capsys):
                            "train_db.py"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "`metadata_file` is a fine-tuning option, but train_db.py" in proc.stderr
+
+
+def test_run_config_values_count_as_command_line_level(tmp_path, dirs):
+    from library.config.run_config import load_run_config
+
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser, SUPPORT_TRAIN_NETWORK)
+    add_config_file_arguments(parser)
+    run = tmp_path / "run.toml"
+    run.write_text(f"[dataset]\ndataset_config = '{tmp_path / 'ds.toml'}'\nkeep_tokens = 6\nflip_aug = true\n")
+    write(tmp_path / "ds.toml", PRECEDENCE.format(g="keep_tokens = 2", d="", s="", hoge="{hoge}"), **dirs)
+    args = load_run_config(parser, ["--config_file", str(run)])
+    (s,) = resolve_dataset_params(args, SUPPORT_TRAIN_NETWORK).datasets[0].subsets
+    assert (s.keep_tokens, s.flip_aug) == (2, True)
+    write(tmp_path / "ds.toml", PRECEDENCE.format(g="", d="", s="", hoge="{hoge}"), **dirs)
+    (s,) = resolve_dataset_params(args, SUPPORT_TRAIN_NETWORK).datasets[0].subsets
+    assert s.keep_tokens == 6
