@@ -271,12 +271,14 @@ resolution = 'big'
   image_dir = '{fuga}'
   batch_size = 4
   shuffle_caption = 1
+  flip_aug = "true"
+  num_repeats = "3"
   [[datasets.subsets]]
   class_tokens = 'no dir'
 """, **dirs)
     msg = error_of(cfg)
     lines = msg.splitlines()
-    assert lines[0].startswith(f"dataset config {cfg} is invalid: 8 problems")
+    assert lines[0].startswith(f"dataset config {cfg} is invalid: 10 problems")
     assert all(str(cfg) in line for line in lines[1:])
     expected = [
         "[general]: `caption_extention` is not a dataset config key: the key is spelled caption_extension",
@@ -289,6 +291,9 @@ resolution = 'big'
         "not in [[datasets.subsets]]",
         "datasets[1].subsets[0]: `shuffle_caption`: expected true or false, found 1 (integer)",
         "datasets[1].subsets[1]: `image_dir` is required",
+        "datasets[1].subsets[0]: `flip_aug`: expected true or false, found 'true' (string) (write it without quotes: "
+        "true)",
+        "datasets[1].subsets[0]: `num_repeats`: expected an integer, found '3' (string) (write it without quotes: 3)",
     ]
     for text in expected:
         assert text in msg, text

@@ -133,7 +133,7 @@ def _validate_levels(raw: RawConfig, support: DatasetSupport) -> tuple[list[str]
     kinds: list[str] = []
     for ds in raw.datasets:
         sub_kinds = [_subset_kind(s.values, support) for s in ds.subsets]
-        kind = sub_kinds[0] if sub_kinds else DREAMBOOTH
+        kind = sub_kinds[0] if sub_kinds else _subset_kind({}, support)
         if len(set(sub_kinds)) > 1:
             db = ", ".join(s.place for s, k in zip(ds.subsets, sub_kinds) if k == DREAMBOOTH)
             ft = ", ".join(s.place for s, k in zip(ds.subsets, sub_kinds) if k == FINETUNING)
