@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import voluptuous as vol
 
@@ -191,10 +192,10 @@ def _opts() -> tuple[Option, ...]:
     )
 
 
-OPTIONS: dict[str, Option] = {o.name: o for o in _opts()}
+OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: o for o in _opts()})
 
 # Command-line names users sometimes write in dataset configs, and what to write instead.
-CLI_ONLY_HINTS = {
+CLI_ONLY_HINTS: Mapping[str, str] = MappingProxyType({
     "train_batch_size": "write batch_size in dataset configs",
     "dataset_repeats": "write num_repeats in dataset configs",
     "train_data_dir": "in a dataset config each folder is a [[datasets.subsets]] with image_dir",
@@ -204,7 +205,7 @@ CLI_ONLY_HINTS = {
     "debug_dataset": "it is a command-line option (--debug_dataset)",
     "max_token_length": "it is a command-line option (--max_token_length)",
     "caption_extention": "the key is spelled caption_extension",
-}
+})
 
 
 def styles_for(kind: str, caption_dropout: bool) -> set[str]:
