@@ -319,6 +319,11 @@ max_bucket_reso = 128
 validation_split = 1.0
   [[datasets.subsets]]
   metadata_file = '{piyo}/nothere.json'
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = ''
+  [[datasets.subsets]]
+  image_dir = '{md}'
 """, **dirs)
     msg = error_of(cfg)
     expected = [
@@ -335,6 +340,8 @@ validation_split = 1.0
         "datasets[1]: `min_bucket_reso` = 300 (set in [general]) must not exceed max_bucket_reso = 128",
         "datasets[1]: `validation_split` = 1.0 (set in datasets[1]) must be at least 0 and below 1",
         "datasets[1].subsets[0]: `metadata_file` = ",
+        "datasets[2].subsets[0]: `image_dir` = '' (set in datasets[2].subsets[0]) must not be empty",
+        "piyo_md.json' (set in datasets[2].subsets[1]) is a file, not a folder",
     ]
     for text in expected:
         assert text in msg, text

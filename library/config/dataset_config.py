@@ -204,14 +204,16 @@ class _Resolver:
             if not ext.startswith(".") or len(ext) < 2:
                 self.problem(place, "caption_extension", v["caption_extension"],
                              f"must start with a dot, e.g. '.{ext.lstrip('.') or 'txt'}'")
-        if "image_dir" in v and not Path(v["image_dir"][0]).is_dir():
-            path = Path(v["image_dir"][0])
-            what = "is a file, not a folder" if path.exists() else f"does not exist (looked for {path.absolute()})"
-            self.problem(place, "image_dir", v["image_dir"], what)
-        if "metadata_file" in v and not Path(v["metadata_file"][0]).is_file():
-            path = Path(v["metadata_file"][0])
-            what = "is a folder, not a file" if path.exists() else f"does not exist (looked for {path.absolute()})"
-            self.problem(place, "metadata_file", v["metadata_file"], what)
+        for key, want_dir in (("image_dir", True), ("metadata_file", False)):
+            if key not in v:
+                continue
+            path = Path(v[key][0])
+            if not v[key][0].strip():
+                self.problem(place, key, v[key], "must not be empty")
+            elif not (path.is_dir() if want_dir else path.is_file()):
+                what = ("is a file, not a folder" if want_dir else "is a folder, not a file") if path.exists() \
+                    else f"does not exist (looked for {path.absolute()})"
+                self.problem(place, key, v[key], what)
 
     def check_dataset(self, place: str, v: dict[str, Value]) -> None:
         if "resolution" in v and min(v["resolution"][0]) <= 0:
