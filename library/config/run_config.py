@@ -107,8 +107,6 @@ def _convert(action: argparse.Action, value: Any) -> Any:
         return value
     many = action.nargs in ("*", "+") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
     if not many:
-        if action.nargs == "?" and value is None:
-            return action.const
         out = _convert_one(action, value)
         _check_choice(action, out)
         return out
