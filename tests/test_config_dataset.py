@@ -513,6 +513,11 @@ def test_old_style_fine_tuning(tmp_path, dirs):
     assert ds.kind == "finetuning" and ds.batch_size == 2
     assert (s.metadata_file, s.image_dir, s.num_repeats) == (str(dirs["md"]), str(dirs["piyo"]), 3)
     assert s.origin == f"--in_json {dirs['md']}"
+    network_args = parse(["--in_json", str(dirs["md"]), "--reg_data_dir", str(dirs["reg"])])
+    group = resolve_dataset_params(network_args, SUPPORT_TRAIN_NETWORK)
+    assert group.datasets[0].kind == "finetuning" and group.datasets[0].subsets[0].image_dir is None
+    assert group.skipped == ["--reg_data_dir ignored: fine-tuning style datasets (--in_json) have no "
+                             "regularization images"]
     with pytest.raises(UserError, match="fine_tune.py needs training data"):
         resolve_dataset_params(parse(["--train_data_dir", str(dirs["piyo"])], SUPPORT_FINE_TUNE), SUPPORT_FINE_TUNE)
     with pytest.raises(UserError, match="metadata_file` = .*does not exist"):
