@@ -1,0 +1,1 @@
+"""Library side of the standalone tools: post-hoc EMA, metadata tools and captioners."""
