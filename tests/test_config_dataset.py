@@ -281,7 +281,7 @@ resolution = 'big'
     assert lines[0].startswith(f"dataset config {cfg} is invalid: 10 problems")
     assert all(str(cfg) in line for line in lines[1:])
     expected = [
-        "[general]: `caption_extention` is not a dataset config key: the key is spelled caption_extension",
+        "[general]: `caption_extention` is not a dataset config key: did you mean 'caption_extension'?",
         "[general]: `class_tokens` may only be set in [[datasets.subsets]], not in [general]",
         "datasets[0].subsets[0]: `num_repeats`: expected an integer, found 'ten' (string)",
         "datasets[0].subsets[0]: unknown key `caption_extenson` in [[datasets.subsets]]. did you mean "

@@ -204,7 +204,7 @@ CLI_ONLY_HINTS: Mapping[str, str] = MappingProxyType({
     "prior_loss_weight": "it is a command-line option (--prior_loss_weight)",
     "debug_dataset": "it is a command-line option (--debug_dataset)",
     "max_token_length": "it is a command-line option (--max_token_length)",
-    "caption_extention": "the key is spelled caption_extension",
+    "caption_extention": "did you mean 'caption_extension'? (the key is spelled caption_extension)",
 })
 
 
