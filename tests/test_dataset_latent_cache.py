@@ -81,6 +81,9 @@ def test_disk_cache_hit_miss_and_invalidation(tmp_path, image_factory):
         return e.images
 
     assert rerun() == 0  # everything valid: nothing encoded
+    e = CountingEncoder()
+    _build(folder).cache_latents(e, cache_key="vae-1", to_disk=True, batch_size=2, recompute=True)
+    assert e.images == 3
     image_factory(paths[1], (64, 64), seed=99)  # same name and size, new content
     assert rerun() == 1
     assert rerun() == 0
