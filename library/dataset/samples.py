@@ -75,10 +75,11 @@ def prepare_for_cache(img: "DatasetImage", ds: "ImageDataset") -> PreparedImage:
     return prepare_image(img, ds, None)
 
 
-def _sdxl_crop_top_left(crop_ltrb: tuple[int, int, int, int], bucket_w: int, flipped: bool) -> tuple[int, int]:
+def _crop_top_left(crop_ltrb: tuple[int, int, int, int], resized_w: int, flipped: bool) -> tuple[int, int]:
+    """SDXL's crop conditioning (top, left) of the kept box; mirrored when the image was flipped."""
     left, top, right, _ = crop_ltrb
     if flipped:
-        left = bucket_w - right
+        left = max(0, resized_w - right)
     return top, left
 
 
@@ -119,7 +120,7 @@ def load_batch(group: "DatasetGroup", ref: "BatchRef", *, seed: int) -> dict[str
         paths.append(str(img.record.path))
         flipped_list.append(flipped)
         orig_hw.append((img.record.size[1], img.record.size[0]))
-        crop_tl.append(_sdxl_crop_top_left(crop_ltrb, bw, flipped))
+        crop_tl.append(_crop_top_left(crop_ltrb, img.choice.resized[0], flipped))
         target_hw.append((bh, bw))
 
     n = len(ref.samples)
