@@ -243,6 +243,7 @@ def test_epoch_batches_single_bucket_and_counts(tmp_path, image_factory):
         assert sorted(seen) == sorted(i for s in d.buckets.values() for i in s)
     assert [r.samples for r in group.epoch_batches(7, 1)] == [r.samples for r in group.epoch_batches(7, 1)]
     assert [r.samples for r in group.epoch_batches(7, 1)] != [r.samples for r in group.epoch_batches(7, 2)]
+    assert len(group.epoch_batches(-5, 0)) == expected  # any int seed works
 
 
 def test_plan_contents(tmp_path, image_factory):

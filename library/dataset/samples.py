@@ -32,9 +32,14 @@ if TYPE_CHECKING:
     from library.dataset.group import BatchRef, DatasetGroup, DatasetImage, ImageDataset
 
 
+def seed_words(*values: int) -> list[int]:
+    """Entropy for ``numpy.random.SeedSequence`` from any ints (negative seeds included)."""
+    return [int(v) % (1 << 64) for v in values]
+
+
 def sample_rng(seed: int, epoch: int, batch_index: int, sample_index: int, stream: int) -> random.Random:
     """An independent RNG for one sample and purpose (0: image, 1: caption)."""
-    state = np.random.SeedSequence([seed, epoch, batch_index, sample_index, stream]).generate_state(2)
+    state = np.random.SeedSequence(seed_words(seed, epoch, batch_index, sample_index, stream)).generate_state(2)
     return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
