@@ -141,6 +141,12 @@ def test_cache_info_written_reused_and_invalidated(tmp_path, image_factory):
     data = json.loads((folder / METADATA_CACHE_NAME).read_text())
     assert data["img01.png"]["resolution"] == [64, 128] and data["img00.png"]["caption"] == "edited caption"
 
+    # sd-scripts' format (absolute keys, no file stamps) is not trusted: rebuilt
+    (folder / METADATA_CACHE_NAME).write_text(json.dumps({str(paths[0]): {"caption": "stale", "resolution": [9, 9]}}))
+    group = build_dataset_group(group_params(dataset([sub])), seed=0)
+    assert {i.record.caption for i in group.train[0].images} == {"edited caption", "two"}
+    assert set(json.loads((folder / METADATA_CACHE_NAME).read_text())) == {"img00.png", "img01.png"}
+
     # a deleted image disappears from the cache
     paths[1].unlink()
     build_dataset_group(group_params(dataset([sub])), seed=0)

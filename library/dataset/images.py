@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,5 +168,9 @@ class InfoCache:
                 "caption_stamp": [e.caption_stamp.mtime_ns, e.caption_stamp.size] if e.caption_stamp else None,
                 "format": _CACHE_FORMAT,
             }
-        atomic_write_json(self.path, out, indent=None)
+        try:
+            atomic_write_json(self.path, out, indent=None)
+        except OSError as exc:  # a read-only dataset folder must not stop training
+            print(f"warning: cannot write {self.path} ({exc}); cache_info is not saved", file=sys.stderr)
+            return
         self.dirty = False
