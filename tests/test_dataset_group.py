@@ -334,3 +334,11 @@ resolution = [128, 128]
     assert group.batches_per_epoch() == 7
     plan = group.plan()
     assert "network_multiplier 0.5" in plan and "3 images x 3 repeats = 9 samples" in plan
+
+
+def test_finetuning_wildcard_tags_on_every_line(tmp_path, image_factory):
+    make_folder(image_factory, tmp_path / "ft", [(64, 64)])
+    (tmp_path / "m.json").write_text(json.dumps({"img00": {"caption": "one\ntwo", "tags": "x, y"}}))
+    sub = ft_subset(tmp_path / "m.json", tmp_path / "ft", enable_wildcard=True)
+    group = build_dataset_group(group_params(dataset([sub], kind="finetuning")), seed=0)
+    assert group.train[0].images[0].record.caption == "one, x, y\ntwo, x, y"
