@@ -78,7 +78,8 @@ def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int |
         return size, err, caption
 
     skipped: list[str] = []
-    for p, (size, err, caption) in zip(to_read, parallel_map(read, to_read, max_workers=max_workers)):
+    for p, (size, err, caption) in zip(to_read, parallel_map(read, to_read, max_workers=max_workers,
+                                                                   desc=f"scanning {image_dir.name}")):
         if size is None:
             skipped.append(str(err))
             continue
