@@ -16,4 +16,4 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     """Image files directly in ``folder`` (or below it with ``recursive``), sorted by path."""
     folder = Path(folder)
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in candidates if p.is_file() and is_image_file(p))
+    return sorted(p for p in candidates if is_image_file(p) and p.is_file())
