@@ -163,4 +163,5 @@ def ema_from_args(params: Iterable[torch.nn.Parameter], args: Any) -> WeightEMA 
     sigma_rel = getattr(args, "ema_sigma_rel", None)
     if decay is None and sigma_rel is None:
         return None
-    return WeightEMA(params, decay=decay, sigma_rel=sigma_rel, device="cpu" if getattr(args, "ema_cpu", False) else None)
+    device = "cpu" if getattr(args, "ema_cpu", False) else None
+    return WeightEMA(params, decay=decay, sigma_rel=sigma_rel, device=device)
