@@ -107,8 +107,9 @@ def test_missing_file_and_validation(tmp_path):
     assert validate_sampling_args(parse()) == []
     with pytest.raises(UserError, match="--sample_prompts is missing"):
         validate_sampling_args(parse("--sample_every_n_steps", "10"))
-    with pytest.raises(UserError, match="at least 1"):
-        validate_sampling_args(parse("--sample_every_n_epochs", "0"))
+    with pytest.raises(UserError, match="0 turns it off"):
+        validate_sampling_args(parse("--sample_every_n_epochs", "-1"))
+    assert validate_sampling_args(parse("--sample_every_n_epochs", "0")) == []
     path = write(tmp_path, "p.txt", "a cat\n")
     assert len(validate_sampling_args(parse("--sample_at_first", "--sample_prompts", str(path)))) == 1
 
