@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from library.errors import UserError
 from library.io_utils import atomic_save_file
@@ -373,7 +374,7 @@ def generate_samples(
     use_autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     paths: list[Path] = []
     with preserved_rng_states(device), _eval_mode(unet, vae), torch.no_grad():
-        for p in prompts:
+        for p in tqdm(prompts, desc="sample images", leave=False, disable=len(prompts) < 2):
             width, height = p.size(default_size)
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -383,7 +384,7 @@ def generate_samples(
             with autocast:
                 cond = text_encode([p.prompt]).to(device)
                 uncond = text_encode([p.negative_prompt]).to(device) if p.scale != 1.0 else None
-                shape = (1, unet.config.in_channels, height // 8, width // 8)
+                shape = (1, vae.config.latent_channels, height // 8, width // 8)
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
                 latents = latents * scheduler.init_noise_sigma
                 latents = _denoise(unet, scheduler, latents, cond, uncond, p.scale, generator)
