@@ -39,7 +39,7 @@ def test_txt_prompts(tmp_path):
         "masterpiece, 1girl, upper body --n low quality, worst quality --w 768 --h 770 --d 1 --l 5.5 --s 28\n"
         "\n"
         "  a photo of a cat --ss euler_a --d 2\n"
-        "plain prompt\n"
+        "plain prompt --W 640 --H 384\n"
     ))
     p = load_sample_prompts(path)
     assert len(p) == 3
@@ -48,7 +48,7 @@ def test_txt_prompts(tmp_path):
                                 scale=5.5, sample_steps=28)
     assert p[0].size((512, 512)) == (768, 768)
     assert (p[1].prompt, p[1].sampler, p[1].seed, p[1].index) == ("a photo of a cat", "euler_a", 2, 1)
-    assert p[2].size((640, 384)) == (640, 384) and p[2].seed is None and p[2].scale == 7.5
+    assert p[2].size((512, 512)) == (640, 384) and p[2].seed is None and p[2].scale == 7.5
     assert p[2].sample_steps == 30
     assert SamplePrompt(prompt="x", width=20, height=100).size((0, 0)) == (64, 96)
 

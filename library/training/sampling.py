@@ -158,7 +158,7 @@ def prompt_from_dict(entry: dict[str, Any], index: int, where: str) -> SamplePro
     return SamplePrompt(**fields)
 
 
-_OPTION_RE = re.compile(r"^([a-z]+)(?:\s+(.*))?$", re.S)
+_OPTION_RE = re.compile(r"^([a-z]+)(?:\s+(.*))?$", re.S | re.I)
 
 
 def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
@@ -167,16 +167,17 @@ def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
     entry: dict[str, Any] = {"prompt": parts[0]}
     for part in parts[1:]:
         m = _OPTION_RE.match(part.strip())
-        if not m or m.group(1) not in _TXT_OPTIONS:
+        option = m.group(1).lower() if m else ""
+        if option not in _TXT_OPTIONS:
             name = part.strip().split(" ")[0]
             close = difflib.get_close_matches(name, _TXT_OPTIONS, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"{where}: unknown option --{name}{hint}; known: "
                             + " ".join(f"--{k}" for k in _TXT_OPTIONS))
         value = (m.group(2) or "").strip()
-        if value == "" and m.group(1) != "n":
-            raise UserError(f"{where}: option --{m.group(1)} needs a value")
-        entry[_TXT_OPTIONS[m.group(1)]] = value
+        if value == "" and option != "n":
+            raise UserError(f"{where}: option --{option} needs a value")
+        entry[_TXT_OPTIONS[option]] = value
     return prompt_from_dict(entry, index, where)
 
 
