@@ -1,0 +1,1 @@
+"""Library side of the tool scripts (captioners, taggers, metadata tools)."""
