@@ -12,7 +12,6 @@ from PIL import Image
 
 from library.errors import UserError
 from library.tools import blip_captioner as bc
-from tests.conftest import make_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]", "a", "picture", "of", "cat", "dog", "on",
@@ -100,9 +99,9 @@ def test_length_limits(images, blip_dir):
         assert 1 <= n_short <= 2 and n_short < n_long <= 10
 
 
-def test_skip_existing_overwrite_extension_and_recursive(images, blip_dir):
+def test_skip_existing_overwrite_extension_and_recursive(images, blip_dir, image_factory):
     (images / "a.caption").write_text("kept\n", encoding="utf-8")
-    make_image(images / "sub" / "d.png", (30, 30), seed=5)
+    image_factory(images / "sub" / "d.png", (30, 30), seed=5)
     caption(images, blip_dir, "--beam_search")
     assert (images / "a.caption").read_text(encoding="utf-8") == "kept\n"
     assert not (images / "sub" / "d.caption").exists()

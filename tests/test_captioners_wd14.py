@@ -226,10 +226,15 @@ def test_fixed_batch_model_overrides_batch_size(images, tmp_path, tagger_dir, ca
     assert read(images / "a_blue.txt") == DEFAULT_BLUE and read(images / "b_red.txt") == DEFAULT_RED
 
 
-def test_missing_model_offline_is_a_clear_error(images, tmp_path, monkeypatch):
+def test_missing_model_offline_is_a_clear_error(images, tmp_path, tagger_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="model.onnx, selected_tags.csv.*HF_HUB_OFFLINE"):
         tag(images, tmp_path / "nothing_here")
+    with pytest.raises(UserError, match="model_optimized.onnx, tag_mapping.json.*HF_HUB_OFFLINE"):
+        tag(images, tmp_path / "nothing_here", "--repo_id", "someone/cl_tagger/v1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):  # --force_download never uses the local files
+        tag(images, tagger_dir.parent, "--force_download")
+    assert not list(images.glob("*.txt"))
 
 
 @pytest.mark.parametrize("options, message", [
