@@ -163,7 +163,8 @@ def test_single_file_in_original_layout_matches_folder(images, qwen, tmp_path):
 
 
 def test_original_key_names_are_renamed():
-    assert to_transformers_key("model.layers.0.mlp.up_proj.weight") == "model.language_model.layers.0.mlp.up_proj.weight"
+    assert to_transformers_key("model.layers.0.mlp.up_proj.weight") == \
+        "model.language_model.layers.0.mlp.up_proj.weight"
     assert to_transformers_key("visual.blocks.0.attn.qkv.weight") == "model.visual.blocks.0.attn.qkv.weight"
     assert to_transformers_key("lm_head.weight") == "lm_head.weight"
     assert to_transformers_key("model.visual.merger.mlp.0.bias") == "model.visual.merger.mlp.0.bias"

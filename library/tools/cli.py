@@ -10,7 +10,9 @@ from library.errors import UserError
 
 
 class ToolArgumentParser(argparse.ArgumentParser):
-    def parse_args(self, args: Sequence[str] | None = None, namespace=None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]

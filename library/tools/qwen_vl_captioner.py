@@ -90,7 +90,8 @@ def resize_to_bucket(image: Image.Image, max_size: int) -> Image.Image:
 
 def processor_pixel_limits(max_size: int) -> dict[str, int]:
     """The reference's processor limits (they bound the number of vision tokens)."""
-    return {"shortest_edge": MIN_SIZE * IMAGE_FACTOR * IMAGE_FACTOR, "longest_edge": max_size * IMAGE_FACTOR * IMAGE_FACTOR}
+    patch_area = IMAGE_FACTOR * IMAGE_FACTOR
+    return {"shortest_edge": MIN_SIZE * patch_area, "longest_edge": max_size * patch_area}
 
 
 def build_inputs(vl: QwenVL, images: list[Image.Image], prompt: str, max_size: int) -> dict[str, torch.Tensor]:
@@ -140,8 +141,8 @@ def caption_batch(vl: QwenVL, images: list[Image.Image], prompt: str, max_size: 
     eos = stop_token_ids(vl)
     pad = vl.tokenizer.pad_token_id if vl.tokenizer.pad_token_id is not None else eos[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-    autocast = torch.autocast(vl.device.type, dtype=torch.bfloat16) if fp8 and vl.device.type == "cuda" else nullcontext()
-    with autocast:
+    use_autocast = fp8 and vl.device.type == "cuda"
+    with torch.autocast(vl.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext():
         output = vl.model.generate(**inputs, generation_config=config)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     texts = vl.tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -134,28 +134,16 @@ def select_tags(probs: Sequence[float], labels: Labels, opts: TagOptions) -> dic
             picked.append((p, i))
     if labels.sorted_by_probability:
         picked.sort(key=lambda item: (-item[0], item[1]))
+    chosen = [i for _, i in picked] + [best[c][1] for c in ("rating", "quality") if c in best]
+    tagged = [(labels.categories[i], tag) for i in chosen
+              for tag in _text_form(labels.names[i], labels.categories[i], opts) if tag not in opts.undesired]
 
     by_category: dict[str, list[str]] = {}
-    for _, i in picked:
-        category = labels.categories[i]
-        for tag in _text_form(labels.names[i], category, opts):
-            if tag not in opts.undesired:
-                by_category.setdefault(category, []).append(tag)
-    for category in ("rating", "quality"):
-        if category in best:
-            i = best[category][1]
-            by_category[category] = [t for t in _text_form(labels.names[i], category, opts) if t not in opts.undesired]
-
-    ordered: list[str] = []
-    if opts.character_tags_first:
-        ordered += by_category.get("character", [])
-    for _, i in picked:
-        category = labels.categories[i]
-        if category == "character" and opts.character_tags_first:
-            continue
-        for tag in _text_form(labels.names[i], category, opts):
-            if tag not in opts.undesired and tag not in ordered:
-                ordered.append(tag)
+    for category, tag in tagged:
+        by_category.setdefault(category, []).append(tag)
+    front = "character" if opts.character_tags_first else None
+    ordered = [t for c, t in tagged if c == front] + [t for c, t in tagged if c not in (front, "rating", "quality")]
+    ordered = list(dict.fromkeys(ordered))
     for category, where in (("quality", opts.quality), ("rating", opts.rating)):
         tags = by_category.get(category, [])
         if where == "first":
@@ -163,8 +151,8 @@ def select_tags(probs: Sequence[float], labels: Labels, opts: TagOptions) -> dic
         elif where == "last":
             ordered = [t for t in ordered if t not in tags] + tags
     if opts.always_first:
-        front = [t for t in opts.always_first if t in ordered]
-        ordered = front + [t for t in ordered if t not in front]
+        leading = [t for t in opts.always_first if t in ordered]
+        ordered = leading + [t for t in ordered if t not in leading]
     by_category["all"] = ordered
     return by_category
 
