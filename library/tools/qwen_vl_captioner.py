@@ -104,9 +104,8 @@ def build_inputs(vl: QwenVL, images: list[Image.Image], prompt: str, max_size: i
                         f"{text.count(IMAGE_TOKEN)} (check chat_template in the processor folder)")
     size = processor_pixel_limits(max_size)
     if vl.processor is not None:
-        vl.processor.tokenizer.padding_side = "left"
         return dict(vl.processor(text=[text] * len(images), images=images, size=size, padding=True,
-                                 return_tensors="pt"))
+                                 padding_side="left", return_tensors="pt"))
     vision = vl.image_processor(images=images, size=size, return_tensors="pt")
     merge = vl.image_processor.merge_size ** 2
     texts = [text.replace(IMAGE_TOKEN, IMAGE_TOKEN * (int(grid.prod()) // merge)) for grid in vision["image_grid_thw"]]

@@ -209,7 +209,12 @@ def _try_processor(folder: Path):
         return None
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # the inputs can still be assembled without it
+        print(f"the transformers processor could not be built from {folder} ({type(err).__name__}: {err}); "
+              "assembling the model inputs without it")
+        return None
 
 
 DEFAULT_CHAT_TEMPLATE = (
