@@ -1,1 +1,1 @@
-"""Library side of the standalone tools: post-hoc EMA, metadata tools and captioners."""
+"""Library side of the standalone tools: post-hoc EMA, metadata tools, latent preparation and captioners."""
