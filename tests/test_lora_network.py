@@ -41,7 +41,7 @@ def randomize_up(network: lora.LoRANetwork, std: float = 0.05, seed: int = 1) ->
             module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=gen) * std)
 
 
-def run_models(te, unet, size: int = 32, batch: int = 1):
+def run_models(te, unet, size: int = 16, batch: int = 1):
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 49408, (batch, 77), generator=gen)
     x = torch.randn(batch, 4, size, size, generator=gen)
