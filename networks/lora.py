@@ -222,8 +222,6 @@ def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
     except Exception as err:  # corrupt or foreign file: say which one
         raise UserError(f"cannot read LoRA file {path}: {err}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

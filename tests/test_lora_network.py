@@ -372,3 +372,43 @@ def test_training_step_updates_only_lora():
     ups = [m.lora_up.weight for m in network.all_loras()]
     assert all(float(w.detach().abs().sum()) > 0 for w in ups)
     assert sum(1 for _ in network.get_trainable_params()) == 2 * 132
+
+
+def test_fp32_lora_on_bf16_module_and_merge_dtype():
+    org = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    module = lora.LoRAModule("lora_unet_x", org, lora_dim=4, alpha=4)
+    torch.nn.init.normal_(module.lora_up.weight)
+    weight = org.weight.detach().float().clone()
+    module.apply_to()
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        out = org(x)
+        delta = lora.lora_delta(module.lora_up.weight, module.lora_down.weight)
+        expected = x.float() @ (weight + delta).T + org.bias.float()
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.1, rtol=0.02)
+
+    target = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    merger = lora.LoRAModule("lora_unet_x", target, lora_dim=4, alpha=4)
+    before = target.weight.detach().float().clone()
+    merger.merge_to(module.state_dict(), 0.5, None, "cpu")
+    assert target.weight.dtype == torch.bfloat16
+    assert torch.allclose(target.weight.float(), before + 0.5 * delta, atol=0.05)
+
+
+def test_network_from_weights_keeps_training_options():
+    te, unet = tiny_models()
+    source = lora.create_network(1.0, 4, 1, None, te, unet, conv_dim="2")
+    network, _ = lora.create_network_from_weights(
+        1.0, None, None, te, unet, weights_sd=source.state_dict(),
+        conv_dim="8", rank_dropout="0.2", up_lr_weight="zeros", loraplus_lr_ratio="4",
+    )
+    assert {m.lora_name for m in network.all_loras()} == {m.lora_name for m in source.all_loras()}
+    assert {m.lora_dim for m in network.unet_loras} == {2, 4}  # ranks from the weights, conv_dim=8 ignored
+    assert {m.rank_dropout for m in network.all_loras()} == {0.2}
+    groups, descriptions = network.prepare_optimizer_params(1e-4, 1e-3, 1e-4)
+    lrs = dict(zip(descriptions, (g["lr"] for g in groups)))
+    blocks = {int(d.split()[0][len("unet_block"):]) for d in descriptions if d.startswith("unet_block")}
+    assert blocks == {1, 3, 4, 6, 7, 9, 10, 12}  # up blocks have LR weight 0: no groups
+    assert lrs["unet_block4"] == pytest.approx(1e-3) and lrs["unet_block4 plus"] == pytest.approx(4e-3)
+    assert lrs["textencoder plus"] == pytest.approx(4e-4)
