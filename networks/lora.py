@@ -261,6 +261,7 @@ class LoRANetwork(nn.Module):
         self.options = options
         self.multiplier = multiplier
         self.applied = False
+        self.dropped: list[str] = []  # parts left out by apply_to ("text encoder", "UNet")
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         text_encoders = _text_encoder_list(text_encoder)
@@ -306,11 +307,13 @@ class LoRANetwork(nn.Module):
         used."""
         if self.applied:
             raise RuntimeError("the LoRA network is already applied")
-        for keep, loras in ((apply_text_encoder, self.text_encoder_loras), (apply_unet, self.unet_loras)):
-            if not keep:
+        parts = (("text encoder", apply_text_encoder, self.text_encoder_loras), ("UNet", apply_unet, self.unet_loras))
+        for part, keep, loras in parts:
+            if not keep and loras:
                 for lora in loras:
                     delattr(self, lora.lora_name)
                 loras.clear()
+                self.dropped.append(part)
         for lora in self.all_loras():
             lora.apply_to()
         self.applied = True
@@ -333,6 +336,15 @@ class LoRANetwork(nn.Module):
         problems = []
         if unexpected:
             problems.append(f"{len(unexpected)} keys match no module of this network: {_listing(unexpected)}")
+            for part, prefix, flag in (
+                ("text encoder", "lora_te", "--network_train_unet_only"),
+                ("UNet", "lora_unet", "--network_train_text_encoder_only"),
+            ):
+                if part in self.dropped and any(k.startswith(prefix) for k in unexpected):
+                    problems.append(
+                        f"the file has {part} modules but this network trains no {part} ({flag}); "
+                        f"drop {flag} to keep training them"
+                    )
         if missing:
             problems.append(f"{len(missing)} keys of the network are not in the file: {_listing(missing)}")
         if mismatched:
