@@ -31,12 +31,18 @@ def assert_same_models(a: SDModels, b: SDModels) -> None:
     assert_same_weights(a.unet, b.unet)
     assert_same_weights(a.vae, b.vae)
     assert_same_weights(a.text_encoders[0], b.text_encoders[0])
-    assert dict(a.unet.config) == dict(b.unet.config) or _same_unet_config(a.unet.config, b.unet.config)
+    for key in ("block_out_channels", "attention_head_dim", "cross_attention_dim", "use_linear_projection",
+                "layers_per_block", "norm_num_groups", "sample_size", "down_block_types", "up_block_types"):
+        assert _plain(a.unet.config[key]) == _plain(b.unet.config[key]), key
+    for key in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor"):
+        assert _plain(a.vae.config[key]) == _plain(b.vae.config[key]), key
+    ta, tb = a.text_encoders[0].config, b.text_encoders[0].config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"):
+        assert getattr(ta, key) == getattr(tb, key), key
 
 
-def _same_unet_config(x, y) -> bool:
-    keys = ("block_out_channels", "attention_head_dim", "cross_attention_dim", "use_linear_projection", "layers_per_block")
-    return all(tuple(x[k]) == tuple(y[k]) if isinstance(x[k], (list, tuple)) else x[k] == y[k] for k in keys)
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 @pytest.mark.parametrize("sd2", [False, True])
