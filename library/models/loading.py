@@ -282,6 +282,16 @@ def _single_file_is_v2(tensors: dict[str, torch.Tensor], path: Path) -> bool:
     )
 
 
+def _infer(infer, sd: dict[str, torch.Tensor], family: ModelFamily, meta: dict[str, Any], what: str):
+    try:
+        return infer(sd, family, meta)
+    except KeyError as err:
+        raise UserError(
+            f"{what}: the weights do not match the model structure (missing weight {err.args[0]}); the file is "
+            "incomplete or of another architecture"
+        ) from err
+
+
 def _load_single_file(path: Path, family: ModelFamily, dtype, device) -> tuple[Any, Any, Any]:
     tensors, metadata = read_weights(path)
     _check_family(family, _single_file_is_v2(tensors, path), path)
@@ -296,10 +306,13 @@ def _load_single_file(path: Path, family: ModelFamily, dtype, device) -> tuple[A
     else:
         te_sd = conv.clip_ldm_to_bare(_split_prefix(tensors, conv.CLIP_PREFIX))
     del tensors
-    unet = _build_unet(infer_unet_config(unet_sd, family, meta.get("unet", {})), unet_sd, f"{path} (UNet)", dtype, device)
-    vae = _build_vae(infer_vae_config(vae_sd, family, meta.get("vae", {})), vae_sd, f"{path} (VAE)", dtype, device)
-    te_config = infer_text_config(te_sd, family, meta.get("text_encoder", {}))
-    text_encoder = _build_text_encoder(te_config, te_sd, f"{path} (text encoder)", dtype, device)
+    what = {"unet": f"{path} (UNet)", "vae": f"{path} (VAE)", "text_encoder": f"{path} (text encoder)"}
+    unet_config = _infer(infer_unet_config, unet_sd, family, meta.get("unet", {}), what["unet"])
+    vae_config = _infer(infer_vae_config, vae_sd, family, meta.get("vae", {}), what["vae"])
+    te_config = _infer(infer_text_config, te_sd, family, meta.get("text_encoder", {}), what["text_encoder"])
+    unet = _build_unet(unet_config, unet_sd, what["unet"], dtype, device)
+    vae = _build_vae(vae_config, vae_sd, what["vae"], dtype, device)
+    text_encoder = _build_text_encoder(te_config, te_sd, what["text_encoder"], dtype, device)
     return unet, vae, text_encoder
 
 
@@ -324,7 +337,7 @@ def load_vae(name: str, family: ModelFamily, *, dtype: torch.dtype = torch.float
     meta = parse_architecture_metadata(metadata.get(ARCHITECTURE_METADATA_KEY), str(path)).get("vae", {})
     if "encoder.conv_in.weight" not in sd:
         raise UserError(f"--vae {path}: no VAE weights found (expected encoder.*/decoder.* or first_stage_model.*)")
-    return _build_vae(infer_vae_config(sd, family, meta), sd, f"--vae {path}", dtype, device)
+    return _build_vae(_infer(infer_vae_config, sd, family, meta, f"--vae {path}"), sd, f"--vae {path}", dtype, device)
 
 
 # ------------------------------------------------------------------------------------------ entry point
