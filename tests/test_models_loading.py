@@ -315,3 +315,22 @@ def test_tokenizer_lookup_order_and_error(tmp_path, monkeypatch):
     # an SD1 tokenizer given for SD2 still pads with "!" (id 0)
     assert load_tokenizer(sd2, cache_dir=cache / "tokenizer").pad_token_id == 0
     assert load_tokenizer(sd1, cache_dir=cache / "tokenizer")("a photo of a cat").input_ids[-1] == 49407
+
+
+def test_hub_id_found_in_the_local_cache(tmp_path, monkeypatch, tiny_sd1_dir):
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_sd1_dir, repo / "snapshots" / "rev1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev1")
+    models = load_sd_models(_args("someone/tiny-sd"))
+    assert models.source == str(repo / "snapshots" / "rev1")
+    assert_same_weights(models.unet, build_tiny_components(TinyConfig())["unet"])
+    (repo / "snapshots" / "rev1" / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        load_sd_models(_args("someone/tiny-sd"))
