@@ -130,7 +130,10 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
         te = {"text_model." + k: v for k, v in conv.strip_text_model_prefix(_cast(text_encoder.state_dict(), dtype)).items()}
         te.pop("text_model.embeddings.position_ids", None)
         _write_weights(tmp / "text_encoder", "model" if safetensors else "pytorch_model", te, safetensors)
-        models.noise_scheduler().save_config(str(tmp / "scheduler"))
+        # steps_offset 1 as in the original SD scheduler configs (inference pipelines warn otherwise)
+        scheduler = models.noise_scheduler()
+        scheduler.register_to_config(steps_offset=1)
+        scheduler.save_config(str(tmp / "scheduler"))
         _write_tokenizer(models.tokenizers[0], tmp / "tokenizer")
         index = {
             "_class_name": "StableDiffusionPipeline",
