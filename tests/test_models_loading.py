@@ -334,3 +334,16 @@ def test_hub_id_found_in_the_local_cache(tmp_path, monkeypatch, tiny_sd1_dir):
     (repo / "snapshots" / "rev1" / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         load_sd_models(_args("someone/tiny-sd"))
+
+
+def test_old_text_encoder_layout_and_extra_top_level_keys(sd1_ldm, tmp_path, tiny_sd1_dir):
+    models, tensors = sd1_ldm
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in tensors.items()}
+    old["model_ema.decay"] = torch.tensor(0.999)
+    old["model_ema.diffusion_modelout2weight"] = torch.zeros(1)
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in old.items()}
+    loaded = load_sd_models(_args(_write(tmp_path, half), tokenizer_cache_dir=str(tiny_sd1_dir)))
+    assert loaded.unet.dtype == torch.float32
+    te = models.text_encoders[0].state_dict()
+    for k, v in loaded.text_encoders[0].state_dict().items():
+        assert torch.equal(v, te[k].half().float()), k
