@@ -347,3 +347,19 @@ def test_old_text_encoder_layout_and_extra_top_level_keys(sd1_ldm, tmp_path, tin
     te = models.text_encoders[0].state_dict()
     for k, v in loaded.text_encoders[0].state_dict().items():
         assert torch.equal(v, te[k].half().float()), k
+
+
+def test_sd2_file_without_the_unused_openclip_block(tmp_path, tiny_sd2_dir):
+    """Converters that drop the unused last block also drop text_projection; then every block is kept."""
+    from library.models.saving import ldm_state_dict
+
+    models = load_sd_models(_args(tiny_sd2_dir, v2=True))
+    tensors = ldm_state_dict(models)
+    full = load_sd_models(_args(_write(tmp_path, tensors, "full.safetensors"), v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    stripped = {k: v for k, v in tensors.items()
+                if not k.startswith(("cond_stage_model.model.transformer.resblocks.2.", "cond_stage_model.model.text_projection",
+                                     "cond_stage_model.model.logit_scale"))}
+    short = load_sd_models(_args(_write(tmp_path, stripped, "short.safetensors"), v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    for loaded in (full, short):
+        assert loaded.text_encoders[0].config.num_hidden_layers == 2
+        assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])
