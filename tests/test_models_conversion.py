@@ -117,3 +117,23 @@ def test_openclip_split_matches_diffusers_converter():
     assert all(torch.equal(theirs[k], v) for k, v in ours.items())
     # diffusers keeps the unused last OpenCLIP block as layer 2; we drop it (SD2 uses the penultimate layer)
     assert {k.split(".")[2] for k in set(theirs) - set(ours)} == {"2"}
+
+
+@pytest.mark.parametrize("sd2", [False, True])
+def test_our_single_files_read_with_diffusers_from_single_file(tmp_path, sd2, tiny_sd1_dir, tiny_sd2_dir):
+    import argparse
+
+    from diffusers import StableDiffusionPipeline
+
+    from library.models.loading import load_sd_models
+    from library.models.saving import save_sd_model
+    from tests.test_models_loading import assert_same_weights
+
+    folder = tiny_sd2_dir if sd2 else tiny_sd1_dir
+    models = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(folder), v2=sd2))
+    file = save_sd_model(tmp_path / "m.safetensors", models, fmt="safetensors")
+    pipe = StableDiffusionPipeline.from_single_file(str(file), config=str(folder), safety_checker=None,
+                                                    requires_safety_checker=False)
+    assert_same_weights(pipe.unet, models.unet)
+    assert_same_weights(pipe.vae, models.vae)
+    assert_same_weights(pipe.text_encoder, models.text_encoders[0])
