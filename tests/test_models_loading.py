@@ -77,7 +77,7 @@ def test_v2_flag_mismatch_is_an_error(tiny_sd1_dir, tiny_sd2_dir):
         load_sd_models(_args(tiny_sd1_dir, v2=True))
 
 
-def test_path_errors_before_loading(tmp_path):
+def test_path_errors_before_loading(tmp_path, tiny_sd1_dir):
     with pytest.raises(UserError, match="not found"):
         load_sd_models(_args(tmp_path / "missing.safetensors"))
     (tmp_path / "model.txt").write_text("x")
@@ -86,6 +86,12 @@ def test_path_errors_before_loading(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a diffusers model"):
         load_sd_models(_args(tmp_path / "empty"))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="broken.safetensors: cannot read"):
+        load_sd_models(_args(tmp_path / "broken.safetensors"))
+    (tmp_path / "broken.ckpt").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="broken.ckpt: cannot read"):
+        load_sd_models(_args(tmp_path / "broken.ckpt", tokenizer_cache_dir=str(tiny_sd1_dir)))
     with pytest.raises(UserError, match="required"):
         load_sd_models(argparse.Namespace(pretrained_model_name_or_path=None))
 

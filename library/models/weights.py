@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from library.errors import UserError
@@ -20,21 +20,17 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (empty when there is none)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    return header.get("__metadata__") or {}
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
 
 
 def safetensors_keys(path: Path) -> list[str]:
     """Tensor names of a safetensors file, from its header only (cheap, for early checks)."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read this .safetensors file's header ({err}); is it complete?") from err
-    return [k for k in header if k != "__metadata__"]
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
