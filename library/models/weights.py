@@ -49,10 +49,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        text = str(err)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0] if "WeightsUnpickler" in text else ""
+        if "global" not in detail.lower():
+            raise UserError(f"{path}: cannot read this checkpoint: not a valid PyTorch file ({detail or text.splitlines()[0]}); is it complete?") from err
+        detail = detail.split(" was not an allowed global")[0]
         raise UserError(
-            f"{path}: refused to load this pickle file: it contains objects other than plain tensors, and "
-            "loading it would run code from the file. If you trust it, convert it to .safetensors with a tool "
-            f"you trust, or use a .safetensors download of the same model. (torch said: {str(err).splitlines()[0]})"
+            f"{path}: refused to load this pickle file: it contains objects other than plain tensors "
+            f"({detail}), and loading it would run code from the file. If you trust it, convert it to "
+            ".safetensors with a tool you trust, or use a .safetensors download of the same model."
         ) from err
     except (RuntimeError, OSError, EOFError) as err:
         raise UserError(f"{path}: cannot read this checkpoint ({err}); is it complete?") from err
