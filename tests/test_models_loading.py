@@ -62,8 +62,10 @@ def test_diffusers_folder_loads_the_saved_weights(sd2, tiny_sd1_dir, tiny_sd2_di
     assert sched.config.beta_schedule == "scaled_linear" and not sched.config.clip_sample
 
 
-def test_dtype_and_v_parameterization(tiny_sd2_dir):
-    models = load_sd_models(_args(tiny_sd2_dir, v2=True, v_parameterization=True), dtype=torch.bfloat16)
+def test_dtype_and_v_parameterization(tiny_sd2_dir, caplog):
+    with caplog.at_level("WARNING", logger="library.models.loading"):
+        models = load_sd_models(_args(tiny_sd2_dir, v2=True, v_parameterization=True), dtype=torch.bfloat16)
+    assert "prediction_type=epsilon but training uses v_prediction" in caplog.text
     assert models.unet.dtype == torch.bfloat16 and models.text_encoders[0].dtype == torch.bfloat16
     assert models.family.base_model_version == "sd_v2_v"
     assert models.family.modelspec_architecture == "stable-diffusion-v2-768-v"
