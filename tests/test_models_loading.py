@@ -121,27 +121,25 @@ def _independent_sd1_ldm(parts) -> dict[str, torch.Tensor]:
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
              "mid_block.resnets.1": "middle_block.2"}
+    patterns = [
+        (r"down_blocks\.(\d)\.resnets\.0\.(.*)", lambda m: (f"input_blocks.{1 + 2 * int(m[1])}.0", m[2])),
+        (r"down_blocks\.(\d)\.attentions\.0\.(.*)", lambda m: (f"input_blocks.{1 + 2 * int(m[1])}.1", m[2])),
+        (r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.*)", lambda m: (f"input_blocks.{2 + 2 * int(m[1])}.0.op", m[2])),
+        (r"up_blocks\.(\d)\.resnets\.(\d)\.(.*)", lambda m: (f"output_blocks.{2 * int(m[1]) + int(m[2])}.0", m[3])),
+        (r"up_blocks\.(\d)\.attentions\.(\d)\.(.*)", lambda m: (f"output_blocks.{2 * int(m[1]) + int(m[2])}.1", m[3])),
+        (r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.*)",
+         lambda m: (f"output_blocks.{2 * int(m[1]) + 1}.{1 if m[1] == '0' else 2}.conv", m[2])),
+    ]
     for key, value in parts["unet"].state_dict().items():
-        new = None
-        for src, dst in fixed.items():
-            if key.startswith(src + "."):
-                new = dst + key[len(src):]
-        if m := re.match(r"down_blocks\.(\d)\.(resnets|attentions)\.0\.(.*)", key):
-            i, kind, rest = int(m[1]), m[2], m[3]
-            new = f"input_blocks.{1 + 2 * i}.{0 if kind == 'resnets' else 1}.{rest}"
-        elif m := re.match(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.*)", key):
-            new = f"input_blocks.{2 + 2 * int(m[1])}.0.op.{m[2]}"
-        elif m := re.match(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.*)", key):
-            new = f"output_blocks.{2 * int(m[1]) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
-        elif m := re.match(r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.*)", key):
-            i = int(m[1])
-            new = f"output_blocks.{2 * i + 1}.{1 if i == 0 else 2}.conv.{m[2]}"
-        if ".0." in new[:20] and new.split(".")[2] == "0" or new.startswith("middle_block.0") or new.startswith("middle_block.2"):
-            first, rest = new.split(".", 2)[:2], new.split(".", 2)[2]
+        module, rest = next(((dst, key[len(src) + 1:]) for src, dst in fixed.items() if key.startswith(src + ".")),
+                            (None, None))
+        for pattern, build in patterns:
+            if module is None and (m := re.fullmatch(pattern, key)):
+                module, rest = build(m)
+        if ".resnets." in key:
             name = rest.split(".")[0]
-            if name in _RESNET_TO_LDM:
-                new = ".".join(first) + "." + _RESNET_TO_LDM[name] + rest[len(name):]
-        out["model.diffusion_model." + new] = value
+            rest = _RESNET_TO_LDM.get(name, name) + rest[len(name):]
+        out[f"model.diffusion_model.{module}.{rest}"] = value
     vae_fixed = {"mid_block.resnets.0": "mid.block_1", "mid_block.resnets.1": "mid.block_2",
                  "mid_block.attentions.0": "mid.attn_1", "conv_norm_out": "norm_out"}
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
