@@ -52,6 +52,10 @@ def _real_components(sd2: bool):
     return {"unet": unet, "vae": vae, "text_encoder": te}
 
 
+def _part(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def _components(kind: str, sd2: bool):
     return _real_components(sd2) if kind == "real" else build_tiny_components(TinyConfig(sd2=sd2))
 
@@ -69,14 +73,15 @@ def test_matches_diffusers_converter_and_infers_the_config(kind, sd2):
     unet_sd, vae_sd = parts["unet"].state_dict(), parts["vae"].state_dict()
     theirs = convert_ldm_unet_checkpoint(ldm, dict(parts["unet"].config))
     assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in unet_sd.items()}
-    theirs_vae = convert_ldm_vae_checkpoint({k: v for k, v in ldm.items() if k.startswith("first_stage_model.")}, dict(parts["vae"].config))
+    ldm_vae = {k: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
+    theirs_vae = convert_ldm_vae_checkpoint(ldm_vae, dict(parts["vae"].config))
     assert {k: v.shape for k, v in theirs_vae.items()} == {k: v.shape for k, v in vae_sd.items()}
     if kind == "tiny":
         assert all(torch.equal(theirs[k], v) for k, v in unet_sd.items())
         assert all(torch.equal(theirs_vae[k], v) for k, v in vae_sd.items())
 
     # our own way back, and the configs read from shapes (real sizes follow the documented head rules)
-    ours = conv.unet_ldm_to_diffusers({k[len(conv.UNET_PREFIX):]: v for k, v in ldm.items() if k.startswith(conv.UNET_PREFIX)})
+    ours = conv.unet_ldm_to_diffusers(_part(ldm, conv.UNET_PREFIX))
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in unet_sd.items()}
     if kind == "real":
         unet_cfg = infer_unet_config(ours, family, {})
@@ -87,11 +92,11 @@ def test_matches_diffusers_converter_and_infers_the_config(kind, sd2):
             assert (list(value) if isinstance(value, (list, tuple)) else value) == (
                 list(expected[key]) if isinstance(expected[key], (list, tuple)) else expected[key]
             ), key
-        vae = conv.vae_ldm_to_diffusers({k[len(conv.VAE_PREFIX):]: v for k, v in ldm.items() if k.startswith(conv.VAE_PREFIX)})
+        vae = conv.vae_ldm_to_diffusers(_part(ldm, conv.VAE_PREFIX))
         vae_cfg = infer_vae_config(vae, family, {})
         assert list(vae_cfg["block_out_channels"]) == [128, 256, 512, 512] and vae_cfg["layers_per_block"] == 2
         prefix = conv.OPENCLIP_PREFIX if sd2 else conv.CLIP_PREFIX
-        te = {k[len(prefix):]: v for k, v in ldm.items() if k.startswith(prefix)}
+        te = _part(ldm, prefix)
         bare = conv.openclip_to_bare(te) if sd2 else conv.clip_ldm_to_bare(te)
         te_cfg = infer_text_config(bare, family, {})
         assert (te_cfg.num_hidden_layers, te_cfg.num_attention_heads) == ((23, 16) if sd2 else (12, 12))

@@ -149,7 +149,8 @@ def _independent_sd1_ldm(parts) -> dict[str, torch.Tensor]:
             new = new.replace("." + src + ".", "." + dst + ".")
         new = re.sub(r"encoder\.down_blocks\.(\d)\.resnets\.(\d)", r"encoder.down.\1.block.\2", new)
         new = re.sub(r"encoder\.down_blocks\.(\d)\.downsamplers\.0", r"encoder.down.\1.downsample", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)", lambda m: f"decoder.up.{3 - int(m[1])}.block.{m[2]}", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)",
+                     lambda m: f"decoder.up.{3 - int(m[1])}.block.{m[2]}", new)
         new = re.sub(r"decoder\.up_blocks\.(\d)\.upsamplers\.0", lambda m: f"decoder.up.{3 - int(m[1])}.upsample", new)
         new = new.replace("conv_shortcut", "nin_shortcut")
         if ".attn_1." in new:
@@ -344,7 +345,8 @@ def test_hub_id_found_in_the_local_cache(tmp_path, monkeypatch, tiny_sd1_dir):
 
 def test_old_text_encoder_layout_and_extra_top_level_keys(sd1_ldm, tmp_path, tiny_sd1_dir):
     models, tensors = sd1_ldm
-    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in tensors.items()}
+    new_prefix, old_prefix = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+    old = {k.replace(new_prefix, old_prefix): v for k, v in tensors.items()}
     old["model_ema.decay"] = torch.tensor(0.999)
     old["model_ema.diffusion_modelout2weight"] = torch.zeros(1)
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in old.items()}
@@ -361,11 +363,12 @@ def test_sd2_file_without_the_unused_openclip_block(tmp_path, tiny_sd2_dir):
 
     models = load_sd_models(_args(tiny_sd2_dir, v2=True))
     tensors = ldm_state_dict(models)
-    full = load_sd_models(_args(_write(tmp_path, tensors, "full.safetensors"), v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
-    stripped = {k: v for k, v in tensors.items()
-                if not k.startswith(("cond_stage_model.model.transformer.resblocks.2.", "cond_stage_model.model.text_projection",
-                                     "cond_stage_model.model.logit_scale"))}
-    short = load_sd_models(_args(_write(tmp_path, stripped, "short.safetensors"), v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    tokenizers = str(tiny_sd2_dir)
+    full_file = _write(tmp_path, tensors, "full.safetensors")
+    unused = tuple("cond_stage_model.model." + k for k in ("transformer.resblocks.2.", "text_projection", "logit_scale"))
+    short_file = _write(tmp_path, {k: v for k, v in tensors.items() if not k.startswith(unused)}, "short.safetensors")
+    full = load_sd_models(_args(full_file, v2=True, tokenizer_cache_dir=tokenizers))
+    short = load_sd_models(_args(short_file, v2=True, tokenizer_cache_dir=tokenizers))
     for loaded in (full, short):
         assert loaded.text_encoders[0].config.num_hidden_layers == 2
         assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])

@@ -207,7 +207,9 @@ def _is_vae_attention_projection(key: str) -> bool:
 
 def vae_ldm_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = _apply(tensors, _vae_pairs(_vae_structure(set(tensors), ldm=True)), False, "VAE")
-    return {k: (v.reshape(v.shape[:2]) if _is_vae_attention_projection(k) and v.ndim == 4 else v) for k, v in out.items()}
+    return {
+        k: (v.reshape(v.shape[:2]) if _is_vae_attention_projection(k) and v.ndim == 4 else v) for k, v in out.items()
+    }
 
 
 def vae_diffusers_to_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -282,7 +284,8 @@ def bare_to_openclip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     n = len(_indices(tensors, r"encoder\.layers\.(\d+)\."))
     pairs = [_Pair("ln_final", "final_layer_norm"), _Pair("token_embedding", "embeddings.token_embedding")]
     pairs += [_Pair(f"transformer.resblocks.{i}", f"encoder.layers.{i}", _OPENCLIP_LAYER) for i in range(n)]
-    qkv = {k: tensors.pop(k) for k in [k for k in tensors if ".self_attn." in k and k.split(".")[-2] in ("q_proj", "k_proj", "v_proj")]}
+    qkv_keys = [k for k in tensors if ".self_attn." in k and k.split(".")[-2] in ("q_proj", "k_proj", "v_proj")]
+    qkv = {k: tensors.pop(k) for k in qkv_keys}
     position = tensors.pop("embeddings.position_embedding.weight")
     out = _apply(tensors, pairs, True, "text encoder")
     out["positional_embedding"] = position

@@ -97,7 +97,12 @@ def save_sd_model(
             meta = {**(metadata or {}), ARCHITECTURE_METADATA_KEY: arch}
             atomic_save_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         else:
-            payload = {"state_dict": tensors, "epoch": epoch, "global_step": global_step, ARCHITECTURE_METADATA_KEY: arch}
+            payload = {
+                "state_dict": tensors,
+                "epoch": epoch,
+                "global_step": global_step,
+                ARCHITECTURE_METADATA_KEY: arch,
+            }
             atomic_save_file(path, lambda tmp: torch.save(payload, tmp))
         return path
     _save_diffusers(path, models, unet, text_encoder, dtype, safetensors=fmt == "diffusers_safetensors")
@@ -132,7 +137,8 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
             _write_weights(tmp / name, "diffusion_pytorch_model", _cast(module.state_dict(), dtype), safetensors)
         (tmp / "text_encoder").mkdir()
         text_encoder.config.save_pretrained(str(tmp / "text_encoder"))
-        te = {"text_model." + k: v for k, v in conv.strip_text_model_prefix(_cast(text_encoder.state_dict(), dtype)).items()}
+        bare = conv.strip_text_model_prefix(_cast(text_encoder.state_dict(), dtype))
+        te = {"text_model." + k: v for k, v in bare.items()}
         te.pop("text_model.embeddings.position_ids", None)
         _write_weights(tmp / "text_encoder", "model" if safetensors else "pytorch_model", te, safetensors)
         # steps_offset 1 as in the original SD scheduler configs (inference pipelines warn otherwise)

@@ -50,9 +50,12 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0] if "WeightsUnpickler" in text else ""
+        marker = "WeightsUnpickler error:"
+        detail = text.split(marker, 1)[1].strip().split("\n")[0] if marker in text else text.splitlines()[0]
         if "global" not in detail.lower():
-            raise UserError(f"{path}: cannot read this checkpoint: not a valid PyTorch file ({detail or text.splitlines()[0]}); is it complete?") from err
+            raise UserError(
+                f"{path}: cannot read this checkpoint: not a valid PyTorch file ({detail}); is it complete?"
+            ) from err
         detail = detail.split(" was not an allowed global")[0]
         raise UserError(
             f"{path}: refused to load this pickle file: it contains objects other than plain tensors "
