@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 
 import pytest
 import torch
@@ -176,7 +177,10 @@ def test_independently_mapped_ldm_file_loads_with_identical_weights(tmp_path, ti
     assert_same_weights(models.text_encoders[0], parts["text_encoder"])
     assert models.unet.config.attention_head_dim == 8 and models.text_encoders[0].config.num_attention_heads == 4
     assert models.unet.config.use_linear_projection is False
-    assert models.model_hashes["sha256"] and models.source == str(file)
+    data = file.read_bytes()
+    assert models.source == str(file) and len(data) > 0x110000
+    assert models.model_hashes == {"sha256": hashlib.sha256(data).hexdigest(),
+                                   "legacy": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
     # outputs agree too (same heads, same groups), not only the weights
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -281,6 +285,9 @@ def test_vae_override_from_folder_and_files(tmp_path, tiny_sd1_dir, sd1_ldm):
     for vae in (tmp_path / "vae_folder", ldm_vae, full_ckpt, diffusers_file):
         models = load_sd_models(_args(tiny_sd1_dir, vae=str(vae)))
         assert_same_weights(models.vae, other)
+        assert models.vae_source == str(vae) and models.model_hashes == {}
+    assert models.vae_hashes["sha256"] == hashlib.sha256(diffusers_file.read_bytes()).hexdigest()
+    assert models.vae_hashes["legacy"] == hashlib.sha256(diffusers_file.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
     with pytest.raises(UserError, match="--vae .*not found"):
         load_sd_models(_args(tiny_sd1_dir, vae=str(tmp_path / "nope.safetensors")))
 

@@ -55,7 +55,8 @@ class SDModels:
     text_encoders: list
     tokenizers: list
     source: str
-    _hashes: dict[str, str] | None = field(default=None, repr=False)
+    vae_source: str | None = None
+    _hashes: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
 
     def noise_scheduler(self):
         """A fresh ``DDPMScheduler`` with the SD training schedule and this family's prediction type."""
@@ -74,9 +75,18 @@ class SDModels:
     def model_hashes(self) -> dict[str, str]:
         """``legacy`` (sd-scripts ``ss_sd_model_hash``) and ``sha256`` (``ss_new_sd_model_hash``) of the
         source file; empty for folders. Computed on first use (reading a large file takes seconds)."""
-        if self._hashes is None:
-            self._hashes = file_hashes(Path(self.source)) if Path(self.source).is_file() else {}
-        return self._hashes
+        return self._file_hashes(self.source)
+
+    @property
+    def vae_hashes(self) -> dict[str, str]:
+        """The same hashes for a ``--vae`` file (sd-scripts ``ss_vae_hash`` / ``ss_new_vae_hash``); empty
+        without ``--vae`` or for a folder."""
+        return self._file_hashes(self.vae_source) if self.vae_source else {}
+
+    def _file_hashes(self, source: str) -> dict[str, str]:
+        if source not in self._hashes:
+            self._hashes[source] = file_hashes(Path(source)) if Path(source).is_file() else {}
+        return self._hashes[source]
 
 
 def file_hashes(path: Path) -> dict[str, str]:
@@ -395,4 +405,5 @@ def load_sd_models(args, *, device: str | torch.device = "cpu", dtype: torch.dty
         text_encoders=[text_encoder],
         tokenizers=[tokenizer],
         source=str(source),
+        vae_source=str(Path(vae_name).expanduser()) if vae_name else None,
     )
