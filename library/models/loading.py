@@ -7,7 +7,6 @@ missing or unexpected weight is an error, never a silently random layer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from library.models.architecture import (
     parse_architecture_metadata,
 )
 from library.models.family import ModelFamily, sd_family
+from library.models.metadata import file_hashes
 from library.models.tokenizers import load_tokenizer
 from library.models.weights import (
     SINGLE_FILE_SUFFIXES,
@@ -85,20 +85,12 @@ class SDModels:
 
     def _file_hashes(self, source: str) -> dict[str, str]:
         if source not in self._hashes:
-            self._hashes[source] = file_hashes(Path(source)) if Path(source).is_file() else {}
+            if Path(source).is_file():
+                legacy, sha256 = file_hashes(source)
+                self._hashes[source] = {"legacy": legacy, "sha256": sha256}
+            else:
+                self._hashes[source] = {}
         return self._hashes[source]
-
-
-def file_hashes(path: Path) -> dict[str, str]:
-    """sd-scripts' two base-model hashes: sha256 of the 64 KiB at 1 MiB (8 hex digits), and of the whole file."""
-    full = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-        f.seek(0)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            full.update(block)
-    return {"legacy": legacy, "sha256": full.hexdigest()}
 
 
 # ------------------------------------------------------------------------------------------ resolving
