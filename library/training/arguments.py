@@ -41,6 +41,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save_last_n_steps", type=int, default=None, help="keep only step files of the last N steps")
     add("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
     add("--save_last_n_steps_state", type=int, default=None, help="keep only states of the last N steps")
+    add("--save_precision", type=str, default=None, choices=(None, "float", "fp16", "bf16"),
+        help="dtype of saved weights (default: the training dtype)")
     add("--save_state", action="store_true", help="also save the resumable training state with each save")
     add("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     add("--resume", type=str, default=None, help="state folder to resume from")
@@ -68,6 +70,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     add("--xformers", action="store_true", help="use xformers memory-efficient attention")
     add("--mem_eff_attn", action="store_true", help="memory-efficient attention (SDPA here)")
+    add("--cache_latents", action="store_true", help="encode every image once before training")
+    add("--cache_latents_to_disk", action="store_true", help="also keep the latents in .npz files beside images")
     add("--vae_batch_size", type=int, default=1, help="batch size when encoding latents")
     add("--cache_text_encoder_outputs", action="store_true",
         help="encode every caption once (frozen text encoder, fixed captions only)")
