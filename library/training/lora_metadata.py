@@ -215,12 +215,12 @@ def build_lora_metadata(args: argparse.Namespace, params: DatasetGroupParams, st
     meta.update(_dataset_keys(args, params, stats, num_processes))
     if facts.model_hashes:
         meta["ss_sd_model_hash"] = facts.model_hashes.get("legacy", "")
-        meta["ss_new_sd_model_hash"] = facts.model_hashes.get("new", "")
+        meta["ss_new_sd_model_hash"] = facts.model_hashes.get("sha256", "")
     if facts.vae_name:
         meta["ss_vae_name"] = os.path.basename(facts.vae_name)
         if facts.vae_hashes:
             meta["ss_vae_hash"] = facts.vae_hashes.get("legacy", "")
-            meta["ss_new_vae_hash"] = facts.vae_hashes.get("new", "")
+            meta["ss_new_vae_hash"] = facts.vae_hashes.get("sha256", "")
     if g("no_metadata"):
         meta = {k: meta[k] for k in MINIMUM_KEYS}
     return meta

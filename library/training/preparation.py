@@ -155,3 +155,131 @@ def make_vae_encoder(vae: torch.nn.Module, device: torch.device, dtype: torch.dt
 
 def describe_time(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, assembled by :func:`build_run`."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    recipe: Recipe
+    models: Any
+    group: Any
+    params: DatasetGroupParams
+    loader: Any
+    val_loader: Any
+    optimizer: Any
+    lr_scheduler: Any
+    lr_names: list[str]
+    noise_scheduler: Any
+    noise_settings: Any
+    loss_settings: Any
+    text: Any
+    names: OutputNames
+    max_train_steps: int
+    num_epochs: int
+    weight_dtype: torch.dtype
+    vae_encode: Any
+    seed: int
+    generator: torch.Generator
+    metadata: dict[str, str] = field(default_factory=dict)
+    sample_prompts: list[Any] = field(default_factory=list)
+    resumed: Any = None
+
+
+def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
+              seed: int, max_train_steps: int, num_epochs: int, tracker_name: str) -> Run:
+    """Load the models and build the trained modules, caches, optimizer and scheduler; read ``--resume``."""
+    from accelerate.utils import set_seed
+
+    from library.dataset import make_train_loader
+    from library.models.arguments import parse_max_token_length
+    from library.models.loading import load_sd_models
+    from library.models.text_encoding import TextEncoding
+    from library.training.losses import LossSettings
+    from library.training.noise import NoiseSettings, make_noise_scheduler
+    from library.training.optimizers import create_optimizer
+    from library.training.schedulers import create_scheduler
+    from library.training.state import load_state
+    from library.training.text_cache import TextConditioner, encoder_fingerprint
+
+    device = accelerator.device
+    dtype = weight_dtype(args)
+    set_seed(seed)
+    models = load_sd_models(args, device=device if args.lowram else "cpu", dtype=torch.float32)
+    attention = set_attention(models, args)
+    for module in (models.unet, models.vae, *models.text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    recipe.setup(models, args, device)
+    trained = recipe.trained_base_modules()
+    vae_dtype = torch.float32 if args.no_half_vae else dtype
+    models.vae.to(device, vae_dtype)
+    models.unet.to(device, torch.float32 if "unet" in trained else dtype)
+    for te in models.text_encoders:
+        te.to(device, torch.float32 if "text_encoder" in trained else dtype)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()
+        if recipe.trains_text_encoder():
+            for te in models.text_encoders:
+                te.gradient_checkpointing_enable()
+                te.train()
+
+    vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
+    if args.cache_latents or args.cache_latents_to_disk:
+        key = f"vae-{module_fingerprint(models.vae)[:16]}-{str(vae_dtype).removeprefix('torch.')}"
+        group.cache_latents(vae_encode, cache_key=key, to_disk=args.cache_latents_to_disk,
+                            batch_size=args.vae_batch_size, process_index=accelerator.process_index,
+                            num_processes=accelerator.num_processes)
+        accelerator.wait_for_everyone()
+
+    encoding = TextEncoding(models.tokenizers[0], models.text_encoders[0],
+                            max_token_length=parse_max_token_length(args.max_token_length),
+                            clip_skip=args.clip_skip, v2=models.family.v2)
+    cache_dir = identity = None
+    if args.cache_text_encoder_outputs_to_disk:
+        cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
+        identity = (f"{encoder_fingerprint(models.text_encoders[0])}|clip_skip={args.clip_skip}|"
+                    f"max_tokens={args.max_token_length}|weighted={args.weighted_captions}|{dtype}")
+    text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
+                           cache_dir=cache_dir, identity=identity or "")
+
+    workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+    loader_kwargs = dict(seed=seed, num_workers=workers, persistent_workers=args.persistent_data_loader_workers,
+                         process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    loader = make_train_loader(group, grad_accum=args.gradient_accumulation_steps, **loader_kwargs)
+    val_loader = make_train_loader(group, validation=True, **loader_kwargs) if group.validation else None
+
+    groups, lr_names = recipe.param_groups(args)
+    optimizer = create_optimizer(args, groups)
+    lr_scheduler = create_scheduler(args, optimizer, max_train_steps)
+    if args.full_fp16 or args.full_bf16:
+        recipe.cast_trained(torch.float16 if args.full_fp16 else torch.bfloat16)
+    optimizer = accelerator.prepare(optimizer)
+
+    resumed = None
+    if args.resume:
+        resumed = load_state(args.resume, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes)
+        recipe.load_state_dict(resumed.weights)
+        optimizer.load_state_dict(resumed.optimizer)
+        lr_scheduler.load_state_dict(resumed.scheduler)
+        if resumed.scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(resumed.scaler)
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1000 + accelerator.process_index)
+    set_seed(seed, device_specific=True)
+    if accelerator.is_main_process:
+        print(f"attention: {attention}; weights {str(dtype).removeprefix('torch.')}, trained parameters: "
+              f"{sum(p.numel() for p in recipe.trainable_parameters()):,}")
+    return Run(
+        args=args, accelerator=accelerator, recipe=recipe, models=models, group=group, params=checked.params,
+        loader=loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names,
+        noise_scheduler=make_noise_scheduler(models.family.v_parameterization, bool(args.zero_terminal_snr)),
+        noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
+        names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
+        vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed,
+    )

@@ -44,6 +44,11 @@ class Recipe(ABC):
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder gets gradients at any step of the run (decided from the options)."""
 
+    def trained_base_modules(self) -> set[str]:
+        """Base modules whose own weights train (``unet``, ``text_encoder``): kept in float32 while the
+        frozen ones are cast to the mixed-precision dtype. A LoRA recipe trains none of them."""
+        return set()
+
     def text_encoder_trains_at(self, global_step: int) -> bool:
         """Whether the text encoder gets gradients at this step (DreamBooth may stop training it)."""
         return self.trains_text_encoder()
