@@ -373,8 +373,9 @@ def build_dataset_group(params: DatasetGroupParams, *, seed: int, max_train_step
         _print_skipped(skipped)
     if group.total_batches() == 0:
         where = ", ".join(str(_source(s)) for d in params.datasets for s in d.subsets) or params.source
+        details = "".join(f"\n  - {n}" for n in notes + skipped)
         raise UserError(
-            f"no training images found in {where}. With --train_data_dir give the parent folder of "
+            f"no training images found in {where}{details}\n  With --train_data_dir give the parent folder of "
             f"'<repeats>_<token>' folders (e.g. train/10_sks dog/img.png), not the image folder itself"
         )
     return group

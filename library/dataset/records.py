@@ -103,7 +103,10 @@ def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int |
         )
     scan = SubsetScan(records=records, skipped=skipped)
     if not paths:
-        scan.notes.append(f"{subset.origin}: no images in '{image_dir}' ({', '.join(IMAGE_EXTENSIONS)})")
+        subdirs = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
+        hint = (f"; it has sub-folders ({', '.join(subdirs[:3])}): give the folder that holds the images"
+                if subdirs else "")
+        scan.notes.append(f"{subset.origin}: no images in '{image_dir}' ({', '.join(IMAGE_EXTENSIONS)}){hint}")
     return scan
 
 
