@@ -107,11 +107,10 @@ def _side_work(run: Run) -> Iterator[None]:
 
 
 def _optimizer_mode(run: Run, *, train: bool) -> None:
-    """Schedule-free optimizers keep two weight sets; ``eval()`` selects the one to sample and save."""
-    inner = getattr(run.optimizer, "optimizer", run.optimizer)
-    method = getattr(inner, "train" if train else "eval", None)
-    if callable(method):
-        method()
+    """Schedule-free optimizers keep two weight sets; eval mode selects the one to sample and save."""
+    from library.training.optimizers import optimizer_train_eval
+
+    optimizer_train_eval(run.optimizer, train)
 
 
 def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: torch.Tensor | None = None,

@@ -240,3 +240,57 @@ def _network_args_dict(network_args: list[str] | None) -> dict[str, str]:
         key, _, value = item.partition("=")
         result[key.strip()] = value.strip()
     return result
+
+
+def dataset_stats(group: Any) -> DatasetStats:
+    """Counts, tag frequencies (per subset folder) and bucket use of a built ``DatasetGroup``."""
+    stats = DatasetStats()
+    for ds in group.train:
+        stats.num_train_images.append(sum(s.num_images * s.num_repeats for s in ds.subsets if not s.is_reg))
+        stats.num_reg_images.append(sum(s.num_images * s.num_repeats for s in ds.subsets if s.is_reg))
+        stats.subset_image_counts.append([s.num_images for s in ds.subsets])
+        tags: dict[str, dict[str, int]] = {}
+        for img in ds.images:
+            sub = ds.subset_params[img.subset_index]
+            folder = os.path.basename(sub.image_dir or "") or sub.origin
+            counts = tags.setdefault(folder, {})
+            for tag in img.record.caption.split(sub.caption_separator or ","):
+                tag = tag.strip()
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+        stats.tag_frequency.append(tags)
+        if ds.params.enable_bucket:
+            buckets = {i: {"resolution": list(reso), "count": len(samples)}
+                       for i, (reso, samples) in enumerate(sorted(ds.buckets.items()))}
+            stats.bucket_info.append({"buckets": buckets, "mean_img_ar_error": ds.mean_ar_error()})
+        else:
+            stats.bucket_info.append(None)
+    return stats
+
+
+def lora_metadata_for_run(run: Any) -> dict[str, str]:
+    """The metadata of every LoRA file a run saves (``ss_*`` keys and ``modelspec.*``)."""
+    from library.models.metadata import modelspec
+
+    args, group, models = run.args, run.group, run.models
+    family = models.family
+    facts = RunFacts(
+        session_id=run.seed, started_at=time.time(), num_train_images=group.num_train_images,
+        num_validation_images=sum(s.num_images for d in group.validation for s in d.subsets),
+        num_reg_images=group.num_reg_images,
+        num_batches_per_epoch=group.batches_per_epoch(run.accelerator.num_processes),
+        num_epochs=run.num_epochs, max_train_steps=run.max_train_steps, seed=run.seed,
+        optimizer=run.optimizer_name, base_model_version=family.base_model_version, v2=family.v2,
+        model_name=models.source, model_hashes=models.model_hashes,
+        vae_name=getattr(args, "vae", None),
+    )
+    meta = build_lora_metadata(args, run.params, dataset_stats(group), facts,
+                               num_processes=run.accelerator.num_processes)
+    resolution = run.params.datasets[0].resolution if run.params.datasets else family.default_resolution
+    meta.update(modelspec(
+        f"{family.modelspec_architecture}/lora", title=args.metadata_title or run.names.name,
+        resolution=resolution, prediction_type="v" if family.v_parameterization else "epsilon",
+        encoder_layer=args.clip_skip, author=args.metadata_author, description=args.metadata_description,
+        license=args.metadata_license, tags=args.metadata_tags,
+    ))
+    return meta

@@ -44,9 +44,13 @@ def uses_cuda() -> bool:
 def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport) -> Checked:
     """Validate every option and the dataset configuration; one UserError for all problems found."""
     from library.training.losses import validate_noise_loss_args
+    from library.training.optimizers import validate_optimizer_args
+    from library.training.schedulers import validate_scheduler_args
 
     validate_training_args(args, cuda=uses_cuda())
     validate_noise_loss_args(args)
+    validate_optimizer_args(args)
+    validate_scheduler_args(args)
     problems = recipe.option_problems(args)
     params = resolve_dataset_params(args, support)
 
@@ -186,6 +190,7 @@ class Run:
     metadata: dict[str, str] = field(default_factory=dict)
     sample_prompts: list[Any] = field(default_factory=list)
     resumed: Any = None
+    optimizer_name: str = ""
 
 
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
@@ -199,7 +204,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     from library.models.text_encoding import TextEncoding
     from library.training.losses import LossSettings
     from library.training.noise import NoiseSettings, make_noise_scheduler
-    from library.training.optimizers import create_optimizer
+    from library.training.optimizers import create_optimizer, uses_relative_step
     from library.training.schedulers import create_scheduler
     from library.training.state import load_state
     from library.training.text_cache import TextConditioner, encoder_fingerprint
@@ -253,8 +258,9 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     val_loader = make_train_loader(group, validation=True, **loader_kwargs) if group.validation else None
 
     groups, lr_names = recipe.param_groups(args)
-    optimizer = create_optimizer(args, groups)
-    lr_scheduler = create_scheduler(args, optimizer, max_train_steps)
+    optimizer_name, optimizer = create_optimizer(groups, args)
+    lr_scheduler = create_scheduler(optimizer, args, max_train_steps, num_processes=1,
+                                    adafactor_relative_step=uses_relative_step(optimizer))
     if args.full_fp16 or args.full_bf16:
         recipe.cast_trained(torch.float16 if args.full_fp16 else torch.bfloat16)
     optimizer = accelerator.prepare(optimizer)
@@ -281,5 +287,5 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         noise_scheduler=make_noise_scheduler(models.family.v_parameterization, bool(args.zero_terminal_snr)),
         noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
-        vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed,
+        vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
     )

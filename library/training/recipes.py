@@ -118,23 +118,15 @@ class LoRARecipe(Recipe):
         self.network_kwargs: dict[str, Any] = {}
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
-        from library.training.network_args import parse_network_args
+        from library.training.network_args import network_option_problems, parse_network_args
 
-        problems = []
-        if not self.train_unet and not self.train_te:
-            problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
-        try:
-            self.network_kwargs = parse_network_args(args.network_args)
-        except UserError as err:
-            problems.append(err.message)
+        problems = network_option_problems(args)
         try:
             importlib.import_module(self.module_name)
         except ImportError as err:
             problems.append(f"--network_module {self.module_name}: cannot import it ({err})")
-        if args.network_weights and not Path(args.network_weights).is_file():
-            problems.append(f"--network_weights {args.network_weights}: no such file")
-        if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
-            problems.append(f"--scale_weight_norms must be > 0 (got {args.scale_weight_norms})")
+        if not problems:
+            self.network_kwargs = parse_network_args(args.network_args, self.module_name)
         return problems
 
     def trains_text_encoder(self) -> bool:
@@ -143,10 +135,21 @@ class LoRARecipe(Recipe):
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
         module = importlib.import_module(self.module_name)
         text_encoder = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
-        self.network = module.create_network(
-            1.0, args.network_dim, args.network_alpha, models.vae, text_encoder, models.unet,
-            neuron_dropout=args.network_dropout, **self.network_kwargs,
-        )
+        multipliers = args.base_weights_multiplier or []
+        for i, file in enumerate(args.base_weights or []):
+            merged, weights = module.create_network_from_weights(
+                multipliers[i] if i < len(multipliers) else 1.0, file, models.vae, text_encoder, models.unet,
+                for_inference=True)
+            merged.merge_to(text_encoder, models.unet, weights, torch.float32, "cpu")
+        if args.dim_from_weights:
+            self.network, _ = module.create_network_from_weights(
+                1.0, args.network_weights, models.vae, text_encoder, models.unet,
+                neuron_dropout=args.network_dropout, **self.network_kwargs)
+        else:
+            self.network = module.create_network(
+                1.0, args.network_dim, args.network_alpha, models.vae, text_encoder, models.unet,
+                neuron_dropout=args.network_dropout, **self.network_kwargs,
+            )
         if self.network is None:
             raise UserError(f"--network_module {self.module_name} created no network with these --network_args")
         self.network.apply_to(text_encoder, models.unet, self.train_te, self.train_unet)
