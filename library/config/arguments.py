@@ -13,7 +13,8 @@ from library.config.params import DatasetSupport
 
 # The seeds' table of scripts vs. dataset styles: fine_tune.py takes only fine-tuning (metadata) datasets,
 # train_db.py only DreamBooth folders, train_network.py both. All three support caption dropout.
-SUPPORT_TRAIN_NETWORK = DatasetSupport(dreambooth=True, finetuning=True, caption_dropout=True, script="train_network.py")
+SUPPORT_TRAIN_NETWORK = DatasetSupport(dreambooth=True, finetuning=True, caption_dropout=True,
+                                       script="train_network.py")
 SUPPORT_TRAIN_DB = DatasetSupport(dreambooth=True, finetuning=False, caption_dropout=True, script="train_db.py")
 SUPPORT_FINE_TUNE = DatasetSupport(dreambooth=False, finetuning=True, caption_dropout=True, script="fine_tune.py")
 
@@ -26,7 +27,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
     """``"512"`` -> (512, 512); ``"512,768"`` -> (512, 768) as (width, height)."""
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts) or any(int(p) <= 0 for p in parts):
-        raise ValueError(f"resolution must be 'SIZE' or 'WIDTH,HEIGHT' with positive integers (e.g. 512 or 512,768), got {text!r}")
+        raise ValueError("resolution must be 'SIZE' or 'WIDTH,HEIGHT' with positive integers "
+                         f"(e.g. 512 or 512,768), got {text!r}")
     w = int(parts[0])
     h = int(parts[-1])
     return (w, h)

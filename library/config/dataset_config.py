@@ -36,7 +36,7 @@ from library.config.params import (
     DreamBoothSubsetParams,
     FineTuningSubsetParams,
 )
-from library.config.raw import RawConfig, RawDataset, RawSubset, read_config_file, structure
+from library.config.raw import RawConfig, RawSubset, read_config_file, structure
 from library.config.schema import (
     DATASET,
     DREAMBOOTH,
@@ -168,8 +168,12 @@ class _Resolver:
 
     def problem(self, place: str, key: str, value: Value, what: str) -> None:
         src = value[1]
-        origin = ("default" if src == "default" else
-                  f"from {src} on the command line" if src.startswith("--") else f"set in {src}")
+        if src == "default":
+            origin = "default"
+        elif src.startswith("--"):
+            origin = f"from {src} on the command line or in --config_file"
+        else:
+            origin = f"set in {src}"
         self.problems.append(f"{self.raw.where(place)}: `{key}` = {show_value(value[0])} ({origin}) {what}")
 
     def check_subset(self, place: str, v: dict[str, Value], kind: str) -> None:

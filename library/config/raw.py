@@ -70,7 +70,8 @@ def structure(data: dict[str, Any], source: str) -> tuple[RawConfig, list[str]]:
     for key in data:
         if key not in ("general", "datasets"):
             hint = did_you_mean(key, ["general", "datasets"])
-            problems.append(f"{source}: top level: unknown key `{key}`.{hint or ' Only [general] and [[datasets]] belong at the top level.'}")
+            hint = hint or " Only [general] and [[datasets]] belong at the top level."
+            problems.append(f"{source}: top level: unknown key `{key}`.{hint}")
     general = data.get("general", {})
     if isinstance(general, dict):
         raw.general = dict(general)
@@ -86,7 +87,8 @@ def structure(data: dict[str, Any], source: str) -> tuple[RawConfig, list[str]]:
                         "found [datasets]")
         return raw, problems
     if not isinstance(datasets, list):
-        problems.append(f"{source}: `datasets` must be a list of tables ([[datasets]]), found {describe_value(datasets)}")
+        problems.append(f"{source}: `datasets` must be a list of tables ([[datasets]]), "
+                        f"found {describe_value(datasets)}")
         return raw, problems
     for i, ds in enumerate(datasets):
         place = f"datasets[{i}]"
