@@ -35,11 +35,11 @@ from library.training.state import Progress, capture_rng, restore_rng, save_stat
 VALIDATION_TIMESTEP_POINTS = 4
 
 
-def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
-                 tracker_name: str = "network_train",
-                 metadata: Any = None) -> Path | None:
-    """Check everything, print the plan, load the models and train; returns the final file (None for
-    ``--debug_dataset``). ``metadata(run) -> dict[str, str]`` builds the saved files' metadata."""
+def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
+                     tracker_name: str = "network_train", metadata: Any = None) -> Run | None:
+    """Check everything, print the plan, load the models: a :class:`Run` ready for :func:`train` (None for
+    ``--debug_dataset``, which only shows the data). ``metadata(run) -> dict[str, str]`` builds the
+    metadata of the saved files."""
     from library.dataset import build_dataset_group, debug_dataset, make_train_loader
 
     checked = check_run(args, recipe, support)
@@ -67,10 +67,19 @@ def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSuppo
         accelerator.init_trackers(args.log_tracker_name or tracker_name,
                                   config=loggable_config(args) if args.log_config else None,
                                   init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+    return run
+
+
+def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
+                 tracker_name: str = "network_train", metadata: Any = None) -> Path | None:
+    """:func:`prepare_training` then :func:`train`; returns the final weights file."""
+    run = prepare_training(args, recipe, support, tracker_name=tracker_name, metadata=metadata)
+    if run is None:
+        return None
     try:
         return train(run)
     finally:
-        accelerator.end_training()
+        run.accelerator.end_training()
 
 
 @contextlib.contextmanager
