@@ -271,12 +271,14 @@ resolution = 'big'
   image_dir = '{fuga}'
   batch_size = 4
   shuffle_caption = 1
+  flip_aug = "true"
+  num_repeats = "3"
   [[datasets.subsets]]
   class_tokens = 'no dir'
 """, **dirs)
     msg = error_of(cfg)
     lines = msg.splitlines()
-    assert lines[0].startswith(f"dataset config {cfg} is invalid: 8 problems")
+    assert lines[0].startswith(f"dataset config {cfg} is invalid: 10 problems")
     assert all(str(cfg) in line for line in lines[1:])
     expected = [
         "[general]: `caption_extention` is not a dataset config key: the key is spelled caption_extension",
@@ -289,6 +291,9 @@ resolution = 'big'
         "not in [[datasets.subsets]]",
         "datasets[1].subsets[0]: `shuffle_caption`: expected true or false, found 1 (integer)",
         "datasets[1].subsets[1]: `image_dir` is required",
+        "datasets[1].subsets[0]: `flip_aug`: expected true or false, found 'true' (string) (write it without quotes: "
+        "true)",
+        "datasets[1].subsets[0]: `num_repeats`: expected an integer, found '3' (string) (write it without quotes: 3)",
     ]
     for text in expected:
         assert text in msg, text
@@ -314,6 +319,11 @@ max_bucket_reso = 128
 validation_split = 1.0
   [[datasets.subsets]]
   metadata_file = '{piyo}/nothere.json'
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = ''
+  [[datasets.subsets]]
+  image_dir = '{md}'
 """, **dirs)
     msg = error_of(cfg)
     expected = [
@@ -330,6 +340,8 @@ validation_split = 1.0
         "datasets[1]: `min_bucket_reso` = 300 (set in [general]) must not exceed max_bucket_reso = 128",
         "datasets[1]: `validation_split` = 1.0 (set in datasets[1]) must be at least 0 and below 1",
         "datasets[1].subsets[0]: `metadata_file` = ",
+        "datasets[2].subsets[0]: `image_dir` = '' (set in datasets[2].subsets[0]) must not be empty",
+        "piyo_md.json' (set in datasets[2].subsets[1]) is a file, not a folder",
     ]
     for text in expected:
         assert text in msg, text
@@ -501,6 +513,11 @@ def test_old_style_fine_tuning(tmp_path, dirs):
     assert ds.kind == "finetuning" and ds.batch_size == 2
     assert (s.metadata_file, s.image_dir, s.num_repeats) == (str(dirs["md"]), str(dirs["piyo"]), 3)
     assert s.origin == f"--in_json {dirs['md']}"
+    network_args = parse(["--in_json", str(dirs["md"]), "--reg_data_dir", str(dirs["reg"])])
+    group = resolve_dataset_params(network_args, SUPPORT_TRAIN_NETWORK)
+    assert group.datasets[0].kind == "finetuning" and group.datasets[0].subsets[0].image_dir is None
+    assert group.skipped == ["--reg_data_dir ignored: fine-tuning style datasets (--in_json) have no "
+                             "regularization images"]
     with pytest.raises(UserError, match="fine_tune.py needs training data"):
         resolve_dataset_params(parse(["--train_data_dir", str(dirs["piyo"])], SUPPORT_FINE_TUNE), SUPPORT_FINE_TUNE)
     with pytest.raises(UserError, match="metadata_file` = .*does not exist"):
@@ -524,3 +541,20 @@ def test_checker_tool(tmp_path, dirs, capsys):
                            "train_db.py"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "`metadata_file` is a fine-tuning option, but train_db.py" in proc.stderr
+
+
+def test_run_config_values_count_as_command_line_level(tmp_path, dirs):
+    from library.config.run_config import load_run_config
+
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser, SUPPORT_TRAIN_NETWORK)
+    add_config_file_arguments(parser)
+    run = tmp_path / "run.toml"
+    run.write_text(f"[dataset]\ndataset_config = '{tmp_path / 'ds.toml'}'\nkeep_tokens = 6\nflip_aug = true\n")
+    write(tmp_path / "ds.toml", PRECEDENCE.format(g="keep_tokens = 2", d="", s="", hoge="{hoge}"), **dirs)
+    args = load_run_config(parser, ["--config_file", str(run)])
+    (s,) = resolve_dataset_params(args, SUPPORT_TRAIN_NETWORK).datasets[0].subsets
+    assert (s.keep_tokens, s.flip_aug) == (2, True)
+    write(tmp_path / "ds.toml", PRECEDENCE.format(g="", d="", s="", hoge="{hoge}"), **dirs)
+    (s,) = resolve_dataset_params(args, SUPPORT_TRAIN_NETWORK).datasets[0].subsets
+    assert s.keep_tokens == 6

@@ -68,6 +68,12 @@ face_crop_aug_range = "2.0,4.0"
     assert args.caption_extension == ".caption"  # untouched default
 
 
+def test_resolution_and_face_crop_accept_toml_lists(tmp_path):
+    cfg = write(tmp_path / "run.toml", "resolution = [512, 768]\nface_crop_aug_range = [2.0, 4.0]\n")
+    args = load_run_config(make_parser(), ["--config_file", str(cfg)])
+    assert (args.resolution, args.face_crop_aug_range) == ("512,768", "2.0,4.0")
+
+
 def test_toml_suffix_is_appended(tmp_path):
     write(tmp_path / "run.toml", "max_train_steps = 7\n")
     args = load_run_config(make_parser(), ["--config_file", str(tmp_path / "run")])

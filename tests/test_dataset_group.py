@@ -150,7 +150,7 @@ def test_cache_info_written_reused_and_invalidated(tmp_path, image_factory):
 def test_finetuning_json_with_stems_and_jsonl(tmp_path, image_factory):
     folder = tmp_path / "ft"
     a, b, c = make_folder(image_factory, folder, [(64, 64), (128, 64), (64, 64)])
-    c_jpg = image_factory(folder / "photo.JPG", (64, 128))
+    image_factory(folder / "photo.JPG", (64, 128))
     meta = {
         "img00": {"caption": "a stem key", "tags": "t1, t2"},  # extension-less stem (merge_captions default)
         "img01.png": {"caption": "relative with ext", "image_size": [128, 64]},
@@ -267,3 +267,63 @@ def test_bucket_no_upscale_too_small_image_skipped(tmp_path, image_factory):
     group = build_dataset_group(group_params(ds), seed=0)
     assert len(group.train[0].images) == 1
     assert any("img01.png" in s for s in group.skipped)
+
+
+def _resolve(argv):
+    from library.config.arguments import dataset_parser
+    from library.config.dataset_config import resolve_dataset_params
+    from library.config.params import DatasetSupport
+
+    support = DatasetSupport()
+    return resolve_dataset_params(dataset_parser(support).parse_args(argv), support)
+
+
+def test_through_config_old_style_folders(tmp_path, image_factory):
+    make_folder(image_factory, tmp_path / "train" / "4_sks dog", [(64, 64)] * 2)
+    make_folder(image_factory, tmp_path / "train" / "2_my_char", [(64, 64)], captions=["custom caption"])
+    make_folder(image_factory, tmp_path / "reg" / "1_dog", [(64, 64)] * 20)
+    params = _resolve(["--train_data_dir", str(tmp_path / "train"), "--reg_data_dir", str(tmp_path / "reg"),
+                       "--resolution", "128", "--min_bucket_reso", "64", "--max_bucket_reso", "256",
+                       "--train_batch_size", "4", "--enable_bucket"])
+    group = build_dataset_group(params, seed=0)
+    assert group.num_train_images == 4 * 2 + 2 * 1
+    caps = sorted({i.record.caption for i in group.train[0].images})
+    assert caps == ["custom caption", "dog", "sks dog"]
+    reg = [i for i in group.train[0].images if i.is_reg]
+    assert len(reg) == 10 and all(i.repeats == 1 for i in reg)  # 10 samples of 20 reg images
+    assert group.batches_per_epoch() == 5
+    assert "10 regularization image(s) not used" in group.plan()
+
+
+def test_through_config_toml_two_kinds(tmp_path, image_factory):
+    make_folder(image_factory, tmp_path / "db", [(64, 64)] * 3)
+    make_folder(image_factory, tmp_path / "ft", [(64, 64), (192, 64)])
+    (tmp_path / "ft" / "meta.json").write_text(json.dumps({"img00": {"caption": "c0"}, "img01": {"tags": "t"}}))
+    toml = tmp_path / "data.toml"
+    toml.write_text(f"""
+[general]
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 256
+
+[[datasets]]
+resolution = 128
+batch_size = 2
+network_multiplier = 0.5
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "db"}'
+  class_tokens = 'sks'
+  num_repeats = 3
+
+[[datasets]]
+resolution = [128, 128]
+  [[datasets.subsets]]
+  image_dir = '{tmp_path / "ft"}'
+  metadata_file = '{tmp_path / "ft" / "meta.json"}'
+""")
+    group = build_dataset_group(_resolve(["--dataset_config", str(toml)]), seed=0)
+    assert [d.params.kind for d in group.train] == ["dreambooth", "finetuning"]
+    assert group.train[0].num_batches() == 5 and group.train[1].num_batches() == 2
+    assert group.batches_per_epoch() == 7
+    plan = group.plan()
+    assert "network_multiplier 0.5" in plan and "3 images x 3 repeats = 9 samples" in plan

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from library.dataset.buckets import BucketChoice, BucketManager
 from library.dataset.transforms import (
@@ -67,6 +67,31 @@ def test_exif_orientation_applied(tmp_path):
     assert loaded.shape == (40, 20, 3)
     assert np.array_equal(loaded, np.rot90(original, k=-1))
     assert read_image_size(path) == (20, 40)
+
+
+@pytest.mark.parametrize(
+    "orientation, expected",
+    [
+        (1, lambda a: a),
+        (2, lambda a: a[:, ::-1]),
+        (3, lambda a: a[::-1, ::-1]),
+        (4, lambda a: a[::-1]),
+        (5, lambda a: a.transpose(1, 0, 2)),
+        (6, lambda a: np.rot90(a, k=-1)),
+        (7, lambda a: np.rot90(a, k=2).transpose(1, 0, 2)),
+        (8, lambda a: np.rot90(a, k=1)),
+    ],
+)
+def test_every_exif_orientation_matches_pillow(tmp_path, orientation, expected):
+    original = noise(6, 10, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.png"
+    Image.fromarray(original).save(path, exif=exif)
+    loaded = load_image(path)
+    assert np.array_equal(loaded, expected(original))
+    assert np.array_equal(loaded, np.array(ImageOps.exif_transpose(Image.open(path))))
+    assert read_image_size(path) == (loaded.shape[1], loaded.shape[0])
 
 
 def test_corrupt_and_missing_files(tmp_path, image_factory):

@@ -8,6 +8,8 @@ Scripts build their parser from these groups, then call
 from __future__ import annotations
 
 import argparse
+from types import MappingProxyType
+from typing import Mapping
 
 from library.config.params import DatasetSupport
 
@@ -18,7 +20,8 @@ SUPPORT_TRAIN_NETWORK = DatasetSupport(dreambooth=True, finetuning=True, caption
 SUPPORT_TRAIN_DB = DatasetSupport(dreambooth=True, finetuning=False, caption_dropout=True, script="train_db.py")
 SUPPORT_FINE_TUNE = DatasetSupport(dreambooth=False, finetuning=True, caption_dropout=True, script="fine_tune.py")
 
-SUPPORT_BY_SCRIPT = {s.script: s for s in (SUPPORT_TRAIN_NETWORK, SUPPORT_TRAIN_DB, SUPPORT_FINE_TUNE)}
+SUPPORT_BY_SCRIPT: Mapping[str, DatasetSupport] = MappingProxyType(
+    {s.script: s for s in (SUPPORT_TRAIN_NETWORK, SUPPORT_TRAIN_DB, SUPPORT_FINE_TUNE)})
 
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 

@@ -133,7 +133,7 @@ def _validate_levels(raw: RawConfig, support: DatasetSupport) -> tuple[list[str]
     kinds: list[str] = []
     for ds in raw.datasets:
         sub_kinds = [_subset_kind(s.values, support) for s in ds.subsets]
-        kind = sub_kinds[0] if sub_kinds else DREAMBOOTH
+        kind = sub_kinds[0] if sub_kinds else _subset_kind({}, support)
         if len(set(sub_kinds)) > 1:
             db = ", ".join(s.place for s, k in zip(ds.subsets, sub_kinds) if k == DREAMBOOTH)
             ft = ", ".join(s.place for s, k in zip(ds.subsets, sub_kinds) if k == FINETUNING)
@@ -204,14 +204,16 @@ class _Resolver:
             if not ext.startswith(".") or len(ext) < 2:
                 self.problem(place, "caption_extension", v["caption_extension"],
                              f"must start with a dot, e.g. '.{ext.lstrip('.') or 'txt'}'")
-        if "image_dir" in v and not Path(v["image_dir"][0]).is_dir():
-            path = Path(v["image_dir"][0])
-            what = "is a file, not a folder" if path.exists() else f"does not exist (looked for {path.absolute()})"
-            self.problem(place, "image_dir", v["image_dir"], what)
-        if "metadata_file" in v and not Path(v["metadata_file"][0]).is_file():
-            path = Path(v["metadata_file"][0])
-            what = "is a folder, not a file" if path.exists() else f"does not exist (looked for {path.absolute()})"
-            self.problem(place, "metadata_file", v["metadata_file"], what)
+        for key, want_dir in (("image_dir", True), ("metadata_file", False)):
+            if key not in v:
+                continue
+            path = Path(v[key][0])
+            if not v[key][0].strip():
+                self.problem(place, key, v[key], "must not be empty")
+            elif not (path.is_dir() if want_dir else path.is_file()):
+                what = ("is a file, not a folder" if want_dir else "is a folder, not a file") if path.exists() \
+                    else f"does not exist (looked for {path.absolute()})"
+                self.problem(place, key, v[key], what)
 
     def check_dataset(self, place: str, v: dict[str, Value]) -> None:
         if "resolution" in v and min(v["resolution"][0]) <= 0:

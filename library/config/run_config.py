@@ -15,12 +15,14 @@ from typing import Any
 import tomli_w
 import tomllib
 
+from library.config.arguments import float_range_arg, resolution_arg
 from library.config.schema import describe_value, did_you_mean
 from library.errors import UserError
 from library.io_utils import atomic_write_text
 
 _SECRET_SUFFIXES = ("_api_key", "_token", "_secret", "_password")
 _NOT_IN_FILES = ("config_file", "output_config")
+_COMMA_LIST_TYPES = (resolution_arg, float_range_arg)  # also accept TOML lists: [512, 768] -> "512,768"
 
 
 def is_secret(name: str) -> bool:
@@ -52,6 +54,8 @@ def _type_name(action: argparse.Action) -> str:
 def _convert_one(action: argparse.Action, value: Any) -> Any:
     """One value converted with the action's type; raises ValueError with a readable message."""
     t = action.type
+    if t in _COMMA_LIST_TYPES and isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+        value = ",".join(str(v) for v in value)
     if isinstance(value, (dict, list)):
         raise ValueError(f"expected {_type_name(action)}, found {describe_value(value)}")
     if isinstance(value, bool) and t is not bool:
@@ -103,8 +107,6 @@ def _convert(action: argparse.Action, value: Any) -> Any:
         return value
     many = action.nargs in ("*", "+") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
     if not many:
-        if action.nargs == "?" and value is None:
-            return action.const
         out = _convert_one(action, value)
         _check_choice(action, out)
         return out

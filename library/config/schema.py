@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import voluptuous as vol
 
@@ -27,6 +28,8 @@ LEVEL_NAMES = {GENERAL: "[general]", DATASET: "[[datasets]]", SUBSET: "[[dataset
 
 def describe_value(value: Any) -> str:
     """A found value in user terms: ``'ten' (string)``, ``3.5 (number)``, ``true (boolean)``."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return f"{str(value).lower()} (boolean)"
     if isinstance(value, int):
@@ -57,14 +60,32 @@ def did_you_mean(word: str, candidates: list[str] | set[str] | tuple[str, ...]) 
     return f" did you mean {match[0]!r}?" if match else ""
 
 
-def _expect(what: str) -> Callable[[Any], vol.Invalid]:
-    return lambda value: vol.Invalid(f"expected {what}, found {describe_value(value)}")
+def _unquote_hint(value: Any) -> str:
+    """For '10' or 'true' written in quotes: how to write it as a number or boolean."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return f" (write it without quotes: {text.lower()})"
+        try:
+            float(text)
+        except ValueError:
+            return ""
+        return f" (write it without quotes: {text})"
+    return ""
+
+
+def _expect(what: str, hint_unquote: bool = False) -> Callable[[Any], vol.Invalid]:
+    def invalid(value: Any) -> vol.Invalid:
+        hint = _unquote_hint(value) if hint_unquote else ""
+        return vol.Invalid(f"expected {what}, found {describe_value(value)}{hint}")
+
+    return invalid
 
 
 def v_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    raise _expect("true or false")(value)
+    raise _expect("true or false", hint_unquote=True)(value)
 
 
 def v_int(value: Any) -> int:
@@ -72,13 +93,13 @@ def v_int(value: Any) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    raise _expect("an integer")(value)
+    raise _expect("an integer", hint_unquote=True)(value)
 
 
 def v_float(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    raise _expect("a number")(value)
+    raise _expect("a number", hint_unquote=True)(value)
 
 
 def v_str(value: Any) -> str:
@@ -100,7 +121,7 @@ def v_resolution(value: Any) -> tuple[int, int]:
     if (isinstance(value, list) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         return (value[0], value[1])
-    raise _expect("a size like 512 or [width, height] like [512, 768]")(value)
+    raise _expect("a size like 512 or [width, height] like [512, 768]", hint_unquote=True)(value)
 
 
 def v_float_pair(value: Any) -> tuple[float, float]:
@@ -171,10 +192,10 @@ def _opts() -> tuple[Option, ...]:
     )
 
 
-OPTIONS: dict[str, Option] = {o.name: o for o in _opts()}
+OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: o for o in _opts()})
 
 # Command-line names users sometimes write in dataset configs, and what to write instead.
-CLI_ONLY_HINTS = {
+CLI_ONLY_HINTS: Mapping[str, str] = MappingProxyType({
     "train_batch_size": "write batch_size in dataset configs",
     "dataset_repeats": "write num_repeats in dataset configs",
     "train_data_dir": "in a dataset config each folder is a [[datasets.subsets]] with image_dir",
@@ -184,7 +205,7 @@ CLI_ONLY_HINTS = {
     "debug_dataset": "it is a command-line option (--debug_dataset)",
     "max_token_length": "it is a command-line option (--max_token_length)",
     "caption_extention": "the key is spelled caption_extension",
-}
+})
 
 
 def styles_for(kind: str, caption_dropout: bool) -> set[str]:

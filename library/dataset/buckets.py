@@ -19,6 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+from library.config.params import DatasetParams
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class BucketManager:
         self._aspect_ratios = [w / h for w, h in self.resos]
 
     @classmethod
-    def from_params(cls, params, required_step: int = 64) -> "BucketManager":
+    def from_params(cls, params: DatasetParams, required_step: int = 64) -> "BucketManager":
         """Build from a :class:`library.config.params.DatasetParams`."""
         return cls(
             params.bucket_no_upscale,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -388,11 +387,3 @@ def _print_skipped(skipped: list[str]) -> None:
     if len(skipped) > _MAX_PRINTED_SKIPS:
         print(f"  ... and {len(skipped) - _MAX_PRINTED_SKIPS} more (see the plan)", file=sys.stderr)
 
-
-def image_paths(group: DatasetGroup) -> list[Path]:
-    """All distinct image files of the group (training and validation)."""
-    seen: dict[Path, None] = {}
-    for ds in group.train + group.validation:
-        for img in ds.images:
-            seen.setdefault(img.record.path, None)
-    return list(seen)

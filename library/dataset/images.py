@@ -1,7 +1,8 @@
 """Image sizes without decoding, read in parallel, and the per-folder ``metadata_cache.json`` (``cache_info``).
 
-Only the image header is read (``PIL.Image.open`` is lazy), so scanning thousands of images costs a few
-milliseconds each. A file PIL cannot identify is reported by name and skipped, never fatal.
+Only the image header is read (``PIL.Image.open`` is lazy; EXIF rotation is applied to the size), so
+scanning thousands of images costs well under a millisecond each. A file PIL cannot identify is reported
+by name and skipped, never fatal.
 
 ``metadata_cache.json`` keeps the reference's layout (``{name: {"caption", "resolution"}}``) and adds the
 file's ``mtime_ns`` and byte ``size`` (and those of its caption file), so an entry is used only while the image
@@ -17,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from PIL import Image, UnidentifiedImageError
-
+from library.dataset.transforms import ImageReadError, read_image_size
 from library.io_utils import atomic_write_json
 
 METADATA_CACHE_NAME = "metadata_cache.json"
@@ -30,21 +30,6 @@ def default_workers() -> int:
     return min(32, (os.cpu_count() or 1) * 4)
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the image header; raises ``OSError``/``ValueError`` for unreadable files."""
-    with Image.open(path) as img:
-        w, h = img.size
-    if w <= 0 or h <= 0:
-        raise ValueError(f"invalid size {w}x{h}")
-    return w, h
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, UnidentifiedImageError):
-        return "not a readable image (corrupt or unsupported format)"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def read_image_sizes(
     paths: Iterable[Path], *, max_workers: int | None = None
 ) -> tuple[dict[Path, tuple[int, int]], list[str]]:
@@ -54,8 +39,8 @@ def read_image_sizes(
     def one(p: Path) -> tuple[Path, tuple[int, int] | None, str | None]:
         try:
             return p, read_image_size(p), None
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return p, None, _describe(exc)
+        except ImageReadError as exc:
+            return p, None, exc.message
 
     sizes: dict[Path, tuple[int, int]] = {}
     skipped: list[str] = []
@@ -69,7 +54,7 @@ def read_image_sizes(
             results = list(pool.map(one, paths))
     for p, size, err in results:
         if size is None:
-            skipped.append(f"{p}: {err}; skipped")
+            skipped.append(f"{err} (skipped)")
         else:
             sizes[p] = size
     return sizes, skipped

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.dataset.samples import prepare_for_cache
 from library.errors import UserError
 from library.io_utils import atomic_write_bytes
 
@@ -148,6 +149,11 @@ class _Item:
     npz: Path | None = None
 
 
+def _batch_key(item: _Item) -> tuple:
+    """Items encoded together share the bucket (tensor shape) and whether a flipped pass is needed."""
+    return item.image.choice.bucket, item.key["flip"]
+
+
 class LatentStore:
     """Where every image's latents are: in memory, or in a checked ``.npz`` read when the batch is loaded."""
 
@@ -191,15 +197,14 @@ class LatentStore:
                     todo.append(item)
             else:
                 todo.append(item)
-        todo.sort(key=lambda it: (it.image.choice.bucket, str(it.image.record.path)))
+        todo.sort(key=lambda it: (_batch_key(it), str(it.image.record.path)))
         self._encode_all(todo, encode, max(1, batch_size))
 
     def _encode_all(self, todo: list[_Item], encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> None:
-        from library.dataset.samples import prepare_for_cache
-
         batches: list[list[_Item]] = []
         for item in todo:
-            if batches and len(batches[-1]) < batch_size and batches[-1][0].image.choice.bucket == item.image.choice.bucket:
+            last = batches[-1] if batches else None
+            if last and len(last) < batch_size and _batch_key(last[0]) == _batch_key(item):
                 batches[-1].append(item)
             else:
                 batches.append([item])

@@ -45,8 +45,8 @@ def _dataset_lines(ds: "ImageDataset") -> list[str]:
                 f"{s.num_images * s.num_repeats} samples{held}"
             )
     if not ds.is_validation and p.validation_split > 0:
-        lines.append(f"  validation_split {p.validation_split:g} (seed "
-                     f"{'validation_seed ' + str(p.validation_seed) if p.validation_seed is not None else 'of the run'})")
+        seed = f"validation_seed {p.validation_seed}" if p.validation_seed is not None else "the run's seed"
+        lines.append(f"  validation_split {p.validation_split:g} (split with {seed})")
     lines.append(f"  buckets ({len(ds.buckets)}, mean |aspect error| {ds.mean_ar_error():.3f}):")
     bs = p.batch_size
     for reso, samples in ds.buckets.items():

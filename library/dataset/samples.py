@@ -23,6 +23,7 @@ from library.dataset.transforms import (
     fit_to_bucket,
     flip,
     load_image,
+    parse_face_box,
     to_tensor,
 )
 from library.errors import UserError
@@ -50,14 +51,16 @@ def prepare_image(img: "DatasetImage", ds: "ImageDataset", rng: random.Random | 
     sub = ds.subset_params[img.subset_index]
     interpolation = sub.resize_interpolation or ds.params.resize_interpolation
     try:
-        array = load_image(img.record.path, alpha=sub.alpha_mask)
+        array = load_image(img.record.path, with_alpha=sub.alpha_mask)
     except ImageReadError as exc:
-        raise UserError(f"cannot read image '{img.record.path}' while loading a batch: {exc}; "
-                        f"remove or replace the file") from exc
-    if rng is not None and sub.face_crop_aug_range:
-        array = face_crop(array, img.choice, sub.face_crop_aug_range, rng=rng)
-    array, crop_ltrb = fit_to_bucket(array, img.choice, random_crop=rng is not None and sub.random_crop,
-                                     rng=rng, interpolation=interpolation)
+        raise UserError(f"{exc.message} (while loading a batch)") from exc
+    face = parse_face_box(img.record.path) if rng is not None and sub.face_crop_aug_range else None
+    if face is not None:
+        array, crop_ltrb = face_crop(array, face, sub.face_crop_aug_range, img.choice.bucket,
+                                     random_crop=sub.random_crop, rng=rng, interpolation=interpolation)
+    else:
+        array, crop_ltrb = fit_to_bucket(array, img.choice, random_crop=rng is not None and sub.random_crop,
+                                         rng=rng, interpolation=interpolation)
     if rng is not None and sub.color_aug:
         array = color_aug(array, rng=rng)
     flipped = rng is not None and sub.flip_aug and rng.random() < 0.5

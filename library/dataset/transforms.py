@@ -8,12 +8,13 @@ from the loader's seed.
 from __future__ import annotations
 
 import random
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from library.dataset.buckets import BucketChoice
 from library.errors import UserError
@@ -31,6 +32,15 @@ _FILTERS = {
 INTERPOLATIONS = tuple(_FILTERS)
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 HUE_SHIFT_LIMIT = 8.0  # in OpenCV hue units (0..180), i.e. +-16 degrees, as sd-scripts
 GAMMA_RANGE = (0.95, 1.05)
@@ -49,7 +59,8 @@ def load_image(path: str | Path, with_alpha: bool = False) -> np.ndarray:
     """An image as H x W x 3 RGB (or H x W x 4 RGBA with ``with_alpha``) ``uint8``, EXIF orientation applied."""
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
+            transpose = _TRANSPOSES.get(_orientation(opened))
+            image = opened.transpose(transpose) if transpose is not None else opened
             if image.mode in _HIGH_BIT_DEPTH_MODES:
                 image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8), "L")
             mode = "RGBA" if with_alpha else "RGB"
@@ -65,11 +76,19 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as opened:
             width, height = opened.size
-            if opened.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
+            if _orientation(opened) in _ROTATED_ORIENTATIONS:
                 width, height = height, width
             return width, height
     except _READ_ERRORS as err:
         raise ImageReadError(path, str(err) or type(err).__name__) from err
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag; None when absent or when the EXIF block is unreadable (pixels are fine)."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION)
+    except (SyntaxError, ValueError, TypeError, KeyError, OSError, struct.error):
+        return None
 
 
 def check_interpolation(name: str | None) -> None:
@@ -257,8 +276,10 @@ def flip(img: np.ndarray) -> np.ndarray:
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """The RGB channels as a float tensor C x H x W in [-1, 1] (alpha, if any, is left out)."""
-    rgb = torch.from_numpy(np.ascontiguousarray(img[..., :3]))
-    return rgb.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    chw = np.ascontiguousarray(img[..., :3].transpose(2, 0, 1), dtype=np.float32)
+    chw /= 127.5
+    chw -= 1.0
+    return torch.from_numpy(chw)
 
 
 def alpha_to_mask(img: np.ndarray) -> torch.Tensor:
