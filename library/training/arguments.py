@@ -118,6 +118,12 @@ def validate_training_args(args: argparse.Namespace, *, cuda: bool) -> None:
         except ImportError:
             problems.append("--xformers was given but the xformers package is not installed: install it, or "
                             "drop the flag (PyTorch SDPA attention is used by default and is as fast)")
+    if args.log_with in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            problems.append(f"--log_with {args.log_with} needs the wandb package: pip install wandb (or log with "
+                            "tensorboard)")
     if args.log_with is not None and args.logging_dir is None and args.log_with != "wandb":
         problems.append(f"--log_with {args.log_with} needs --logging_dir (the folder for the logs)")
     for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
