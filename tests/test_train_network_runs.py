@@ -33,7 +33,7 @@ def data(tmp_path):
 def test_unet_only_run_writes_named_files_with_metadata(tiny_sd1_dir, data, tmp_path):
     out = tmp_path / "out"
     final = run_main(train_args(tiny_sd1_dir, out, config=data, steps=4, name="mylora",
-                                extra=["--network_train_unet_only", "--save_every_n_steps", "2",
+                                extra=["--network_train_unet_only", "--save_every_n_steps", "2", "--scale_weight_norms", "1",
                                        "--save_every_n_epochs", "1", "--training_comment", "hello"]))
     assert final == out / "mylora.safetensors"
     names = sorted(p.name for p in out.iterdir() if p.is_file())
@@ -48,7 +48,7 @@ def test_unet_only_run_writes_named_files_with_metadata(tiny_sd1_dir, data, tmp_
                 "ss_training_finished_at", "sshs_model_hash", "sshs_legacy_hash", "modelspec.architecture",
                 "modelspec.title", "modelspec.date"):
         assert key in meta, key
-    assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW")
+    assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW") and meta["ss_scale_weight_norms"] == "1.0"
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4" and meta["ss_training_comment"] == "hello"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     datasets = json.loads(meta["ss_datasets"])
@@ -213,3 +213,16 @@ def test_sigterm_saves_a_resumable_state(tiny_sd1_dir, data, tmp_path):
     assert len(states) == 1
     info = verify_state(states[0])
     assert info["global_step"] >= 1 and not list(out.glob(".*partial"))
+
+
+def test_continue_from_network_weights_and_merge_base_weights(tiny_sd1_dir, data, tmp_path):
+    first = run_main(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=2, extra=["--network_dim", "2"]))
+    start, _ = load_lora(first)
+    second = run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=1,
+                                 extra=["--network_weights", str(first), "--dim_from_weights",
+                                        "--base_weights", str(first), "--learning_rate", "1e-9",
+                                        "--max_grad_norm", "0"]))
+    tensors, meta = load_lora(second)
+    assert tensors.keys() == start.keys() and tensors[next(iter(tensors))].shape == start[next(iter(start))].shape
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    torch.testing.assert_close(tensors[key], start[key], rtol=1e-4, atol=1e-6)  # started from the file

@@ -345,7 +345,7 @@ def _finish(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, An
         _sample(run, progress, epoch_label=progress.epoch if args.sample_every_n_epochs else None)
     path = run.names.final()
     _save_weights(run, path, progress)
-    if args.save_state_on_train_end:
+    if args.save_state or args.save_state_on_train_end:
         _write_state(run, run.names.final_state(), snapshot)
     if acc.is_main_process:
         print(f"saved {path}", flush=True)
