@@ -212,6 +212,7 @@ def train(run: Run) -> Path:
                   f"{progress.batches_done} batches of the epoch done", flush=True)
     params = recipe.trainable_parameters()
     recorder = LossRecorder()
+    keep_snapshots = bool(args.save_state)  # states at any step (and on Ctrl-C) need the step's RNG streams
     snapshot = _snapshot(run, progress)
     recipe.train_mode(True)
     if progress.global_step == 0 and sampling_due(args, step=0):
@@ -220,7 +221,7 @@ def train(run: Run) -> Path:
     bar = tqdm(total=run.max_train_steps, initial=progress.global_step, disable=not acc.is_main_process,
                desc="steps", dynamic_ncols=True, smoothing=0.1)
     ga = args.gradient_accumulation_steps
-    group_loss = 0.0
+    group_loss = torch.zeros((), device=acc.device)
     try:
         with _sigterm_as_interrupt():
             while progress.epoch < run.num_epochs and progress.global_step < run.max_train_steps:
@@ -236,12 +237,12 @@ def train(run: Run) -> Path:
                     group_len = min(ga, n_batches - group_start)
                     loss = batch_loss(run, batch, progress.global_step)
                     acc.backward(loss / group_len)
-                    group_loss += loss.detach().float().item() / group_len
+                    group_loss += loss.detach().float() / group_len
                     progress.batches_done += 1
                     if progress.batches_done - group_start < group_len:
                         continue
-                    step_loss = _reduce_mean(run, group_loss)
-                    group_loss = 0.0
+                    step_loss = _reduce_mean(run, group_loss)  # the one host sync of the step
+                    group_loss = torch.zeros((), device=acc.device)
                     _check_finite(step_loss, progress, args)
                     _all_reduce_gradients(run, params)
                     if args.max_grad_norm:
@@ -251,7 +252,8 @@ def train(run: Run) -> Path:
                     run.optimizer.zero_grad(set_to_none=True)
                     progress.global_step += 1
                     extra = recipe.after_optimizer_step(args, acc.device)
-                    snapshot = _snapshot(run, progress)
+                    if keep_snapshots:
+                        snapshot = _snapshot(run, progress)
 
                     recorder.add(group_start // ga, step_loss)
                     logs = {"loss/current": step_loss, "loss/average": recorder.average, **_current_lrs(run), **extra}
@@ -262,9 +264,10 @@ def train(run: Run) -> Path:
                         acc.log(logs, step=progress.global_step)
                     if progress.global_step >= run.max_train_steps:
                         break
-                else:
+                else:  # the epoch ran to its end
                     _end_epoch(run, progress, recorder)
-                    snapshot = _snapshot(run, progress)
+                    if keep_snapshots:
+                        snapshot = _snapshot(run, progress)
     except KeyboardInterrupt:
         bar.close()
         if args.save_state and acc.num_processes == 1:
@@ -274,13 +277,14 @@ def train(run: Run) -> Path:
                   f"--resume {path}", flush=True)
         raise
     bar.close()
-    return _finish(run, progress, snapshot)
+    return _finish(run, progress, _snapshot(run, progress))
 
 
-def _reduce_mean(run: Run, value: float) -> float:
+def _reduce_mean(run: Run, value: torch.Tensor | float) -> float:
+    """The mean of ``value`` over processes, as a Python float."""
     if run.accelerator.num_processes == 1:
-        return value
-    tensor = torch.tensor([value], device=run.accelerator.device, dtype=torch.float64)
+        return float(value)
+    tensor = torch.as_tensor(value, device=run.accelerator.device, dtype=torch.float64).reshape(1)
     return float(run.accelerator.reduce(tensor, reduction="mean").item())
 
 
