@@ -226,3 +226,15 @@ def test_continue_from_network_weights_and_merge_base_weights(tiny_sd1_dir, data
     assert tensors.keys() == start.keys() and tensors[next(iter(tensors))].shape == start[next(iter(start))].shape
     key = next(k for k in tensors if k.endswith("lora_up.weight"))
     torch.testing.assert_close(tensors[key], start[key], rtol=1e-4, atol=1e-6)  # started from the file
+
+
+def test_epoch_ratio_and_pruning_of_old_saves(tiny_sd1_dir, data, tmp_path):
+    out = tmp_path / "out"
+    run_main(train_args(tiny_sd1_dir, out, config=data, steps=5,
+                        extra=["--network_train_unet_only", "--save_n_epoch_ratio", "2", "--save_every_n_steps", "1",
+                               "--save_last_n_steps", "2", "--save_state", "--save_last_n_steps_state", "1"]))
+    # 5 epochs of 1 step: ratio 2 -> every 2 epochs; step files of the last 2 steps before the end; 1 step state
+    assert {p.name for p in out.iterdir()} == {
+        "lora-000002.safetensors", "lora-000002-state", "lora-000004.safetensors", "lora-000004-state",
+        "lora-state", "lora-step00000003.safetensors", "lora-step00000004-state", "lora-step00000004.safetensors",
+        "lora.safetensors"}

@@ -57,7 +57,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     if accelerator.is_main_process:
         print(group.plan(num_processes=n, grad_accum=ga, epochs=num_epochs, steps=max_train_steps), flush=True)
     run = build_run(args, recipe, checked, accelerator, group, seed=seed, max_train_steps=max_train_steps,
-                    num_epochs=num_epochs, tracker_name=tracker_name)
+                    num_epochs=num_epochs)
     if metadata is not None:
         run.metadata = metadata(run)
     run.sample_prompts = checked.sample_prompts
@@ -332,15 +332,17 @@ def _end_epoch(run: Run, progress: Progress, recorder: LossRecorder) -> None:
         return
     if sampling_due(args, step=progress.global_step, epoch=done):
         _sample(run, progress, epoch_label=done)
-    if args.save_every_n_epochs and done % args.save_every_n_epochs == 0:
+    every = args.save_every_n_epochs
+    if args.save_n_epoch_ratio:
+        every = max(1, run.num_epochs // args.save_n_epoch_ratio)
+    if every and done % every == 0:
         _save_weights(run, run.names.epoch(done), progress)
         if args.save_last_n_epochs:
-            _prune(run, "epoch", state=False, keep_after=done - args.save_every_n_epochs * args.save_last_n_epochs)
+            _prune(run, "epoch", state=False, keep_after=done - every * args.save_last_n_epochs)
         if args.save_state:
             _write_state(run, run.names.epoch_state(done), _snapshot(run, progress))
             if args.save_last_n_epochs_state:
-                _prune(run, "epoch", state=True,
-                       keep_after=done - args.save_every_n_epochs * args.save_last_n_epochs_state)
+                _prune(run, "epoch", state=True, keep_after=done - every * args.save_last_n_epochs_state)
 
 
 def _finish(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, Any]]) -> Path:

@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -172,10 +171,6 @@ def make_vae_encoder(vae: torch.nn.Module, device: torch.device, dtype: torch.dt
     return encode
 
 
-def describe_time(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
 @dataclass
 class Run:
     """Everything the loop works with, assembled by :func:`build_run`."""
@@ -209,7 +204,7 @@ class Run:
 
 
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
-              seed: int, max_train_steps: int, num_epochs: int, tracker_name: str) -> Run:
+              seed: int, max_train_steps: int, num_epochs: int) -> Run:
     """Load the models and build the trained modules, caches, optimizer and scheduler; read ``--resume``."""
     from accelerate.utils import set_seed
 
