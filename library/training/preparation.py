@@ -262,7 +262,9 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                            cache_dir=cache_dir, identity=identity or "")
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
-    loader_kwargs = dict(seed=seed, num_workers=workers, persistent_workers=args.persistent_data_loader_workers,
+    # workers are always kept between epochs (sd-scripts restarted them every epoch unless
+    # --persistent_data_loader_workers, leaving the GPU idle at each epoch start)
+    loader_kwargs = dict(seed=seed, num_workers=workers, persistent_workers=True,
                          process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     loader = make_train_loader(group, grad_accum=args.gradient_accumulation_steps, **loader_kwargs)
     val_loader = make_train_loader(group, validation=True, **loader_kwargs) if group.validation else None
