@@ -42,13 +42,10 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
     import torch
     from PIL import Image
 
-    from library.models.tiny import TinyConfig, save_tiny_diffusers_model
     from tests.train_helpers import prepare_run
 
     cuda = torch.cuda.is_available()
     model = work / f"model_{name}"
-    if not (model / "model_index.json").is_file():
-        save_tiny_diffusers_model(model, TinyConfig(**CASES[name]))
     images = work / f"images_{resolution}"
     images.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
@@ -93,7 +90,14 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--json", type=str, default=None, help="also write the results here")
     parser.add_argument("--case", nargs=3, metavar=("MODEL", "RESOLUTION", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--build", nargs=2, metavar=("MODEL", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        from library.models.tiny import TinyConfig, save_tiny_diffusers_model
+
+        name, work = args.build
+        save_tiny_diffusers_model(Path(work) / f"model_{name}", TinyConfig(**CASES[name]))
+        return 0
     if args.case:
         name, resolution, work = args.case
         print("RESULT " + json.dumps(one_case(name, int(resolution), args.steps, Path(work))), flush=True)
@@ -105,6 +109,8 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
         for name in args.models:
+            subprocess.run([sys.executable, __file__, "--build", name, work], check=True, cwd=ROOT,
+                           capture_output=True)
             for resolution in RESOLUTIONS[device][name]:
                 proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--case", name,
                                        str(resolution), work], capture_output=True, text=True, cwd=ROOT)

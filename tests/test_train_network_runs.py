@@ -238,3 +238,15 @@ def test_epoch_ratio_and_pruning_of_old_saves(tiny_sd1_dir, data, tmp_path):
         "lora-000002.safetensors", "lora-000002-state", "lora-000004.safetensors", "lora-000004-state",
         "lora-state", "lora-step00000003.safetensors", "lora-step00000004-state", "lora-step00000004.safetensors",
         "lora.safetensors"}
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    from library.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        run_main(train_args(tmp_path / "no_model", tmp_path / "out", data=tmp_path / "no_data",
+                            extra=["--mixed_precision", "fp16", "--adaptive_noise_scale", "0.1",
+                                   "--optimizer_type", "NoSuchOptimizer"]))
+    message = info.value.message
+    for part in ("fp16", "--adaptive_noise_scale", "NoSuchOptimizer", "no_model", "no_data"):
+        assert part in message, (part, message)

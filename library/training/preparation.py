@@ -48,19 +48,27 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     from library.training.sampling import validate_sampling_args
     from library.training.schedulers import validate_scheduler_args
 
-    validate_training_args(args, cuda=uses_cuda())
-    validate_noise_loss_args(args)
-    validate_optimizer_args(args)
-    validate_scheduler_args(args)
-    problems = recipe.option_problems(args)
-    params = resolve_dataset_params(args, support)
-    try:
-        resolve_model_path(args.pretrained_model_name_or_path)
-    except UserError as err:
-        problems.append(err.message)
+    problems: list[str] = []
 
-    cache_latents = args.cache_latents or args.cache_latents_to_disk
-    if cache_latents:
+    def collect(check: Any) -> Any:
+        try:
+            return check()
+        except UserError as err:
+            problems.append(err.message)
+            return None
+
+    collect(lambda: validate_training_args(args, cuda=uses_cuda()))
+    collect(lambda: validate_noise_loss_args(args))
+    collect(lambda: validate_optimizer_args(args))
+    collect(lambda: validate_scheduler_args(args))
+    collect(lambda: resolve_model_path(args.pretrained_model_name_or_path))
+    params = collect(lambda: resolve_dataset_params(args, support))
+    sample_prompts = collect(lambda: validate_sampling_args(args)) or []
+    problems += recipe.option_problems(args)
+    if params is None:
+        raise UserError.from_problems("cannot start training", problems)
+
+    if args.cache_latents or args.cache_latents_to_disk:
         for ds in params.datasets:
             for sub in ds.subsets:
                 bad = [n for n, on in (("random_crop", sub.random_crop), ("color_aug", sub.color_aug),
@@ -87,10 +95,6 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
             verify_state(args.resume)
         except UserError as err:
             problems.append(err.message)
-    try:
-        sample_prompts = validate_sampling_args(args)
-    except UserError as err:
-        problems.append(err.message)
     if problems:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
@@ -100,9 +104,8 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         # accelerate keeps its state process-wide; a second run in the same process (demo, tests, notebooks)
