@@ -24,7 +24,7 @@ from library.config.arguments import (  # noqa: E402
 )
 from library.errors import run_cli
 from library.models.arguments import add_model_arguments
-from library.training.arguments import add_training_arguments
+from library.training.arguments import ArgumentParser, add_training_arguments
 from library.training.losses import add_loss_arguments
 from library.training.network_args import add_network_arguments
 from library.training.noise import add_noise_arguments
@@ -34,7 +34,7 @@ from library.training.schedulers import add_scheduler_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train_network.py", description="Train a LoRA network.")
+    parser = ArgumentParser(prog="train_network.py", description="Train a LoRA network.")
     add_config_file_arguments(parser)
     add_model_arguments(parser)
     add_dataset_arguments(parser, SUPPORT_TRAIN_NETWORK)

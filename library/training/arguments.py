@@ -11,12 +11,30 @@ are added only when missing, so an option lives in exactly one place.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
-from library.errors import UserError
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 LOG_WITH_CHOICES = ("tensorboard", "wandb", "all")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose "unrecognized arguments" error suggests the closest options."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            from library.config.schema import did_you_mean
+
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    hint = did_you_mean(word.split("=")[0], known)
+                    if hint:
+                        hints.append(f"{word}:{hint}")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
 
 
 def _add(group: argparse._ArgumentGroup, parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
@@ -94,8 +112,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max_validation_steps", type=int, default=None, help="validation batches per evaluation (max)")
 
 
-def validate_training_args(args: argparse.Namespace, *, cuda: bool) -> None:
-    """Check the loop's options together; every problem is reported at once, before any model loads."""
+def training_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
+    """Every problem with the loop's options (checked together, before any model loads)."""
     problems: list[str] = []
     if args.output_dir is None:
         problems.append("--output_dir is required: the folder where the trained weights are written")
@@ -135,5 +153,4 @@ def validate_training_args(args: argparse.Namespace, *, cuda: bool) -> None:
             problems.append(f"--{name} must be >= 1 (got {value})")
     if getattr(args, "resume", None) and getattr(args, "overwrite", False):
         problems.append("--resume and --overwrite exclude each other: a resumed run continues its own files")
-    if problems:
-        raise UserError.from_problems("invalid training options", problems)
+    return problems

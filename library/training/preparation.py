@@ -18,7 +18,7 @@ from library.config.dataset_config import resolve_dataset_params
 from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
 from library.models.loading import resolve_model_path
-from library.training.arguments import validate_training_args
+from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
 from library.training.outputs import OutputNames, check_output_dir
 from library.training.recipes import Recipe
@@ -54,10 +54,10 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
         try:
             return check()
         except UserError as err:
-            problems.append(err.message)
+            problems.extend(_items(err.message))
             return None
 
-    collect(lambda: validate_training_args(args, cuda=uses_cuda()))
+    problems += training_option_problems(args, cuda=uses_cuda())
     collect(lambda: validate_noise_loss_args(args))
     collect(lambda: validate_optimizer_args(args))
     collect(lambda: validate_scheduler_args(args))
@@ -100,6 +100,22 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     if args.output_dir is not None:
         check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
     return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts)
+
+
+def _items(message: str) -> list[str]:
+    """The problems of a ``UserError.from_problems`` message (``title: n problems`` then ``  - item`` lines),
+    each prefixed with the title; any other message as it is."""
+    lines = message.split("\n")
+    if len(lines) < 2 or not lines[1].startswith("  - "):
+        return [message]
+    title = lines[0].split(":")[0]
+    items: list[str] = []
+    for line in lines[1:]:
+        if line.startswith("  - "):
+            items.append(f"{title}: {line[4:]}")
+        else:
+            items[-1] += "\n" + line
+    return items
 
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
