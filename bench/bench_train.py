@@ -10,7 +10,7 @@ each at two resolutions (CPU: 64/128 and 128/256 px; CUDA: 256/512 and 512/768 p
 on the UNet (text encoder frozen, its outputs cached). Seconds per optimizer step are measured over
 ``--steps`` steps after 2 warm-up steps; peak memory is the process's peak RSS on CPU, and
 ``torch.cuda.max_memory_allocated`` on CUDA (with ``--mixed_precision bf16`` there). Each case runs in its
-own process so peaks do not mix.
+own process so peaks do not mix. ``BENCH_THREADS=N`` sets the CPU threads (default: torch's default).
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
             "--overwrite", "--network_dim", "16", "--network_train_unet_only", "--cache_latents",
             "--learning_rate", "1e-4", "--max_train_steps", "2", "--seed", "0", "--max_data_loader_n_workers", "0",
             "--mixed_precision", "bf16" if cuda else "no"]
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    threads = int(os.environ.get("BENCH_THREADS", torch.get_num_threads()))
     from library.training.loop import train
 
-    run = prepare_run(argv)
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    run = prepare_run(argv)  # (sets one thread, as the tests use)
+    torch.set_num_threads(threads)
     unet_params = sum(p.numel() for p in run.models.unet.parameters())
     train(run)  # warm-up (2 steps)
     if cuda:

@@ -250,3 +250,11 @@ def test_all_problems_are_reported_at_once(tmp_path):
     message = info.value.message
     for part in ("fp16", "--adaptive_noise_scale", "NoSuchOptimizer", "no_model", "no_data"):
         assert part in message, (part, message)
+
+
+def test_text_encoder_only_trains_through_the_frozen_unet(tiny_sd1_dir, data, tmp_path):
+    final = run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=2,
+                                extra=["--network_train_text_encoder_only", "--gradient_checkpointing"]))
+    tensors, _ = load_lora(final)
+    assert tensors and all(k.startswith("lora_te_") for k in tensors)
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
