@@ -258,3 +258,12 @@ def test_text_encoder_only_trains_through_the_frozen_unet(tiny_sd1_dir, data, tm
     tensors, _ = load_lora(final)
     assert tensors and all(k.startswith("lora_te_") for k in tensors)
     assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_dataset_network_multiplier_is_applied(tiny_sd1_dir, tmp_path):
+    # sd-scripts reads network_multiplier from the dataset config but never applies it; here 0 switches the LoRA
+    # off for that dataset's batches, so nothing reaches lora_up (which starts at zero)
+    data = dataset_toml(tmp_path / "data.toml", make_images(tmp_path / "images", count=2),
+                        extra_general="network_multiplier = 0.0\n")
+    tensors, _ = load_lora(run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=2)))
+    assert all(float(v.abs().max()) == 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))

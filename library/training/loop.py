@@ -129,6 +129,7 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
 
     acc, models = run.accelerator, run.models
     device = acc.device
+    run.recipe.before_forward(batch)  # before the text encoder, which may carry part of the network
     if "latents" in batch:
         latents = batch["latents"].to(device, torch.float32)
     else:
@@ -146,7 +147,6 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
         noisy = run.noise_scheduler.add_noise(latents, noise, t)
 
-    run.recipe.before_forward(batch)
     with acc.autocast():
         pred = models.unet(noisy.to(run.weight_dtype), t, context.to(run.weight_dtype)).sample
     if run.noise_scheduler.config.prediction_type == "v_prediction":

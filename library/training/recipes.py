@@ -140,7 +140,7 @@ class LoRARecipe(Recipe):
             merged, weights = module.create_network_from_weights(
                 multipliers[i] if i < len(multipliers) else 1.0, file, models.vae, text_encoder, models.unet,
                 for_inference=True)
-            merged.merge_to(text_encoder, models.unet, weights, torch.float32, "cpu")
+            merged.merge_to(text_encoder, models.unet, weights, torch.float32, next(models.unet.parameters()).device)
         if args.dim_from_weights:
             self.network, _ = module.create_network_from_weights(
                 1.0, args.network_weights, models.vae, text_encoder, models.unet, **self.network_kwargs)
@@ -195,7 +195,7 @@ class LoRARecipe(Recipe):
         if all(v == values[0] for v in values):
             self.network.set_multiplier(float(values[0]))
         else:
-            self.network.set_multiplier(multipliers)
+            self.network.set_multiplier(multipliers.to(next(self.network.parameters()).device))
 
     def after_optimizer_step(self, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
         if args.scale_weight_norms is None:
