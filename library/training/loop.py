@@ -45,7 +45,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
 
     checked = check_run(args, recipe, support)
     accelerator = make_accelerator(args, tracker_name)
-    seed = shared_seed(args, accelerator)
+    seed = shared_seed(args, accelerator, checked.resume_seed)
     group = build_dataset_group(checked.params, seed=seed)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
     if args.debug_dataset:

@@ -34,6 +34,7 @@ class Checked:
     names: OutputNames
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
+    resume_seed: int | None = None
 
 
 def uses_cuda() -> bool:
@@ -90,16 +91,13 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
 
     output_name = args.output_name or "last"
     names = OutputNames(Path(args.output_dir or "."), output_name, recipe.file_extension)
-    if args.resume:
-        try:
-            verify_state(args.resume)
-        except UserError as err:
-            problems.append(err.message)
+    resume_info = collect(lambda: verify_state(args.resume)) if args.resume else None
     if problems:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
         check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
-    return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts)
+    return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts,
+                   resume_seed=resume_info["seed"] if resume_info else None)
 
 
 def _items(message: str) -> list[str]:
@@ -134,10 +132,16 @@ def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
                        kwargs_handlers=handlers, cpu=not uses_cuda())
 
 
-def shared_seed(args: argparse.Namespace, accelerator: Any) -> int:
-    """``--seed``, or one random seed chosen by the main process and shared with the others."""
+def shared_seed(args: argparse.Namespace, accelerator: Any, resume_seed: int | None = None) -> int:
+    """``--seed``; else the resumed run's seed (data order and noise continue as they were); else one random
+    seed chosen by the main process and shared with the others."""
     if args.seed is not None:
+        if resume_seed is not None and resume_seed != args.seed and accelerator.is_main_process:
+            print(f"warning: the resumed run used --seed {resume_seed}; with --seed {args.seed} the data order and "
+                  "noise differ from an uninterrupted run", flush=True)
         return int(args.seed)
+    if resume_seed is not None:
+        return int(resume_seed)
     from accelerate.utils import broadcast_object_list
 
     chosen = [random.SystemRandom().randrange(2**31) if accelerator.is_main_process else 0]
