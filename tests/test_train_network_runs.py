@@ -185,6 +185,7 @@ def test_samples_logs_validation_and_diffusers_loading(tiny_sd1_dir, tmp_path):
 
 def test_sigterm_saves_a_resumable_state(tiny_sd1_dir, data, tmp_path):
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -196,23 +197,23 @@ def test_sigterm_saves_a_resumable_state(tiny_sd1_dir, data, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"),
-                             *train_args(tiny_sd1_dir, out, config=data, steps=100000, extra=["--save_state"])],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *train_args(tiny_sd1_dir, out, config=data, steps=100000,
+                                         extra=["--save_state", "--save_every_n_steps", "3"])],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        for line in proc.stdout:
-            if line.startswith("attention:"):
-                break
-        time.sleep(3)
+        deadline = time.monotonic() + 120
+        while not (out / "lora-step00000003-state").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted: state of step" in stdout
-    states = list(out.glob("lora-step*-state"))
-    assert len(states) == 1
-    info = verify_state(states[0])
-    assert info["global_step"] >= 1 and not list(out.glob(".*partial"))
+    assert proc.returncode == 130, stdout[-2000:]
+    saved = re.search(r"interrupted: state of step (\d+) saved to (\S+);", stdout)
+    assert saved, stdout[-2000:]
+    info = verify_state(saved.group(2))
+    assert info["global_step"] == int(saved.group(1)) >= 3 and not list(out.glob(".*partial"))
 
 
 def test_continue_from_network_weights_and_merge_base_weights(tiny_sd1_dir, data, tmp_path):
