@@ -241,17 +241,8 @@ def train(run: Run) -> Path:
                     progress.batches_done += 1
                     if progress.batches_done - group_start < group_len:
                         continue
-                    step_loss = _reduce_mean(run, group_loss)  # the one host sync of the step
+                    step_loss, extra = _optimizer_step(run, params, progress, group_loss)
                     group_loss = torch.zeros((), device=acc.device)
-                    _check_finite(step_loss, progress, args)
-                    _all_reduce_gradients(run, params)
-                    if args.max_grad_norm:
-                        acc.clip_grad_norm_(params, args.max_grad_norm)
-                    run.optimizer.step()
-                    run.lr_scheduler.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-                    progress.global_step += 1
-                    extra = recipe.after_optimizer_step(args, acc.device)
                     if keep_snapshots:
                         snapshot = _snapshot(run, progress)
 
@@ -278,6 +269,23 @@ def train(run: Run) -> Path:
         raise
     bar.close()
     return _finish(run, progress, _snapshot(run, progress))
+
+
+def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progress,
+                    group_loss: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """Check the step's loss, average the gradients over processes, clip, step; returns the loss (mean over
+    processes) and the recipe's values to log."""
+    args, acc = run.args, run.accelerator
+    step_loss = _reduce_mean(run, group_loss)  # the one host sync of the step
+    _check_finite(step_loss, progress, args)
+    _all_reduce_gradients(run, params)
+    if args.max_grad_norm:
+        acc.clip_grad_norm_(params, args.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.global_step += 1
+    return step_loss, run.recipe.after_optimizer_step(args, acc.device)
 
 
 def _reduce_mean(run: Run, value: torch.Tensor | float) -> float:
