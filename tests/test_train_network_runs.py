@@ -268,3 +268,12 @@ def test_dataset_network_multiplier_is_applied(tiny_sd1_dir, tmp_path):
                         extra_general="network_multiplier = 0.0\n")
     tensors, _ = load_lora(run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=2)))
     assert all(float(v.abs().max()) == 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_full_bf16_weights_and_save_precision(tiny_sd1_dir, data, tmp_path):
+    final = run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=2,
+                                extra=["--mixed_precision", "bf16", "--full_bf16", "--save_precision", "fp16",
+                                       "--save_every_n_steps", "1", "--save_model_as", "safetensors"]))
+    tensors, meta = load_lora(final)
+    assert {v.dtype for v in tensors.values()} == {torch.float16}
+    assert meta["ss_mixed_precision"] == "bf16"
