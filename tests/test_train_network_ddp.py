@@ -1,5 +1,5 @@
-"""Two real processes (accelerate launch --multi_gpu --num_processes 2, on CPU: gloo): data-parallel training, saving from the main
-process only, and resume."""
+"""Two real processes (accelerate launch --multi_gpu --num_processes 2; on CPU with gloo): data-parallel
+training, saving from the main process only, and resume."""
 
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ def data(tmp_path):
 def test_unet_only_run_writes_named_files_with_metadata(tiny_sd1_dir, data, tmp_path):
     out = tmp_path / "out"
     final = run_main(train_args(tiny_sd1_dir, out, config=data, steps=4, name="mylora",
-                                extra=["--network_train_unet_only", "--save_every_n_steps", "2", "--scale_weight_norms", "1",
+                                extra=["--network_train_unet_only", "--save_every_n_steps", "2",
+                                       "--scale_weight_norms", "1",
                                        "--save_every_n_epochs", "1", "--training_comment", "hello"]))
     assert final == out / "mylora.safetensors"
     names = sorted(p.name for p in out.iterdir() if p.is_file())

@@ -95,7 +95,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--cache_text_encoder_outputs_to_disk", action="store_true",
         help="also keep text encoder outputs on disk (keyed by caption and encoder)")
     add("--ddp_timeout", type=int, default=None, help="process-group timeout in minutes")
-
     add("--weighted_captions", action="store_true", help="A1111 (word:1.2) weights in captions")
 
     # logging
@@ -146,8 +145,9 @@ def training_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[st
                             "tensorboard)")
     if args.log_with is not None and args.logging_dir is None and args.log_with != "wandb":
         problems.append(f"--log_with {args.log_with} needs --logging_dir (the folder for the logs)")
-    for name in ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs", "save_last_n_steps",
-                 "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "vae_batch_size"):
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs",
+                 "save_last_n_steps", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+                 "vae_batch_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             problems.append(f"--{name} must be >= 1 (got {value})")
