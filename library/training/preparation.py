@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -182,7 +182,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return encoder_fingerprint(module)
 
 
-def make_vae_encoder(vae: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+def make_vae_encoder(vae: torch.nn.Module, device: torch.device,
+                     dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """``encode(images in [-1, 1]) -> unscaled latents`` (the distribution's mean: deterministic, so
     cached and uncached runs train on the same latents)."""
 
