@@ -401,6 +401,7 @@ def _sample(run: Run, progress: Progress, epoch_label: int | None) -> None:
     prompts = prompts_for_process(run.sample_prompts, acc.process_index, acc.num_processes)
     if prompts:
         resolution = run.params.datasets[0].resolution
+        run.recipe.before_forward({"network_multipliers": torch.ones(1)})  # samples show the full-strength LoRA
         with _side_work(run), torch.no_grad():
             generate_samples(
                 unet=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
