@@ -207,3 +207,16 @@ def test_other_samplers_generate(tiny, tmp_path, sampler):
     path = run(tiny, tmp_path, p, sampler=sampler, output_name=None, tag="e000002")[0]
     assert re.fullmatch(r"e000002_03_\d{14}_1\.png", path.name)
     assert np.asarray(Image.open(path)).std() > 0
+
+
+def test_long_prompt_embeddings_of_different_lengths(tiny, tmp_path):
+    """A long prompt (two 75-token chunks) and a short negative prompt still get guidance."""
+    base = tiny["text_encode"]
+
+    def text_encode(texts: list[str]) -> torch.Tensor:
+        emb = base(texts)
+        return torch.cat([emb, emb[:, 1:-1]], dim=1) if "long" in texts[0] else emb
+
+    p = [SamplePrompt(prompt="a long prompt", index=0, seed=3, sample_steps=2, width=64, height=64, scale=5.0)]
+    path = run(dict(tiny, text_encode=text_encode), tmp_path, p)[0]
+    assert Image.open(path).size == (64, 64)

@@ -197,7 +197,10 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
             raise UserError(f"{path}: expected a [prompt] table with [[prompt.subset]] entries")
         defaults = {k: v for k, v in section.items() if k != "subset"}
         for i, subset in enumerate(section["subset"]):
-            prompts.append(prompt_from_dict({**defaults, **subset}, len(prompts), f"{path}: [[prompt.subset]] #{i + 1}"))
+            where = f"{path}: [[prompt.subset]] #{i + 1}"
+            if not isinstance(subset, dict):
+                raise UserError(f"{where}: expected a table with prompt = \"...\"")
+            prompts.append(prompt_from_dict({**defaults, **subset}, len(prompts), where))
     elif suffix == ".json":
         try:
             data = json.loads(text)
