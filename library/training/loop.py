@@ -167,6 +167,7 @@ def _all_reduce_gradients(run: Run, params: list[torch.nn.Parameter]) -> None:
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    params = [p for p in params if p.requires_grad]  # a recipe may freeze some mid-run
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -235,6 +236,8 @@ def train(run: Run) -> Path:
                     group_start = (b // ga) * ga
                     group_len = min(ga, n_batches - group_start)
                     loss = batch_loss(run, batch, progress.global_step)
+                    if run.fused_backward:  # the weights change during backward: check the loss before
+                        _check_finite(_reduce_mean(run, loss.detach().float().item()), progress, args)
                     acc.backward(loss / group_len)
                     group_loss += loss.detach().float().item() / group_len
                     progress.batches_done += 1
@@ -243,10 +246,11 @@ def train(run: Run) -> Path:
                     step_loss = _reduce_mean(run, group_loss)
                     group_loss = 0.0
                     _check_finite(step_loss, progress, args)
-                    _all_reduce_gradients(run, params)
-                    if args.max_grad_norm:
-                        acc.clip_grad_norm_(params, args.max_grad_norm)
-                    run.optimizer.step()
+                    if not run.fused_backward:
+                        _all_reduce_gradients(run, params)
+                        if args.max_grad_norm:
+                            acc.clip_grad_norm_(params, args.max_grad_norm)
+                        run.optimizer.step()
                     run.lr_scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
                     progress.global_step += 1
