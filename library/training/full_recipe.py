@@ -273,6 +273,25 @@ class FullWeightRecipe(Recipe):
     def metadata(self, args: argparse.Namespace) -> dict[str, str]:
         return {"ss_training_style": self.style, "ss_text_encoder_trained": str(self.train_te)}
 
+    def text_conditioning(self, text: Any) -> Any:
+        return LongestCaptionText(text) if self.no_token_padding else text
+
+
+class LongestCaptionText:
+    """``--no_token_padding``: the conditioning ends after the longest caption of the batch (its EOS) instead
+    of spanning all 77 positions. CLIP's attention is causal, so the kept positions are exactly what an
+    unpadded encoding gives; cached encoder outputs stay valid."""
+
+    def __init__(self, text: Any):
+        self.text = text
+
+    def __call__(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        context = self.text(captions, device)
+        encoding = self.text.encoding
+        ids = encoding.tokenize(captions)[:, 0]
+        length = max(int((row == encoding.eos).nonzero()[0]) + 1 for row in ids)
+        return context[:, :length]
+
 
 def remove_orphaned_ema_files(folder: Path, name: str, ext: str) -> list[Path]:
     """Delete ``<name>-<epoch|step>-ema`` saves whose model was pruned (``--save_last_n_*``)."""
@@ -318,3 +337,44 @@ def full_model_metadata(run: Any) -> dict[str, str]:
     if args.training_comment:
         meta["ss_training_comment"] = args.training_comment
     return meta
+
+
+def build_full_parser(prog: str, description: str, support: Any, style: str) -> argparse.ArgumentParser:
+    """The parser of train_db.py / fine_tune.py: the groups of train_network.py without the network options,
+    plus the full-weight group."""
+    from library.config.arguments import add_config_file_arguments, add_dataset_arguments
+    from library.models.arguments import add_model_arguments
+    from library.training.arguments import add_training_arguments
+    from library.training.losses import add_loss_arguments
+    from library.training.noise import add_noise_arguments
+    from library.training.optimizers import add_optimizer_arguments
+    from library.training.sampling import add_sampling_arguments
+    from library.training.schedulers import add_scheduler_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_file_arguments(parser)
+    add_model_arguments(parser)
+    add_dataset_arguments(parser, support)
+    add_full_weight_arguments(parser, style)
+    add_noise_arguments(parser)
+    add_loss_arguments(parser)
+    add_optimizer_arguments(parser)
+    add_scheduler_arguments(parser)
+    add_sampling_arguments(parser)
+    add_training_arguments(parser)
+    return parser
+
+
+def run_full_training(parser: argparse.ArgumentParser, argv: list[str] | None, support: Any, style: str, *,
+                      tracker_name: str) -> Path | None:
+    """Parse ``argv`` (with ``--config_file``) and train; returns the final model's path."""
+    from library.config.run_config import load_run_config
+    from library.training.loop import run_training
+
+    args = load_run_config(parser, argv)
+    if args is None:
+        return None
+    if getattr(args, "diffusers_xformers", False):
+        args.xformers = True
+    return run_training(args, FullWeightRecipe(args, style), support, tracker_name=tracker_name,
+                        metadata=full_model_metadata)
