@@ -106,7 +106,8 @@ def test_stop_text_encoder_and_ema(tiny_sd1_dir, data, tmp_path):
     from library.models.loading import load_sd_models
     import argparse
 
-    loaded = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(final)))
+    loaded = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(final),
+                                               tokenizer_cache_dir=str(tiny_sd1_dir)))
     ref = part(w[3], UNET)
     from library.models.saving import ldm_state_dict
 
