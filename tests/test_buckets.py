@@ -146,5 +146,6 @@ def test_required_step_is_configurable():
 
 
 def test_resolution_must_fit_model_without_bucketing():
-    with pytest.raises(UserError, match="448x512"):
+    with pytest.raises(UserError, match="496x512"):
         BucketManager(False, (500, 512), 256, 1024, 64, enable_bucket=False)
+    assert BucketManager(False, (520, 512), 256, 1024, 64, enable_bucket=False).resos == [(520, 512)]

@@ -58,6 +58,13 @@ def test_multiline_without_wildcard_uses_first_line():
     assert run("first line\nsecond line\nthird", sub) == "first line S"
 
 
+def test_multiline_blank_lines_are_ignored():
+    assert run("\n  first \r\n\nsecond", subset()) == "first"
+    for seed in range(10):
+        expected = random.Random(seed).choice(["first", "second"])
+        assert run("first\n\n second \n", subset(enable_wildcard=True), seed=seed) == expected
+
+
 def test_multiline_with_wildcard_chooses_a_line():
     lines = ["1girl, stage", "a girl on a stage", "digital art of a girl"]
     sub = subset(enable_wildcard=True, caption_prefix="P", caption_suffix="S")

@@ -24,6 +24,8 @@ from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+LATENT_FACTOR = 8  # pixels per latent pixel: any training size must be a multiple of it
+
 
 @dataclass(frozen=True)
 class BucketChoice:
@@ -72,8 +74,9 @@ class BucketManager:
 
     ``max_reso`` is the dataset resolution (width, height). ``min_size``/``max_size``/``reso_steps`` are
     ``min_bucket_reso``/``max_bucket_reso``/``bucket_reso_steps``. ``enable_bucket=False`` gives the single
-    bucket ``max_reso``. ``required_step`` is what the model needs (64 for SD1/2): ``reso_steps`` and, without
-    bucketing, the resolution must be multiples of it. Impossible settings raise :class:`UserError`.
+    bucket ``max_reso``. ``required_step`` is what the model needs (64 for SD1/2): ``reso_steps`` must be a
+    multiple of it; without bucketing the resolution must be a multiple of :data:`LATENT_FACTOR`.
+    Impossible settings raise :class:`UserError`.
     """
 
     def __init__(
@@ -125,11 +128,11 @@ class BucketManager:
         if width <= 0 or height <= 0:
             raise UserError(f"{where}: resolution {width}x{height} must be positive (e.g. resolution = 512)")
         if not self.enable_bucket:
-            if width % required_step or height % required_step:
+            if width % LATENT_FACTOR or height % LATENT_FACTOR:
                 raise UserError(
-                    f"{where}: resolution {width}x{height} must be a multiple of {required_step} for this model "
-                    f"when enable_bucket is off; use e.g. {_round_down(width, required_step)}x"
-                    f"{_round_down(height, required_step)}, or set enable_bucket = true"
+                    f"{where}: resolution {width}x{height} must be a multiple of {LATENT_FACTOR} (the VAE's "
+                    f"downscaling); use e.g. {_round_down(width, LATENT_FACTOR)}x{_round_down(height, LATENT_FACTOR)}"
+                    f" ({required_step}x{required_step} steps are best), or set enable_bucket = true"
                 )
             return min_size, max_size
         steps = self.reso_steps

@@ -52,10 +52,15 @@ def caption_dropped(subset: SubsetParams, *, rng: random.Random, epoch: int) -> 
 
 
 def choose_line(caption: str, subset: SubsetParams, rng: random.Random) -> str:
-    """One line of a multi-line caption: a random one with ``enable_wildcard``, else the first."""
-    lines = caption.split("\n")
-    if len(lines) == 1:
+    """One line of a multi-line caption: a random one with ``enable_wildcard``, else the first.
+
+    Blank lines are ignored and the chosen line is stripped.
+    """
+    if "\n" not in caption:
         return caption
+    lines = [line.strip() for line in caption.split("\n") if line.strip()]
+    if not lines:
+        return ""
     return rng.choice(lines) if subset.enable_wildcard else lines[0]
 
 

@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence, TypeVar
+
+from tqdm import tqdm
 
 from library.dataset.transforms import ImageReadError, read_image_size
 from library.io_utils import atomic_write_json
 
 METADATA_CACHE_NAME = "metadata_cache.json"
 _CACHE_FORMAT = 2
+_PROGRESS_FROM = 2000
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def default_workers() -> int:
@@ -30,31 +36,49 @@ def default_workers() -> int:
     return min(32, (os.cpu_count() or 1) * 4)
 
 
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, max_workers: int | None = None,
+                 chunk: int = 64, desc: str | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool, in chunks (one task per item costs more than a header read).
+
+    With ``desc``, a progress bar is shown for long lists."""
+    if not items:
+        return []
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    workers = max(1, min(max_workers or default_workers(), len(chunks)))
+    out: list[R] = []
+    with tqdm(total=len(items), desc=desc, disable=desc is None or len(items) < _PROGRESS_FROM,
+              leave=False) as bar:
+        if workers == 1:
+            parts: Iterable[list[R]] = ([fn(x) for x in c] for c in chunks)
+            for part in parts:
+                out += part
+                bar.update(len(part))
+            return out
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for part in pool.map(lambda c: [fn(x) for x in c], chunks):
+                out += part
+                bar.update(len(part))
+    return out
+
+
+def try_read_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """``(size, None)``, or ``(None, reason)`` for an unreadable image."""
+    try:
+        return read_image_size(path), None
+    except ImageReadError as exc:
+        return None, f"{exc.message} (skipped)"
+
+
 def read_image_sizes(
-    paths: Iterable[Path], *, max_workers: int | None = None
+    paths: Sequence[Path], *, max_workers: int | None = None
 ) -> tuple[dict[Path, tuple[int, int]], list[str]]:
     """Sizes of ``paths`` read in parallel; returns ``(sizes, skipped)`` where ``skipped`` names each bad file."""
-    paths = list(paths)
-
-    def one(p: Path) -> tuple[Path, tuple[int, int] | None, str | None]:
-        try:
-            return p, read_image_size(p), None
-        except ImageReadError as exc:
-            return p, None, exc.message
-
     sizes: dict[Path, tuple[int, int]] = {}
     skipped: list[str] = []
-    if not paths:
-        return sizes, skipped
-    workers = max(1, min(max_workers or default_workers(), len(paths)))
-    if workers == 1:
-        results = map(one, paths)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, paths))
-    for p, size, err in results:
+    results = parallel_map(try_read_size, paths, max_workers=max_workers, desc="reading image sizes")
+    for p, (size, err) in zip(paths, results):
         if size is None:
-            skipped.append(f"{err} (skipped)")
+            skipped.append(str(err))
         else:
             sizes[p] = size
     return sizes, skipped
@@ -160,5 +184,9 @@ class InfoCache:
                 "caption_stamp": [e.caption_stamp.mtime_ns, e.caption_stamp.size] if e.caption_stamp else None,
                 "format": _CACHE_FORMAT,
             }
-        atomic_write_json(self.path, out, indent=None)
+        try:
+            atomic_write_json(self.path, out, indent=None)
+        except OSError as exc:  # a read-only dataset folder must not stop training
+            print(f"warning: cannot write {self.path} ({exc}); cache_info is not saved", file=sys.stderr)
+            return
         self.dirty = False

@@ -6,6 +6,10 @@ comes from ``(seed, epoch, batch index, sample index)``. So the data of a step d
 of workers nor on whether the run was resumed. With several processes, process ``i`` gets batches
 ``i, i + N, ...`` of the epoch's list, padded (by wrapping around) so every process has the same count.
 
+Epochs count from 0 (``set_epoch(0)`` is the first epoch; ``caption_dropout_every_n_epochs`` sees them
+counted from 1, as in sd-scripts). A batch's ``step`` is the optimizer step it belongs to, counted from 0
+over the whole run: ``epoch * steps_per_epoch + k // grad_accum`` for this process's ``k``-th batch.
+
 Do not pass the loader to ``accelerator.prepare``: it already yields this process's share.
 """
 
@@ -57,6 +61,10 @@ class EpochLoader:
                  process_index: int = 0, num_processes: int = 1, grad_accum: int = 1, validation: bool = False):
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in 0..{num_processes - 1}")
+        ratio_warmup = [s.origin for d in group.train for s in d.subset_params if 0 < s.token_warmup_step < 1]
+        if ratio_warmup and group.max_train_steps is None:
+            raise ValueError(f"token_warmup_step is a ratio in {', '.join(ratio_warmup)}: call "
+                             f"group.set_max_train_steps() before making the loader")
         self.group = group
         self.seed = seed
         self.process_index = process_index

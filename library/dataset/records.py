@@ -14,7 +14,7 @@ from pathlib import Path
 from library.config.params import DreamBoothSubsetParams, FineTuningSubsetParams
 from library.dataset.captions import read_caption_file
 from library.dataset.image_files import IMAGE_EXTENSIONS, list_images
-from library.dataset.images import InfoCache, read_image_sizes
+from library.dataset.images import InfoCache, parallel_map, read_image_sizes, try_read_size
 from library.errors import UserError
 
 _MAX_LISTED = 10
@@ -70,15 +70,23 @@ def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int |
         else:
             sizes[p] = entry.size
             captions[p] = entry.caption
-    read_sizes, skipped = read_image_sizes(to_read, max_workers=max_workers)
-    sizes.update(read_sizes)
-    for p in to_read:
-        if p not in read_sizes:
-            continue
+
+    def read(p: Path) -> tuple[tuple[int, int] | None, str | None, str | None]:
+        size, err = try_read_size(p)
         cap_file = p.with_name(p.stem + ext)
-        captions[p] = read_caption_file(cap_file) if cap_file.is_file() else None
+        caption = read_caption_file(cap_file) if size is not None and cap_file.is_file() else None
+        return size, err, caption
+
+    skipped: list[str] = []
+    for p, (size, err, caption) in zip(to_read, parallel_map(read, to_read, max_workers=max_workers,
+                                                                   desc=f"scanning {image_dir.name}")):
+        if size is None:
+            skipped.append(str(err))
+            continue
+        sizes[p] = size
+        captions[p] = caption
         if cache:
-            cache.store(p, read_sizes[p], captions[p], cap_file)
+            cache.store(p, size, caption, p.with_name(p.stem + ext))
     if cache:
         cache.prune(p.name for p in sizes)
         cache.save()
@@ -145,13 +153,15 @@ def _read_metadata(path: Path, origin: str) -> list[tuple[str, dict]]:
 
 
 def resolve_image_key(key: str, base: Path) -> Path | None:
-    """An absolute path, a path relative to ``base`` with its extension, or an extension-less stem."""
+    """An absolute path, a path relative to ``base`` (or else to the working directory) with its extension,
+    or either of those without extension (a stem: the image extensions are tried)."""
     p = Path(key)
-    candidates = [p] if p.is_absolute() else [base / p]
+    roots = [p] if p.is_absolute() else [base / p, p]
+    candidates = list(roots)
     if p.suffix.lower() not in IMAGE_EXTENSIONS:
-        stem = candidates[0]
-        candidates += [stem.with_name(stem.name + e) for e in IMAGE_EXTENSIONS]
-        candidates += [stem.with_name(stem.name + e.upper()) for e in IMAGE_EXTENSIONS]
+        for stem in roots:
+            candidates += [stem.with_name(stem.name + e) for e in IMAGE_EXTENSIONS]
+            candidates += [stem.with_name(stem.name + e.upper()) for e in IMAGE_EXTENSIONS]
     for c in candidates:
         if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS:
             return c

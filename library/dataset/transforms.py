@@ -11,6 +11,7 @@ import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from PIL import Image
 from library.dataset.buckets import BucketChoice
 from library.errors import UserError
 
-_FILTERS = {
+_FILTERS = MappingProxyType({
     "lanczos": Image.Resampling.LANCZOS,
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -28,11 +29,11 @@ _FILTERS = {
     "cubic": Image.Resampling.BICUBIC,
     "area": Image.Resampling.BOX,
     "box": Image.Resampling.BOX,
-}
+})
 INTERPOLATIONS = tuple(_FILTERS)
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
-_TRANSPOSES = {
+_TRANSPOSES = MappingProxyType({
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -40,7 +41,7 @@ _TRANSPOSES = {
     6: Image.Transpose.ROTATE_270,
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
-}
+})
 _HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 HUE_SHIFT_LIMIT = 8.0  # in OpenCV hue units (0..180), i.e. +-16 degrees, as sd-scripts
 GAMMA_RANGE = (0.95, 1.05)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from library.errors import UserError
 from library.io_utils import atomic_save_file
@@ -157,7 +158,7 @@ def prompt_from_dict(entry: dict[str, Any], index: int, where: str) -> SamplePro
     return SamplePrompt(**fields)
 
 
-_OPTION_RE = re.compile(r"^([a-z]+)(?:\s+(.*))?$", re.S)
+_OPTION_RE = re.compile(r"^([a-z]+)(?:\s+(.*))?$", re.S | re.I)
 
 
 def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
@@ -166,16 +167,17 @@ def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
     entry: dict[str, Any] = {"prompt": parts[0]}
     for part in parts[1:]:
         m = _OPTION_RE.match(part.strip())
-        if not m or m.group(1) not in _TXT_OPTIONS:
+        option = m.group(1).lower() if m else ""
+        if option not in _TXT_OPTIONS:
             name = part.strip().split(" ")[0]
             close = difflib.get_close_matches(name, _TXT_OPTIONS, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"{where}: unknown option --{name}{hint}; known: "
                             + " ".join(f"--{k}" for k in _TXT_OPTIONS))
         value = (m.group(2) or "").strip()
-        if value == "" and m.group(1) != "n":
-            raise UserError(f"{where}: option --{m.group(1)} needs a value")
-        entry[_TXT_OPTIONS[m.group(1)]] = value
+        if value == "" and option != "n":
+            raise UserError(f"{where}: option --{option} needs a value")
+        entry[_TXT_OPTIONS[option]] = value
     return prompt_from_dict(entry, index, where)
 
 
@@ -227,8 +229,8 @@ def validate_sampling_args(args: Any) -> list[SamplePrompt]:
     every_steps = getattr(args, "sample_every_n_steps", None)
     every_epochs = getattr(args, "sample_every_n_epochs", None)
     for option, value in (("--sample_every_n_steps", every_steps), ("--sample_every_n_epochs", every_epochs)):
-        if value is not None and value < 1:
-            raise UserError(f"{option} must be at least 1, got {value}")
+        if value is not None and value < 0:
+            raise UserError(f"{option} must be a positive number of steps/epochs (0 turns it off), got {value}")
     enabled = every_steps or every_epochs or getattr(args, "sample_at_first", False)
     path = getattr(args, "sample_prompts", None)
     if not enabled:
@@ -323,18 +325,25 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
 
 def _denoise(unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor,
              uncond: torch.Tensor | None, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """The sampling loop; scheduler math in float32, the U-Net in its own dtype."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    unet_dtype = next(unet.parameters()).dtype
+    cond = cond.to(unet_dtype)
+    uncond = uncond.to(unet_dtype) if uncond is not None else None
     batched = uncond is not None and uncond.shape == cond.shape
+
+    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(x.to(unet_dtype), t, encoder_hidden_states=context).sample.float()
+
     for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(latents, t)
         if uncond is None:
-            pred = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=cond).sample
+            pred = predict(model_in, t, cond)
         else:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]) if batched else latents, t)
             if batched:
-                pred_u, pred_c = unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+                pred_u, pred_c = predict(torch.cat([model_in, model_in]), t, torch.cat([uncond, cond])).chunk(2)
             else:
-                pred_u = unet(model_in, t, encoder_hidden_states=uncond).sample
-                pred_c = unet(model_in, t, encoder_hidden_states=cond).sample
+                pred_u, pred_c = predict(model_in, t, uncond), predict(model_in, t, cond)
             pred = pred_u + scale * (pred_c - pred_u)
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents
@@ -366,7 +375,7 @@ def generate_samples(
     use_autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     paths: list[Path] = []
     with preserved_rng_states(device), _eval_mode(unet, vae), torch.no_grad():
-        for p in prompts:
+        for p in tqdm(prompts, desc="sample images", leave=False, disable=len(prompts) < 2):
             width, height = p.size(default_size)
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -376,10 +385,10 @@ def generate_samples(
             with autocast:
                 cond = text_encode([p.prompt]).to(device)
                 uncond = text_encode([p.negative_prompt]).to(device) if p.scale != 1.0 else None
-                shape = (1, unet.config.in_channels, height // 8, width // 8)
+                shape = (1, vae.config.latent_channels, height // 8, width // 8)
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
                 latents = latents * scheduler.init_noise_sigma
-                latents = _denoise(unet, scheduler, latents.to(cond.dtype), cond, uncond, p.scale, generator)
+                latents = _denoise(unet, scheduler, latents, cond, uncond, p.scale, generator)
                 image = vae.decode(latents.to(next(vae.parameters()).dtype) / latent_scale).sample[0]
             stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
             seed_suffix = f"_{p.seed}" if p.seed is not None else ""
