@@ -220,3 +220,29 @@ def test_no_token_padding_keeps_the_longest_caption_positions(tiny_sd1_dir):
         short = LongestCaptionText(padded)(captions, torch.device("cpu"))
     assert full.shape[1] == 77 and short.shape[1] == 5 + 2
     assert torch.equal(short, full[:, :7])
+
+
+def test_two_processes_stop_the_text_encoder_everywhere(tiny_sd1_dir, data, tmp_path):
+    """Two CPU processes (torchrun; accelerate reads its environment): gradients are averaged across processes,
+    and once the text encoder stops training no process updates it any more (not even with zero gradients and
+    AdamW's decay)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_helpers import ROOT
+
+    out = tmp_path / "out"
+    argv = db_args(tiny_sd1_dir, out, data["train"], steps=2, reg=data["reg"], batch=1, extra=[
+        "--stop_text_encoder_training", "1", "--save_every_n_steps", "1", "--save_model_as", "safetensors"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29000 + os.getpid() % 1000), str(ROOT / "train_db.py"), *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "per process with 2 process(es)" in done.stdout
+    w = [ldm_weights(tiny_sd1_dir), ldm_weights(out / "db-step00000001.safetensors"),
+         ldm_weights(out / "db.safetensors")]
+    assert not same(part(w[0], TE), part(w[1], TE))
+    assert same(part(w[1], TE), part(w[2], TE))
+    assert not same(part(w[1], UNET), part(w[2], UNET))
