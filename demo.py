@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     options = parser.parse_args(argv)
 
+    import torch
+
     from library.models.tiny import save_tiny_diffusers_model
+
+    # the tiny model's operations are too small to gain from several threads; one avoids thread contention
+    torch.set_num_threads(1)
 
     root = Path(options.output_dir).resolve()
     model_dir = root / "tiny_model"
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output_dir", str(out), "--output_name", "demo_lora", "--overwrite",
         "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3",
         "--max_train_steps", str(options.steps), "--seed", "0", "--max_data_loader_n_workers", "0",
-        "--cache_latents", "--sample_prompts", str(prompts), "--sample_every_n_steps", "20",
+        "--cache_latents", "--sample_prompts", str(prompts), "--sample_every_n_steps", "20", "--sample_at_first",
         "--logging_dir", str(root / "logs"), "--save_every_n_steps", "20",
     ])
     samples = sorted((out / "sample").glob("*.png"))

@@ -1,4 +1,4 @@
-"""Two real processes (accelerate launch --cpu --num_processes 2): data-parallel training, saving from the main
+"""Two real processes (accelerate launch --multi_gpu --num_processes 2, on CPU: gloo): data-parallel training, saving from the main
 process only, and resume."""
 
 from __future__ import annotations

@@ -112,16 +112,18 @@ def test_nan_loss_stops_with_the_step(tiny_sd1_dir, data, tmp_path):
                                    "--max_grad_norm", "0"]))
 
 
-def test_samples_logs_and_diffusers_loading(tiny_sd1_dir, data, tmp_path):
+def test_samples_logs_validation_and_diffusers_loading(tiny_sd1_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    data = dataset_toml(tmp_path / "data.toml", make_images(tmp_path / "images", count=4),
+                        extra_general="validation_split = 0.5\n")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("sks, a photo --w 64 --h 64 --s 2 --d 5\n", encoding="utf-8")
     out = tmp_path / "out"
     final = run_main(train_args(tiny_sd1_dir, out, config=data, steps=2,
                                 extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "1",
                                        "--sample_at_first", "--logging_dir", str(tmp_path / "logs"),
-                                       "--log_prefix", "run_"]))
+                                       "--log_prefix", "run_", "--validate_every_n_steps", "1"]))
     samples = sorted((out / "sample").glob("*.png"))
     assert len(samples) >= 3  # at first, step 1, end
     events = list((tmp_path / "logs").glob("run_*/**/events.out.tfevents.*"))
@@ -131,7 +133,10 @@ def test_samples_logs_and_diffusers_loading(tiny_sd1_dir, data, tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/epoch"} <= tags
+    assert {"loss/current", "loss/average", "lr/unet", "lr/textencoder", "loss/epoch",
+            "loss/validation/current"} <= tags
+    validation = [e.value for e in acc.Scalars("loss/validation/current")]
+    assert len(validation) == 1 and validation[0] > 0  # step 1 (step 2 is the last step)
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_dir), safety_checker=None)
     layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
@@ -139,3 +144,35 @@ def test_samples_logs_and_diffusers_loading(tiny_sd1_dir, data, tmp_path):
     pipe.load_lora_weights(str(final))
     pipe.fuse_lora()
     assert not torch.equal(before, layer.weight)
+
+
+def test_sigterm_saves_a_resumable_state(tiny_sd1_dir, data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from library.training.state import verify_state
+    from tests.train_helpers import ROOT
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"),
+                             *train_args(tiny_sd1_dir, out, config=data, steps=100000, extra=["--save_state"])],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("attention:"):
+                break
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted: state of step" in stdout
+    states = list(out.glob("lora-step*-state"))
+    assert len(states) == 1
+    info = verify_state(states[0])
+    assert info["global_step"] >= 1 and not list(out.glob(".*partial"))

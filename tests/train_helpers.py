@@ -87,11 +87,12 @@ def prepare_run(argv: list[str]) -> Any:
 def run_script(argv: list[str], *, processes: int = 0, timeout: float = 300,
                script: str = "train_network.py") -> subprocess.CompletedProcess:
     """Run the script in a subprocess: ``python script`` (processes=0) or
-    ``accelerate launch --cpu --num_processes N script``."""
+    ``accelerate launch --multi_gpu --num_processes N script`` (accelerate 1.15 starts a single process for
+    ``--cpu --num_processes N`` without mpirun; ``--multi_gpu`` on a machine without CUDA runs N CPU processes)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     if processes:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(29500 + os.getpid() % 1000), str(ROOT / script), *argv]
     else:
