@@ -160,3 +160,40 @@ def test_latents_from_prepare_buckets_latents_are_used_as_they_are(tiny_sd1_dir,
     assert final.is_file()
     assert sorted(images.glob("*.npz")) == npz
     assert {p: p.stat().st_mtime_ns for p in npz} == stamps
+
+
+def test_full_fp16_gradients_can_be_unscaled():
+    """--full_fp16 trains fp16 weights: the grad scaler must unscale their fp16 gradients (CUDA-only in a run;
+    the scaler logic is the same on the CPU)."""
+    from library.training.preparation import allow_fp16_gradients
+
+    param = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))
+    param.grad = torch.full((4,), 8.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="FP16"):
+        scaler.unscale_(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))
+    allow_fp16_gradients(scaler)
+    scaler.unscale_(optimizer)
+    assert torch.equal(param.grad, torch.full((4,), 2.0, dtype=torch.float16))
+
+
+def test_sd2_v_parameterization_single_file(tiny_sd2_dir, data, tmp_path):
+    """SD2 (OpenCLIP text encoder layout, v-prediction): a trained single file loads back with our loader."""
+    import argparse
+
+    from library.models.loading import load_sd_models
+    from library.models.saving import ldm_state_dict
+
+    final = run_ft(ft_args(tiny_sd2_dir, tmp_path / "out", data, steps=1, extra=[
+        "--v2", "--v_parameterization", "--train_text_encoder", "--save_model_as", "safetensors"]))
+    saved = ldm_weights(final)
+    assert any(k.startswith("cond_stage_model.model.") for k in saved)
+    loaded = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(final), v2=True,
+                                               v_parameterization=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    assert same(part(ldm_state_dict(loaded), "cond_stage_model."), part(saved, "cond_stage_model."))
+    base = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(tiny_sd2_dir), v2=True))
+    assert not same(part(ldm_state_dict(base), "cond_stage_model."), part(saved, "cond_stage_model."))
