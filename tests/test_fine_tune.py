@@ -105,10 +105,14 @@ def fresh_accelerate_state():
 
 def test_full_bf16_and_save_precision_with_sigma_rel_ema(tiny_sd1_dir, data, tmp_path, fresh_accelerate_state):
     """--full_bf16 trains bf16 weights (saved as bf16 by default, fp16 with --save_precision); the
-    power-function EMA (--ema_sigma_rel, kept on the CPU) is saved beside and differs from the raw weights."""
-    final = run_ft(ft_args(tiny_sd1_dir, tmp_path / "a", data, steps=2, extra=[
+    power-function EMA (--ema_sigma_rel, kept on the CPU) is saved beside, differs from the raw weights, and
+    is pruned with them (--save_last_n_steps)."""
+    final = run_ft(ft_args(tiny_sd1_dir, tmp_path / "a", data, steps=3, extra=[
         "--mixed_precision", "bf16", "--full_bf16", "--save_model_as", "safetensors", "--ema_sigma_rel", "0.2",
-        "--ema_cpu"]))
+        "--ema_cpu", "--save_every_n_steps", "1", "--save_last_n_steps", "1"]))
+    # pruned step saves take their EMA files with them
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "ft-ema.safetensors", "ft-step00000002-ema.safetensors", "ft-step00000002.safetensors", "ft.safetensors"]
     weights = ldm_weights(final)
     assert {v.dtype for k, v in weights.items() if v.is_floating_point()} == {torch.bfloat16}
     ema = ldm_weights(tmp_path / "a" / "ft-ema.safetensors")
