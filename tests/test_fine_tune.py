@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_db import TE, UNET, ldm_weights, part, same
+from tests.full_weight_helpers import TE, UNET, ldm_weights, part, same
 from tests.train_helpers import ROOT, make_images
 
 

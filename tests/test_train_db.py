@@ -4,11 +4,13 @@ and the options it refuses."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.full_weight_helpers import TE, UNET, ldm_weights, part, same
 from tests.train_helpers import make_images
 
 
@@ -49,34 +51,6 @@ def run_db(argv: list[str]) -> Path:
     return path
 
 
-def ldm_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a saved single-file model (or our loader's view of a folder, in the same layout)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix == ".ckpt":
-        return torch.load(path, weights_only=True)["state_dict"]
-    from library.models.loading import load_sd_models
-    from library.models.saving import ldm_state_dict
-
-    import argparse
-
-    return ldm_state_dict(load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(path))))
-
-
-def part(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in weights.items() if k.startswith(prefix)}
-
-
-UNET, TE = "model.diffusion_model.", "cond_stage_model."
-
-
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    assert a.keys() == b.keys() and a
-    return all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_stop_text_encoder_and_ema(tiny_sd1_dir, data, tmp_path):
     """--stop_text_encoder_training 2: the text encoder changes in steps 1-2 only, the UNet in every step;
     the EMA file is the fixed-decay average of the raw weights after each step."""
@@ -104,14 +78,11 @@ def test_stop_text_encoder_and_ema(tiny_sd1_dir, data, tmp_path):
     assert (out / "db-step00000001-ema.safetensors").is_file()
 
     from library.models.loading import load_sd_models
-    import argparse
+    from library.models.saving import ldm_state_dict
 
     loaded = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(final),
                                                tokenizer_cache_dir=str(tiny_sd1_dir)))
-    ref = part(w[3], UNET)
-    from library.models.saving import ldm_state_dict
-
-    assert same(part(ldm_state_dict(loaded), UNET), ref)
+    assert same(part(ldm_state_dict(loaded), UNET), part(w[3], UNET))
 
 
 def test_prior_loss_weight_zero_makes_reg_samples_contribute_nothing(tiny_sd1_dir, data, tmp_path):
@@ -204,8 +175,6 @@ def test_fine_tuning_datasets_are_refused(tiny_sd1_dir, data, tmp_path):
 
 def test_no_token_padding_keeps_the_longest_caption_positions(tiny_sd1_dir):
     """The conditioning ends at the longest caption's EOS and equals the padded encoding there."""
-    import argparse
-
     from library.models.loading import load_sd_models
     from library.models.text_encoding import TextEncoding
     from library.training.full_recipe import LongestCaptionText

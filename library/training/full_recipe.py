@@ -104,8 +104,8 @@ class FullWeightRecipe(Recipe):
     # ------------------------------------------------------------------ options
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
-        from library.training.ema import validate_ema_args
         from library.errors import UserError
+        from library.training.ema import validate_ema_args
 
         problems: list[str] = []
         try:
@@ -125,9 +125,6 @@ class FullWeightRecipe(Recipe):
         if self.no_token_padding and args.max_token_length not in (None, 75):
             problems.append(f"--no_token_padding works with 75-token captions only, not --max_token_length "
                             f"{args.max_token_length}: remove one of the two")
-        for name in ("network_weights", "network_module"):
-            if getattr(args, name, None):
-                problems.append(f"--{name} belongs to train_network.py (LoRA); this script trains the model itself")
         problems += fused_backward_problems(args)
         return problems
 
@@ -240,7 +237,7 @@ class FullWeightRecipe(Recipe):
                                 f"the {name}; resume with the same options as that run")
             with torch.no_grad():
                 module.load_state_dict(by_module[name], strict=True)
-        if (self.ema is None) != (not ema):
+        if (self.ema is not None) != bool(ema):
             raise UserError("the resumed state and this run disagree about EMA (--ema_decay / --ema_sigma_rel): "
                             "resume with the EMA options of the saved run")
         if self.ema is not None:

@@ -4,7 +4,8 @@ the backward pass, and frees that gradient at once, so a full set of gradients n
 Each trained parameter gets a post-accumulate-grad hook that (with several processes) averages the
 gradient across processes, clips it on its own to ``--max_grad_norm`` (a per-tensor norm, as sd-scripts
 does: the global norm is unknown until the whole backward pass is over), runs the optimizer's update for this
-parameter alone with its group's current settings (looked up when the hook runs: the scheduler's learning rate, a resumed optimizer's groups), and drops the gradient.
+parameter alone with its group's current settings (looked up when the hook runs, so the scheduler's learning
+rate and a resumed optimizer's groups apply), and drops the gradient.
 Only AdaFactor is allowed (its update of a parameter reads that parameter's state only) and gradient
 accumulation must be 1; ``library.training.optimizers.validate_optimizer_args`` enforces both.
 """
