@@ -50,13 +50,14 @@ def run_ft(argv: list[str]) -> Path:
     return path
 
 
-def test_unet_only_by_default_from_in_json(tiny_sd1_dir, data, tmp_path):
+def test_unet_only_by_default_from_in_json(tiny_sd1_dir, data, tmp_path, capsys):
     """Without --train_text_encoder only the UNet changes; --dataset_repeats multiplies the samples; the
     single file loads with diffusers offline (config from the base model's folder)."""
     out = tmp_path / "out"
     final = run_ft(ft_args(tiny_sd1_dir, out, data, steps=2,
                            extra=["--dataset_repeats", "2", "--save_model_as", "safetensors"]))
     assert final == out / "ft.safetensors"
+    assert "3 images x 2 repeats = 6 samples" in capsys.readouterr().out
     base, trained = ldm_weights(tiny_sd1_dir), ldm_weights(final)
     assert same(part(base, TE), part(trained, TE))
     assert not same(part(base, UNET), part(trained, UNET))
