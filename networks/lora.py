@@ -16,12 +16,11 @@ load in A1111, ComfyUI, diffusers (``load_lora_weights``) and sd-scripts, and th
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from networks.lora_options import SHAPE_ARGS, LoRAOptions, block_index, parse_network_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -39,278 +39,11 @@ TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttentio
 PREFIX_UNET = "lora_unet"
 PREFIX_TEXT_ENCODER = "lora_te"
 
-NUM_OF_BLOCKS = 12  # down (and up) block slots of the SD1/2 UNet in LDM numbering; mid is slot 12
-NUM_BLOCK_VALUES = NUM_OF_BLOCKS * 2 + 1
-LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
-
-NETWORK_ARGS = (
-    "conv_dim",
-    "conv_alpha",
-    "block_dims",
-    "block_alphas",
-    "conv_block_dims",
-    "conv_block_alphas",
-    "down_lr_weight",
-    "mid_lr_weight",
-    "up_lr_weight",
-    "block_lr_zero_threshold",
-    "rank_dropout",
-    "module_dropout",
-    "dropout",
-    "loraplus_lr_ratio",
-    "loraplus_unet_lr_ratio",
-    "loraplus_text_encoder_lr_ratio",
-)
-_SHAPE_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
-
-_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 _RE_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te\d?_)(?!text_model_)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --network_args
-
-
-def _bad(key: str, value: Any, expected: str) -> UserError:
-    return UserError(f"--network_args {key}={value!r}: expected {expected}, e.g. --network_args \"{key}=...\"")
-
-
-def _parse_int(key: str, value: Any, minimum: int = 0) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise _bad(key, value, "an integer") from None
-    if number < minimum:
-        raise _bad(key, value, f"an integer >= {minimum}")
-    return number
-
-
-def _parse_float(key: str, value: Any) -> float:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise _bad(key, value, "a number") from None
-    if not math.isfinite(number):
-        raise _bad(key, value, "a finite number")
-    return number
-
-
-def _parse_probability(key: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    p = _parse_float(key, value)
-    if not 0.0 <= p < 1.0:
-        raise _bad(key, value, "a probability in [0, 1)")
-    return p or None
-
-
-def _parse_list(key: str, value: Any, kind: type, count: int) -> tuple:
-    items = [s.strip() for s in str(value).split(",")]
-    try:
-        values = tuple(kind(s) for s in items)
-    except ValueError:
-        raise _bad(key, value, f"{count} comma-separated {'integers' if kind is int else 'numbers'}") from None
-    if len(values) != count:
-        raise UserError(
-            f"--network_args {key}: {len(values)} values given, {count} needed for the SD1/2 UNet "
-            f"(12 down blocks, the mid block, 12 up blocks)"
-        )
-    return values
-
-
-def _lr_weight_list(key: str, value: Any, threshold: float) -> tuple[float, ...]:
-    text = str(value).strip()
-    name, _, base_text = text.partition("+")
-    if "," not in text and name in LR_WEIGHT_PRESETS:
-        base = _parse_float(key, base_text) if base_text else 0.0
-        n = NUM_OF_BLOCKS
-        if name == "zeros":
-            weights = [base] * n
-        elif name in ("linear", "reverse_linear"):
-            order = range(n) if name == "linear" else reversed(range(n))
-            weights = [i / (n - 1) + base for i in order]
-        else:
-            order = range(n) if name == "sine" else reversed(range(n))
-            weights = [math.sin(math.pi * (i / (n - 1)) / 2) + base for i in order]
-    else:
-        try:
-            weights = [float(s) if s.strip() else 0.0 for s in text.split(",")]
-        except ValueError:
-            close = difflib.get_close_matches(name, LR_WEIGHT_PRESETS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _bad(key, value, f"comma-separated numbers or a preset {'|'.join(LR_WEIGHT_PRESETS)}[+base]{hint}")
-        if len(weights) > NUM_OF_BLOCKS:
-            raise UserError(f"--network_args {key}: {len(weights)} values given, at most {NUM_OF_BLOCKS} allowed")
-        if len(weights) < NUM_OF_BLOCKS:
-            logger.warning("%s has %d values; the remaining blocks get weight 1.0", key, len(weights))
-            weights += [1.0] * (NUM_OF_BLOCKS - len(weights))
-    return tuple(w if w > threshold else 0.0 for w in weights)
-
-
-@dataclass(frozen=True)
-class LoRAOptions:
-    """Everything that decides the network's shape and training behaviour (parsed ``--network_args``)."""
-
-    dim: int = 4
-    alpha: float = 1.0
-    dropout: float | None = None
-    rank_dropout: float | None = None
-    module_dropout: float | None = None
-    conv_dim: int | None = None
-    conv_alpha: float | None = None
-    block_dims: tuple[int, ...] | None = None
-    block_alphas: tuple[float, ...] | None = None
-    conv_block_dims: tuple[int, ...] | None = None
-    conv_block_alphas: tuple[float, ...] | None = None
-    down_lr_weight: tuple[float, ...] | None = None
-    mid_lr_weight: float | None = None
-    up_lr_weight: tuple[float, ...] | None = None
-    loraplus_lr_ratio: float | None = None
-    loraplus_unet_lr_ratio: float | None = None
-    loraplus_text_encoder_lr_ratio: float | None = None
-    modules_dim: Mapping[str, int] | None = field(default=None, repr=False)
-    modules_alpha: Mapping[str, float] | None = field(default=None, repr=False)
-
-    @property
-    def block_lr(self) -> bool:
-        return any(w is not None for w in (self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight))
-
-    @property
-    def scans_conv_blocks(self) -> bool:
-        return self.conv_dim is not None or self.conv_block_dims is not None or self.modules_dim is not None
-
-    def lr_weight(self, block_idx: int) -> float:
-        """Learning-rate weight of a UNet block slot (``block_index``); 1.0 where none is set."""
-        if block_idx < 0:
-            return 1.0
-        if block_idx < NUM_OF_BLOCKS:
-            return 1.0 if self.down_lr_weight is None else self.down_lr_weight[block_idx]
-        if block_idx == NUM_OF_BLOCKS:
-            return 1.0 if self.mid_lr_weight is None else self.mid_lr_weight
-        return 1.0 if self.up_lr_weight is None else self.up_lr_weight[block_idx - NUM_OF_BLOCKS - 1]
-
-    def rank_for(self, lora_name: str, is_unet: bool, is_3x3: bool) -> tuple[int, float] | None:
-        """``(rank, alpha)`` of a module, or None when it gets no LoRA."""
-        if self.modules_dim is not None:
-            if lora_name not in self.modules_dim:
-                return None
-            dim = self.modules_dim[lora_name]
-            return dim, (self.modules_alpha or {}).get(lora_name, dim)
-        idx = block_index(lora_name) if is_unet else -1
-        if is_unet and self.block_dims is not None and idx >= 0:
-            if not is_3x3:
-                dim, alpha = self.block_dims[idx], self.block_alphas[idx]
-            elif self.conv_block_dims is not None:
-                dim, alpha = self.conv_block_dims[idx], self.conv_block_alphas[idx]
-            else:
-                return None
-        elif not is_3x3:
-            dim, alpha = self.dim, self.alpha
-        elif self.conv_dim is not None:
-            dim, alpha = self.conv_dim, self.conv_alpha
-        else:
-            return None
-        return (dim, alpha) if dim else None
-
-
-def parse_network_kwargs(
-    kwargs: Mapping[str, Any],
-    network_dim: int | None = None,
-    network_alpha: float | None = None,
-    neuron_dropout: float | None = None,
-) -> LoRAOptions:
-    """Validate ``--network_args`` for this module and resolve block dims/alphas and block LR weights.
-
-    Raises :class:`UserError` for unknown keys (with a "did you mean") and malformed values.
-    """
-    unknown = [k for k in kwargs if k not in NETWORK_ARGS]
-    if unknown:
-        problems = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, NETWORK_ARGS, n=1)
-            problems.append(f"{key!r} is not an argument of networks.lora" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        problems.append(f"known arguments: {', '.join(NETWORK_ARGS)}")
-        raise UserError.from_problems("--network_args", problems)
-
-    def get(key: str) -> Any:
-        value = kwargs.get(key)
-        return None if value is None or str(value).strip() in ("", "None") else value
-
-    dim = 4 if network_dim is None else int(network_dim)
-    alpha = 1.0 if network_alpha is None else float(network_alpha)
-    dropout = neuron_dropout if neuron_dropout is not None else get("dropout")
-    conv_dim = None if get("conv_dim") is None else _parse_int("conv_dim", get("conv_dim"))
-    conv_alpha = None if get("conv_alpha") is None else _parse_float("conv_alpha", get("conv_alpha"))
-    if conv_dim is not None and conv_alpha is None:
-        conv_alpha = 1.0
-    threshold = _parse_float("block_lr_zero_threshold", get("block_lr_zero_threshold") or 0.0)
-    down = None if get("down_lr_weight") is None else _lr_weight_list("down_lr_weight", get("down_lr_weight"), threshold)
-    up = None if get("up_lr_weight") is None else _lr_weight_list("up_lr_weight", get("up_lr_weight"), threshold)
-    mid = None
-    if get("mid_lr_weight") is not None:
-        mid = _parse_float("mid_lr_weight", get("mid_lr_weight"))
-        mid = mid if mid > threshold else 0.0
-
-    block_dims = block_alphas = conv_block_dims = conv_block_alphas = None
-    if any(get(k) is not None for k in ("block_dims", "conv_block_dims")) or down or up or mid is not None:
-        n = NUM_BLOCK_VALUES
-        block_dims = _parse_list("block_dims", get("block_dims"), int, n) if get("block_dims") else (dim,) * n
-        block_alphas = _parse_list("block_alphas", get("block_alphas"), float, n) if get("block_alphas") else (alpha,) * n
-        if get("conv_block_dims") is not None:
-            conv_block_dims = _parse_list("conv_block_dims", get("conv_block_dims"), int, n)
-            conv_block_alphas = (
-                _parse_list("conv_block_alphas", get("conv_block_alphas"), float, n)
-                if get("conv_block_alphas")
-                else (conv_alpha if conv_alpha is not None else 1.0,) * n
-            )
-        elif conv_dim is not None:
-            conv_block_dims, conv_block_alphas = (conv_dim,) * n, (conv_alpha,) * n
-        # blocks whose learning rate is zero get no LoRA at all
-        zero = [i for i in range(n) if (down and i < NUM_OF_BLOCKS and down[i] == 0)]
-        zero += [NUM_OF_BLOCKS] if mid == 0 else []
-        zero += [NUM_OF_BLOCKS + 1 + i for i, w in enumerate(up or ()) if w == 0]
-        block_dims = tuple(0 if i in zero else d for i, d in enumerate(block_dims))
-        if conv_block_dims is not None:
-            conv_block_dims = tuple(0 if i in zero else d for i, d in enumerate(conv_block_dims))
-
-    def ratio(key: str) -> float | None:
-        return None if get(key) is None else _parse_float(key, get(key))
-
-    return LoRAOptions(
-        dim=dim,
-        alpha=alpha,
-        dropout=_parse_probability("dropout", dropout),
-        rank_dropout=_parse_probability("rank_dropout", get("rank_dropout")),
-        module_dropout=_parse_probability("module_dropout", get("module_dropout")),
-        conv_dim=conv_dim,
-        conv_alpha=conv_alpha,
-        block_dims=block_dims,
-        block_alphas=block_alphas,
-        conv_block_dims=conv_block_dims,
-        conv_block_alphas=conv_block_alphas,
-        down_lr_weight=down,
-        mid_lr_weight=mid,
-        up_lr_weight=up,
-        loraplus_lr_ratio=ratio("loraplus_lr_ratio"),
-        loraplus_unet_lr_ratio=ratio("loraplus_unet_lr_ratio"),
-        loraplus_text_encoder_lr_ratio=ratio("loraplus_text_encoder_lr_ratio"),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # names
-
-
-def block_index(lora_name: str) -> int:
-    """SD1/2 UNet block slot of a LoRA module: 1-11 down, 12 mid, 13-24 up (LDM numbering), -1 elsewhere."""
-    m = _RE_UPDOWN.search(lora_name)
-    if m:
-        kind, i, part, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-        idx = 3 * i + (2 if part in ("upsamplers", "downsamplers") else j)
-        return 1 + idx if kind == "down" else NUM_OF_BLOCKS + 1 + idx
-    if "mid_block_" in lora_name:
-        return NUM_OF_BLOCKS
-    return -1
 
 
 def standard_key(key: str) -> str:
@@ -357,10 +90,12 @@ def find_target_modules(
             for child_name, child in module.named_modules():
                 if isinstance(child, (nn.Linear, nn.Conv2d)):
                     is_3x3 = isinstance(child, nn.Conv2d) and tuple(child.kernel_size) != (1, 1)
-                    found.append(TargetModule(f"{PREFIX_UNET}_{name}.{child_name}".replace(".", "_"), child, True, is_3x3))
+                    lora_name = f"{PREFIX_UNET}_{name}.{child_name}".replace(".", "_")
+                    found.append(TargetModule(lora_name, child, True, is_3x3))
     names = [t.lora_name for t in found]
     if len(set(names)) != len(names):
-        raise RuntimeError("duplicate LoRA module names: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise RuntimeError("duplicate LoRA module names: " + ", ".join(duplicates))
     return found
 
 
@@ -458,7 +193,9 @@ class LoRAModule(nn.Module):
         return out + (lx * (multiplier * scale)).to(out.dtype)
 
     @torch.no_grad()
-    def merge_to(self, sd: Mapping[str, torch.Tensor], multiplier: float, dtype: torch.dtype | None, device: Any) -> None:
+    def merge_to(
+        self, sd: Mapping[str, torch.Tensor], multiplier: float, dtype: torch.dtype | None, device: Any
+    ) -> None:
         """Add ``multiplier * up @ down * alpha / r`` from ``sd`` (keys without the module name) to the weight."""
         weight = self.org_module.weight
         device = weight.device if device is None else device
@@ -485,8 +222,6 @@ def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
     except Exception as err:  # corrupt or foreign file: say which one
         raise UserError(f"cannot read LoRA file {path}: {err}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -526,6 +261,7 @@ class LoRANetwork(nn.Module):
         self.options = options
         self.multiplier = multiplier
         self.applied = False
+        self.dropped: list[str] = []  # parts left out by apply_to ("text encoder", "UNet")
         self.text_encoder_loras: list[LoRAModule] = []
         self.unet_loras: list[LoRAModule] = []
         text_encoders = _text_encoder_list(text_encoder)
@@ -545,7 +281,9 @@ class LoRANetwork(nn.Module):
             )
             self.add_module(target.lora_name, lora)
             (self.unet_loras if target.is_unet else self.text_encoder_loras).append(lora)
-        logger.info("LoRA: %d text encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras))
+        logger.info(
+            "LoRA: %d text encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras)
+        )
 
     def all_loras(self) -> list[LoRAModule]:
         return self.text_encoder_loras + self.unet_loras
@@ -569,11 +307,13 @@ class LoRANetwork(nn.Module):
         used."""
         if self.applied:
             raise RuntimeError("the LoRA network is already applied")
-        for keep, loras in ((apply_text_encoder, self.text_encoder_loras), (apply_unet, self.unet_loras)):
-            if not keep:
+        parts = (("text encoder", apply_text_encoder, self.text_encoder_loras), ("UNet", apply_unet, self.unet_loras))
+        for part, keep, loras in parts:
+            if not keep and loras:
                 for lora in loras:
                     delattr(self, lora.lora_name)
                 loras.clear()
+                self.dropped.append(part)
         for lora in self.all_loras():
             lora.apply_to()
         self.applied = True
@@ -596,6 +336,15 @@ class LoRANetwork(nn.Module):
         problems = []
         if unexpected:
             problems.append(f"{len(unexpected)} keys match no module of this network: {_listing(unexpected)}")
+            for part, prefix, flag in (
+                ("text encoder", "lora_te", "--network_train_unet_only"),
+                ("UNet", "lora_unet", "--network_train_text_encoder_only"),
+            ):
+                if part in self.dropped and any(k.startswith(prefix) for k in unexpected):
+                    problems.append(
+                        f"the file has {part} modules but this network trains no {part} ({flag}); "
+                        f"drop {flag} to keep training them"
+                    )
         if missing:
             problems.append(f"{len(missing)} keys of the network are not in the file: {_listing(missing)}")
         if mismatched:
@@ -610,7 +359,9 @@ class LoRANetwork(nn.Module):
                 weights_sd[key] = torch.tensor(float(own[key.replace(".alpha", ".lora_down.weight")].shape[0]))
         return self.load_state_dict(weights_sd, strict=True)
 
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
+    def save_weights(
+        self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None
+    ) -> None:
         """Write the weights (cast to ``dtype`` when given) atomically: ``.safetensors`` with ``metadata`` and the
         ``sshs_*`` hashes, anything else (``.ckpt``/``.pt``) as a torch pickle without metadata."""
         from library.io_utils import atomic_save_file
@@ -673,7 +424,8 @@ class LoRANetwork(nn.Module):
         def add(loras: list[LoRAModule], lr: float | None, ratio: float | None, description: str) -> None:
             plain = [p for lora in loras for n, p in lora.named_parameters() if ratio is None or "lora_up" not in n]
             plus = [p for lora in loras for n, p in lora.named_parameters() if ratio is not None and "lora_up" in n]
-            for params, group_lr, suffix in ((plain, lr, ""), (plus, None if lr is None else lr * (ratio or 1), " plus")):
+            plus_lr = None if lr is None else lr * (ratio or 1)
+            for params, group_lr, suffix in ((plain, lr, ""), (plus, plus_lr, " plus")):
                 if not params or group_lr == 0:
                     continue
                 groups.append({"params": params} if group_lr is None else {"params": params, "lr": group_lr})
@@ -781,10 +533,10 @@ def create_network_from_weights(
             modules_alpha[name] = float(sd["alpha"]) if "alpha" in sd else modules_dim[name]
     if not modules_dim:
         raise UserError(f"{source} has no lora_down weights: it is not a kohya-format LoRA file")
-    ignored = [k for k in kwargs if k in _SHAPE_ARGS and kwargs[k] is not None]
+    ignored = [k for k in kwargs if k in SHAPE_ARGS and kwargs[k] is not None]
     if ignored:
         logger.info("network_args %s ignored: ranks come from %s", ", ".join(ignored), source)
-    rest = {k: v for k, v in kwargs.items() if k not in _SHAPE_ARGS}
+    rest = {k: v for k, v in kwargs.items() if k not in SHAPE_ARGS}
     parsed = parse_network_kwargs(rest)
     options = LoRAOptions(
         dropout=parsed.dropout,

@@ -256,3 +256,13 @@ def test_network_args_metadata_roundtrip():
     assert json.loads(json.dumps(parsed)) == {"conv_dim": "4", "conv_alpha": "2"}
     options = lora.parse_network_kwargs(parsed, 8, 4)
     assert (options.conv_dim, options.conv_alpha, options.dim, options.alpha) == (4, 2.0, 8, 4.0)
+
+
+def test_load_full_file_into_unet_only_network_explains(network, tmp_path):
+    path = tmp_path / "full.safetensors"
+    network.save_weights(str(path), None, None)
+    te, unet = tiny_models()
+    unet_only = lora.create_network(1.0, 4, 1, None, te, unet)
+    unet_only.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
+    with pytest.raises(UserError, match="drop --network_train_unet_only"):
+        unet_only.load_weights(str(path))

@@ -52,6 +52,10 @@ def _real_components(sd2: bool):
     return {"unet": unet, "vae": vae, "text_encoder": te}
 
 
+def _part(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def _components(kind: str, sd2: bool):
     return _real_components(sd2) if kind == "real" else build_tiny_components(TinyConfig(sd2=sd2))
 
@@ -69,14 +73,15 @@ def test_matches_diffusers_converter_and_infers_the_config(kind, sd2):
     unet_sd, vae_sd = parts["unet"].state_dict(), parts["vae"].state_dict()
     theirs = convert_ldm_unet_checkpoint(ldm, dict(parts["unet"].config))
     assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in unet_sd.items()}
-    theirs_vae = convert_ldm_vae_checkpoint({k: v for k, v in ldm.items() if k.startswith("first_stage_model.")}, dict(parts["vae"].config))
+    ldm_vae = {k: v for k, v in ldm.items() if k.startswith("first_stage_model.")}
+    theirs_vae = convert_ldm_vae_checkpoint(ldm_vae, dict(parts["vae"].config))
     assert {k: v.shape for k, v in theirs_vae.items()} == {k: v.shape for k, v in vae_sd.items()}
     if kind == "tiny":
         assert all(torch.equal(theirs[k], v) for k, v in unet_sd.items())
         assert all(torch.equal(theirs_vae[k], v) for k, v in vae_sd.items())
 
     # our own way back, and the configs read from shapes (real sizes follow the documented head rules)
-    ours = conv.unet_ldm_to_diffusers({k[len(conv.UNET_PREFIX):]: v for k, v in ldm.items() if k.startswith(conv.UNET_PREFIX)})
+    ours = conv.unet_ldm_to_diffusers(_part(ldm, conv.UNET_PREFIX))
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in unet_sd.items()}
     if kind == "real":
         unet_cfg = infer_unet_config(ours, family, {})
@@ -87,11 +92,11 @@ def test_matches_diffusers_converter_and_infers_the_config(kind, sd2):
             assert (list(value) if isinstance(value, (list, tuple)) else value) == (
                 list(expected[key]) if isinstance(expected[key], (list, tuple)) else expected[key]
             ), key
-        vae = conv.vae_ldm_to_diffusers({k[len(conv.VAE_PREFIX):]: v for k, v in ldm.items() if k.startswith(conv.VAE_PREFIX)})
+        vae = conv.vae_ldm_to_diffusers(_part(ldm, conv.VAE_PREFIX))
         vae_cfg = infer_vae_config(vae, family, {})
         assert list(vae_cfg["block_out_channels"]) == [128, 256, 512, 512] and vae_cfg["layers_per_block"] == 2
         prefix = conv.OPENCLIP_PREFIX if sd2 else conv.CLIP_PREFIX
-        te = {k[len(prefix):]: v for k, v in ldm.items() if k.startswith(prefix)}
+        te = _part(ldm, prefix)
         bare = conv.openclip_to_bare(te) if sd2 else conv.clip_ldm_to_bare(te)
         te_cfg = infer_text_config(bare, family, {})
         assert (te_cfg.num_hidden_layers, te_cfg.num_attention_heads) == ((23, 16) if sd2 else (12, 12))
@@ -117,3 +122,23 @@ def test_openclip_split_matches_diffusers_converter():
     assert all(torch.equal(theirs[k], v) for k, v in ours.items())
     # diffusers keeps the unused last OpenCLIP block as layer 2; we drop it (SD2 uses the penultimate layer)
     assert {k.split(".")[2] for k in set(theirs) - set(ours)} == {"2"}
+
+
+@pytest.mark.parametrize("sd2", [False, True])
+def test_our_single_files_read_with_diffusers_from_single_file(tmp_path, sd2, tiny_sd1_dir, tiny_sd2_dir):
+    import argparse
+
+    from diffusers import StableDiffusionPipeline
+
+    from library.models.loading import load_sd_models
+    from library.models.saving import save_sd_model
+    from tests.test_models_loading import assert_same_weights
+
+    folder = tiny_sd2_dir if sd2 else tiny_sd1_dir
+    models = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(folder), v2=sd2))
+    file = save_sd_model(tmp_path / "m.safetensors", models, fmt="safetensors")
+    pipe = StableDiffusionPipeline.from_single_file(str(file), config=str(folder), safety_checker=None,
+                                                    requires_safety_checker=False)
+    assert_same_weights(pipe.unet, models.unet)
+    assert_same_weights(pipe.vae, models.vae)
+    assert_same_weights(pipe.text_encoder, models.text_encoders[0])

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import pickle
-from pathlib import Path
+import hashlib
 
 import pytest
 import torch
@@ -62,8 +61,10 @@ def test_diffusers_folder_loads_the_saved_weights(sd2, tiny_sd1_dir, tiny_sd2_di
     assert sched.config.beta_schedule == "scaled_linear" and not sched.config.clip_sample
 
 
-def test_dtype_and_v_parameterization(tiny_sd2_dir):
-    models = load_sd_models(_args(tiny_sd2_dir, v2=True, v_parameterization=True), dtype=torch.bfloat16)
+def test_dtype_and_v_parameterization(tiny_sd2_dir, caplog):
+    with caplog.at_level("WARNING", logger="library.models.loading"):
+        models = load_sd_models(_args(tiny_sd2_dir, v2=True, v_parameterization=True), dtype=torch.bfloat16)
+    assert "prediction_type=epsilon but training uses v_prediction" in caplog.text
     assert models.unet.dtype == torch.bfloat16 and models.text_encoders[0].dtype == torch.bfloat16
     assert models.family.base_model_version == "sd_v2_v"
     assert models.family.modelspec_architecture == "stable-diffusion-v2-768-v"
@@ -77,7 +78,7 @@ def test_v2_flag_mismatch_is_an_error(tiny_sd1_dir, tiny_sd2_dir):
         load_sd_models(_args(tiny_sd1_dir, v2=True))
 
 
-def test_path_errors_before_loading(tmp_path):
+def test_path_errors_before_loading(tmp_path, tiny_sd1_dir):
     with pytest.raises(UserError, match="not found"):
         load_sd_models(_args(tmp_path / "missing.safetensors"))
     (tmp_path / "model.txt").write_text("x")
@@ -86,6 +87,12 @@ def test_path_errors_before_loading(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a diffusers model"):
         load_sd_models(_args(tmp_path / "empty"))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="broken.safetensors: cannot read"):
+        load_sd_models(_args(tmp_path / "broken.safetensors"))
+    (tmp_path / "broken.ckpt").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="broken.ckpt: cannot read"):
+        load_sd_models(_args(tmp_path / "broken.ckpt", tokenizer_cache_dir=str(tiny_sd1_dir)))
     with pytest.raises(UserError, match="required"):
         load_sd_models(argparse.Namespace(pretrained_model_name_or_path=None))
 
@@ -113,27 +120,25 @@ def _independent_sd1_ldm(parts) -> dict[str, torch.Tensor]:
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
              "mid_block.resnets.1": "middle_block.2"}
+    patterns = [
+        (r"down_blocks\.(\d)\.resnets\.0\.(.*)", lambda m: (f"input_blocks.{1 + 2 * int(m[1])}.0", m[2])),
+        (r"down_blocks\.(\d)\.attentions\.0\.(.*)", lambda m: (f"input_blocks.{1 + 2 * int(m[1])}.1", m[2])),
+        (r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.*)", lambda m: (f"input_blocks.{2 + 2 * int(m[1])}.0.op", m[2])),
+        (r"up_blocks\.(\d)\.resnets\.(\d)\.(.*)", lambda m: (f"output_blocks.{2 * int(m[1]) + int(m[2])}.0", m[3])),
+        (r"up_blocks\.(\d)\.attentions\.(\d)\.(.*)", lambda m: (f"output_blocks.{2 * int(m[1]) + int(m[2])}.1", m[3])),
+        (r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.*)",
+         lambda m: (f"output_blocks.{2 * int(m[1]) + 1}.{1 if m[1] == '0' else 2}.conv", m[2])),
+    ]
     for key, value in parts["unet"].state_dict().items():
-        new = None
-        for src, dst in fixed.items():
-            if key.startswith(src + "."):
-                new = dst + key[len(src):]
-        if m := re.match(r"down_blocks\.(\d)\.(resnets|attentions)\.0\.(.*)", key):
-            i, kind, rest = int(m[1]), m[2], m[3]
-            new = f"input_blocks.{1 + 2 * i}.{0 if kind == 'resnets' else 1}.{rest}"
-        elif m := re.match(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.*)", key):
-            new = f"input_blocks.{2 + 2 * int(m[1])}.0.op.{m[2]}"
-        elif m := re.match(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.*)", key):
-            new = f"output_blocks.{2 * int(m[1]) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
-        elif m := re.match(r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.*)", key):
-            i = int(m[1])
-            new = f"output_blocks.{2 * i + 1}.{1 if i == 0 else 2}.conv.{m[2]}"
-        if ".0." in new[:20] and new.split(".")[2] == "0" or new.startswith("middle_block.0") or new.startswith("middle_block.2"):
-            first, rest = new.split(".", 2)[:2], new.split(".", 2)[2]
+        module, rest = next(((dst, key[len(src) + 1:]) for src, dst in fixed.items() if key.startswith(src + ".")),
+                            (None, None))
+        for pattern, build in patterns:
+            if module is None and (m := re.fullmatch(pattern, key)):
+                module, rest = build(m)
+        if ".resnets." in key:
             name = rest.split(".")[0]
-            if name in _RESNET_TO_LDM:
-                new = ".".join(first) + "." + _RESNET_TO_LDM[name] + rest[len(name):]
-        out["model.diffusion_model." + new] = value
+            rest = _RESNET_TO_LDM.get(name, name) + rest[len(name):]
+        out[f"model.diffusion_model.{module}.{rest}"] = value
     vae_fixed = {"mid_block.resnets.0": "mid.block_1", "mid_block.resnets.1": "mid.block_2",
                  "mid_block.attentions.0": "mid.attn_1", "conv_norm_out": "norm_out"}
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -143,7 +148,8 @@ def _independent_sd1_ldm(parts) -> dict[str, torch.Tensor]:
             new = new.replace("." + src + ".", "." + dst + ".")
         new = re.sub(r"encoder\.down_blocks\.(\d)\.resnets\.(\d)", r"encoder.down.\1.block.\2", new)
         new = re.sub(r"encoder\.down_blocks\.(\d)\.downsamplers\.0", r"encoder.down.\1.downsample", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)", lambda m: f"decoder.up.{3 - int(m[1])}.block.{m[2]}", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)",
+                     lambda m: f"decoder.up.{3 - int(m[1])}.block.{m[2]}", new)
         new = re.sub(r"decoder\.up_blocks\.(\d)\.upsamplers\.0", lambda m: f"decoder.up.{3 - int(m[1])}.upsample", new)
         new = new.replace("conv_shortcut", "nin_shortcut")
         if ".attn_1." in new:
@@ -171,7 +177,10 @@ def test_independently_mapped_ldm_file_loads_with_identical_weights(tmp_path, ti
     assert_same_weights(models.text_encoders[0], parts["text_encoder"])
     assert models.unet.config.attention_head_dim == 8 and models.text_encoders[0].config.num_attention_heads == 4
     assert models.unet.config.use_linear_projection is False
-    assert models.model_hashes["sha256"] and models.source == str(file)
+    data = file.read_bytes()
+    assert models.source == str(file) and len(data) > 0x110000
+    assert models.model_hashes == {"sha256": hashlib.sha256(data).hexdigest(),
+                                   "legacy": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
     # outputs agree too (same heads, same groups), not only the weights
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -276,6 +285,9 @@ def test_vae_override_from_folder_and_files(tmp_path, tiny_sd1_dir, sd1_ldm):
     for vae in (tmp_path / "vae_folder", ldm_vae, full_ckpt, diffusers_file):
         models = load_sd_models(_args(tiny_sd1_dir, vae=str(vae)))
         assert_same_weights(models.vae, other)
+        assert models.vae_source == str(vae) and models.model_hashes == {}
+    assert models.vae_hashes["sha256"] == hashlib.sha256(diffusers_file.read_bytes()).hexdigest()
+    assert models.vae_hashes["legacy"] == hashlib.sha256(diffusers_file.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
     with pytest.raises(UserError, match="--vae .*not found"):
         load_sd_models(_args(tiny_sd1_dir, vae=str(tmp_path / "nope.safetensors")))
 
@@ -334,3 +346,34 @@ def test_hub_id_found_in_the_local_cache(tmp_path, monkeypatch, tiny_sd1_dir):
     (repo / "snapshots" / "rev1" / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         load_sd_models(_args("someone/tiny-sd"))
+
+
+def test_old_text_encoder_layout_and_extra_top_level_keys(sd1_ldm, tmp_path, tiny_sd1_dir):
+    models, tensors = sd1_ldm
+    new_prefix, old_prefix = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+    old = {k.replace(new_prefix, old_prefix): v for k, v in tensors.items()}
+    old["model_ema.decay"] = torch.tensor(0.999)
+    old["model_ema.diffusion_modelout2weight"] = torch.zeros(1)
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in old.items()}
+    loaded = load_sd_models(_args(_write(tmp_path, half), tokenizer_cache_dir=str(tiny_sd1_dir)))
+    assert loaded.unet.dtype == torch.float32
+    te = models.text_encoders[0].state_dict()
+    for k, v in loaded.text_encoders[0].state_dict().items():
+        assert torch.equal(v, te[k].half().float()), k
+
+
+def test_sd2_file_without_the_unused_openclip_block(tmp_path, tiny_sd2_dir):
+    """Converters that drop the unused last block also drop text_projection; then every block is kept."""
+    from library.models.saving import ldm_state_dict
+
+    models = load_sd_models(_args(tiny_sd2_dir, v2=True))
+    tensors = ldm_state_dict(models)
+    tokenizers = str(tiny_sd2_dir)
+    full_file = _write(tmp_path, tensors, "full.safetensors")
+    unused = tuple(f"cond_stage_model.model.{k}" for k in ("transformer.resblocks.2.", "text_projection", "logit_"))
+    short_file = _write(tmp_path, {k: v for k, v in tensors.items() if not k.startswith(unused)}, "short.safetensors")
+    full = load_sd_models(_args(full_file, v2=True, tokenizer_cache_dir=tokenizers))
+    short = load_sd_models(_args(short_file, v2=True, tokenizer_cache_dir=tokenizers))
+    for loaded in (full, short):
+        assert loaded.text_encoders[0].config.num_hidden_layers == 2
+        assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])

@@ -35,7 +35,9 @@ def test_load_save_load_is_bit_exact(loaded, tmp_path, sd2, fmt, tiny_sd1_dir, t
     models = loaded[sd2]
     out = save_sd_model(tmp_path / FORMATS[fmt], models, fmt=fmt)
     tokenizers = str(tiny_sd2_dir if sd2 else tiny_sd1_dir)
-    again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out), v2=sd2, tokenizer_cache_dir=tokenizers))
+    again = load_sd_models(
+        argparse.Namespace(pretrained_model_name_or_path=str(out), v2=sd2, tokenizer_cache_dir=tokenizers)
+    )
     assert_same_models(models, again)
     assert again.text_encoders[0].config.num_attention_heads == models.text_encoders[0].config.num_attention_heads
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary leftovers
@@ -72,7 +74,9 @@ def test_save_precision(loaded, tmp_path, fmt, tiny_sd1_dir):
     file = out if fmt == "safetensors" else out / "unet" / "diffusion_pytorch_model.safetensors"
     with safe_open(str(file), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out), tokenizer_cache_dir=str(tiny_sd1_dir)))
+    again = load_sd_models(
+        argparse.Namespace(pretrained_model_name_or_path=str(out), tokenizer_cache_dir=str(tiny_sd1_dir))
+    )
     for k, v in models.unet.state_dict().items():
         assert torch.equal(again.unet.state_dict()[k], v.half().float()), k
     assert save_dtype("bf16") == torch.bfloat16 and save_dtype("float") == torch.float32 and save_dtype(None) is None
@@ -103,7 +107,7 @@ def test_trained_unet_is_saved_and_existing_output_is_replaced_atomically(loaded
     trained = copy.deepcopy(models.unet)
     with torch.no_grad():
         trained.conv_in.weight.add_(1.0)
-    save_sd_model(out, models, fmt="diffusers", unet=trained)
+    save_sd_model(out, models, fmt="diffusers", unet=torch.compile(trained))  # compiled modules are unwrapped
     again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out)))
     assert_same_weights(again.unet, trained)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
@@ -114,3 +118,26 @@ def test_bad_format_and_suffix(loaded, tmp_path):
         save_sd_model(tmp_path / "m.pt", loaded[False], fmt="pt")
     with pytest.raises(ValueError, match="must end with .ckpt"):
         save_sd_model(tmp_path / "m.safetensors", loaded[False], fmt="ckpt")
+
+
+def test_argument_groups():
+    import argparse
+
+    from library.models.arguments import add_model_arguments, add_save_model_arguments
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_save_model_arguments(parser, choices=("ckpt", "pt", "safetensors"), default="safetensors")
+    args = parser.parse_args(
+        ["--pretrained_model_name_or_path", "m", "--v2", "--max_token_length", "225", "--clip_skip", "2"]
+    )
+    assert (args.v2, args.v_parameterization, args.max_token_length, args.clip_skip) == (True, False, 225, 2)
+    assert args.save_model_as == "safetensors" and args.save_precision is None
+    bad_args = (["--max_token_length", "100"], ["--clip_skip", "0"], ["--save_model_as", "diffusers"],
+                ["--save_precision", "fp8"])
+    for bad in bad_args:
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    full = argparse.ArgumentParser()
+    add_save_model_arguments(full)
+    assert full.parse_args(["--save_model_as", "diffusers_safetensors"]).save_model_as == "diffusers_safetensors"

@@ -45,13 +45,27 @@ def test_unet_only_run_writes_named_files_with_metadata(tiny_sd1_dir, data, tmp_
 def test_text_encoder_and_locon_with_old_style_folders(tiny_sd1_dir, tmp_path):
     data = dreambooth_dir(tmp_path / "train", count=2, repeats=2)
     final = run_main(train_args(tiny_sd1_dir, tmp_path / "out", data=data, steps=2,
-                                extra=["--network_args", "conv_dim=2", "conv_alpha=1", "--no_metadata"]))
+                                extra=["--network_args", "conv_dim=2", "conv_alpha=1", "--no_metadata",
+                                       "--gradient_checkpointing", "--gradient_accumulation_steps", "2",
+                                       "--clip_skip", "2", "--max_token_length", "150", "--weighted_captions",
+                                       "--max_train_epochs", "1", "--mixed_precision", "bf16"]))
     tensors, meta = load_lora(final)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in tensors)
     assert any("resnets" in k and k.endswith("lora_down.weight") and tensors[k].dim() == 4
                and tensors[k].shape[-1] == 3 for k in tensors)
     assert "ss_datasets" not in meta and meta["ss_network_module"] == "networks.lora"
-    assert "ss_train_data_dir" not in meta
+    assert "ss_steps" not in meta and meta["modelspec.encoder_layer"] == "2"
+    # max_train_epochs wins: 2 images x 2 repeats, batch 2, accumulation 2 -> 1 step per epoch
+    assert all(v.dtype == torch.float32 for v in tensors.values())
+    up = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert any(float(v.abs().max()) > 0 for v in up)  # trained through checkpointing and accumulation
+
+
+def test_debug_dataset_shows_batches_and_trains_nothing(tiny_sd1_dir, data, tmp_path, capsys):
+    assert run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, extra=["--debug_dataset"])) is None
+    shown = capsys.readouterr().out
+    assert "caption: 'sks, a photo 0'" in shown or "caption: 'sks, a photo 1'" in shown
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_file_and_refusal_to_overwrite(tiny_sd1_dir, data, tmp_path):

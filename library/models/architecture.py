@@ -8,7 +8,7 @@ metadata that our saver writes, or else from these rules:
   ``width // 8`` where the width is not a multiple of 64 (tiny models).
 - Text encoder heads: ``width // 64`` (12 for SD1's 768, 16 for SD2's 1024), or ``width // 8`` where the
   width is not a multiple of 64.
-- GroupNorm: 32 groups. SD2 768-v models use ``upcast_attention`` as stabilityai/stable-diffusion-2.
+- GroupNorm: 32 groups. SD2 768-v models use ``upcast_attention`` (as SD 2.1-v; no effect on weights).
 """
 
 from __future__ import annotations

@@ -207,7 +207,9 @@ def _is_vae_attention_projection(key: str) -> bool:
 
 def vae_ldm_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = _apply(tensors, _vae_pairs(_vae_structure(set(tensors), ldm=True)), False, "VAE")
-    return {k: (v.reshape(v.shape[:2]) if _is_vae_attention_projection(k) and v.ndim == 4 else v) for k, v in out.items()}
+    return {
+        k: (v.reshape(v.shape[:2]) if _is_vae_attention_projection(k) and v.ndim == 4 else v) for k, v in out.items()
+    }
 
 
 def vae_diffusers_to_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -244,13 +246,15 @@ def clip_bare_to_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def openclip_to_bare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD2 OpenCLIP text encoder -> transformers CLIP keys.
 
-    SD2 uses the penultimate layer, so the last residual block, ``text_projection`` and ``logit_scale``
-    are not part of the converted model and are dropped (as every SD2 converter does).
+    SD2 uses the penultimate layer, so in a complete OpenCLIP model (one with ``text_projection``) the
+    last residual block, ``text_projection`` and ``logit_scale`` are not part of the converted model and
+    are dropped. Files written by converters that already removed them (no ``text_projection``, e.g.
+    diffusers' script, 23 blocks for SD2) keep all their blocks.
     """
     layers = _indices(tensors, r"transformer\.resblocks\.(\d+)\.")
     if not layers:
         raise UserError("text encoder: no OpenCLIP residual blocks found (cond_stage_model.model.transformer.*)")
-    last = layers[-1]
+    last = layers[-1] if "text_projection" in tensors else layers[-1] + 1
     pairs = [
         _Pair("ln_final", "final_layer_norm"),
         _Pair("token_embedding", "embeddings.token_embedding"),
@@ -280,7 +284,8 @@ def bare_to_openclip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     n = len(_indices(tensors, r"encoder\.layers\.(\d+)\."))
     pairs = [_Pair("ln_final", "final_layer_norm"), _Pair("token_embedding", "embeddings.token_embedding")]
     pairs += [_Pair(f"transformer.resblocks.{i}", f"encoder.layers.{i}", _OPENCLIP_LAYER) for i in range(n)]
-    qkv = {k: tensors.pop(k) for k in [k for k in tensors if ".self_attn." in k and k.split(".")[-2] in ("q_proj", "k_proj", "v_proj")]}
+    qkv_keys = [k for k in tensors if ".self_attn." in k and k.split(".")[-2] in ("q_proj", "k_proj", "v_proj")]
+    qkv = {k: tensors.pop(k) for k in qkv_keys}
     position = tensors.pop("embeddings.position_embedding.weight")
     out = _apply(tensors, pairs, True, "text encoder")
     out["positional_embedding"] = position

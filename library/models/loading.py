@@ -55,7 +55,8 @@ class SDModels:
     text_encoders: list
     tokenizers: list
     source: str
-    _hashes: dict[str, str] | None = field(default=None, repr=False)
+    vae_source: str | None = None
+    _hashes: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
 
     def noise_scheduler(self):
         """A fresh ``DDPMScheduler`` with the SD training schedule and this family's prediction type."""
@@ -74,9 +75,18 @@ class SDModels:
     def model_hashes(self) -> dict[str, str]:
         """``legacy`` (sd-scripts ``ss_sd_model_hash``) and ``sha256`` (``ss_new_sd_model_hash``) of the
         source file; empty for folders. Computed on first use (reading a large file takes seconds)."""
-        if self._hashes is None:
-            self._hashes = file_hashes(Path(self.source)) if Path(self.source).is_file() else {}
-        return self._hashes
+        return self._file_hashes(self.source)
+
+    @property
+    def vae_hashes(self) -> dict[str, str]:
+        """The same hashes for a ``--vae`` file (sd-scripts ``ss_vae_hash`` / ``ss_new_vae_hash``); empty
+        without ``--vae`` or for a folder."""
+        return self._file_hashes(self.vae_source) if self.vae_source else {}
+
+    def _file_hashes(self, source: str) -> dict[str, str]:
+        if source not in self._hashes:
+            self._hashes[source] = file_hashes(Path(source)) if Path(source).is_file() else {}
+        return self._hashes[source]
 
 
 def file_hashes(path: Path) -> dict[str, str]:
@@ -101,7 +111,9 @@ def resolve_model_path(name: str | None) -> Path:
     and ``HF_HUB_OFFLINE`` is not set.
     """
     if not name:
-        raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, a .safetensors/.ckpt file or a Hub id")
+        raise UserError(
+            "--pretrained_model_name_or_path is required: a diffusers folder, a .safetensors/.ckpt file or a Hub id"
+        )
     path = Path(name).expanduser()
     if not path.exists():
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
@@ -115,7 +127,9 @@ def resolve_model_path(name: str | None) -> Path:
             )
         return path
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        raise UserError(f"{path}: unsupported model file type '{path.suffix}'. Use .safetensors (recommended), .ckpt or .pt.")
+        raise UserError(
+            f"{path}: unsupported model file type '{path.suffix}'. Use .safetensors (recommended), .ckpt or .pt."
+        )
     return path
 
 
@@ -125,7 +139,11 @@ def _hub_offline() -> bool:
 
 _HUB_FILES = ["model_index.json", "*/*.json", "tokenizer/*.txt"]
 _HUB_WEIGHTS = {
-    ".safetensors": ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"],
+    ".safetensors": [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ],
     ".bin": ["unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin"],
 }
 
@@ -147,7 +165,8 @@ def _hub_snapshot(repo_id: str) -> Path:
     except Exception as cached_err:  # noqa: BLE001 - any failure means "not usable from the cache"
         reason = f"no such local file or folder, and not in the local Hugging Face cache ({type(cached_err).__name__})"
     how = (
-        f"Download it on a machine with internet (e.g. `hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`), "
+        "Download it on a machine with internet (e.g. "
+        f"`hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`), "
         "copy the folder here and pass that folder to --pretrained_model_name_or_path, or give a .safetensors file."
     )
     if _hub_offline():
@@ -230,12 +249,15 @@ def _build_vae(config: dict, sd: dict[str, torch.Tensor], what: str, dtype, devi
 def _build_text_encoder(config, sd: dict[str, torch.Tensor], what: str, dtype, device):
     from transformers import CLIPTextModel
 
-    return build_with_weights(lambda: CLIPTextModel(config), sd, what, dtype=dtype, device=device, adapt=_adapt_text_keys)
+    return build_with_weights(
+        lambda: CLIPTextModel(config), sd, what, dtype=dtype, device=device, adapt=_adapt_text_keys
+    )
 
 
 def _load_vae_folder(folder: Path, dtype, device):
     config = _read_json(folder / "config.json")
-    return _build_vae(config, read_weight_files(find_weights_file(folder, _DIFFUSERS_WEIGHTS)), f"{folder}", dtype, device)
+    weights = read_weight_files(find_weights_file(folder, _DIFFUSERS_WEIGHTS))
+    return _build_vae(config, weights, str(folder), dtype, device)
 
 
 def _folder_is_v2(folder: Path) -> bool:
@@ -383,4 +405,5 @@ def load_sd_models(args, *, device: str | torch.device = "cpu", dtype: torch.dty
         text_encoders=[text_encoder],
         tokenizers=[tokenizer],
         source=str(source),
+        vae_source=str(Path(vae_name).expanduser()) if vae_name else None,
     )

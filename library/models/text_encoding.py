@@ -47,7 +47,9 @@ class TextEncoding:
         self.eos = tokenizer.eos_token_id
         self.pad = 0 if v2 else tokenizer.pad_token_id
         if tokenizer.model_max_length != WINDOW:
-            raise ValueError(f"expected a CLIP tokenizer with model_max_length {WINDOW}, got {tokenizer.model_max_length}")
+            raise ValueError(
+                f"expected a CLIP tokenizer with model_max_length {WINDOW}, got {tokenizer.model_max_length}"
+            )
 
     # ------------------------------------------------------------------ tokenizing
 

@@ -45,7 +45,8 @@ def tokenizer_candidates(family: ModelFamily, model_dir: Path | None, cache_dir:
 
 def _is_clip_vocabulary(tokenizer) -> bool:
     """transformers 5 returns an empty 2-token tokenizer instead of failing when the files are missing."""
-    return len(tokenizer) >= CLIP_VOCAB_SIZE and tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return len(tokenizer) >= CLIP_VOCAB_SIZE and tokenizer.eos_token_id == eos
 
 
 def _finish(tokenizer, family: ModelFamily):
@@ -87,7 +88,8 @@ def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, 
         where = "".join(f"\n  - {p}" for p in tried)
         hub = f"{hub_id}" + (f" (subfolder {subfolder})" if subfolder else "")
         raise UserError(
-            f"no {family.name.upper()} tokenizer found offline. Looked in:{where}\n  - the Hugging Face cache for {hub}\n"
+            f"no {family.name.upper()} tokenizer found offline. Looked in:{where}\n"
+            f"  - the Hugging Face cache for {hub}\n"
             f"Fix: give --tokenizer_cache_dir DIR and copy a tokenizer folder (vocab.json + merges.txt or "
             f"tokenizer.json) to DIR/{hub_id.replace('/', '_')}, or use a diffusers model folder that has "
             f"tokenizer/, or download {hub} into the Hugging Face cache on a machine with internet."

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from library.errors import UserError
@@ -20,21 +20,17 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (empty when there is none)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    return header.get("__metadata__") or {}
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
 
 
 def safetensors_keys(path: Path) -> list[str]:
     """Tensor names of a safetensors file, from its header only (cheap, for early checks)."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read this .safetensors file's header ({err}); is it complete?") from err
-    return [k for k in header if k != "__metadata__"]
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -53,10 +49,18 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        text = str(err)
+        marker = "WeightsUnpickler error:"
+        detail = text.split(marker, 1)[1].strip().split("\n")[0] if marker in text else text.splitlines()[0]
+        if "global" not in detail.lower():
+            raise UserError(
+                f"{path}: cannot read this checkpoint: not a valid PyTorch file ({detail}); is it complete?"
+            ) from err
+        detail = detail.split(" was not an allowed global")[0]
         raise UserError(
-            f"{path}: refused to load this pickle file: it contains objects other than plain tensors, and "
-            "loading it would run code from the file. If you trust it, convert it to .safetensors with a tool "
-            f"you trust, or use a .safetensors download of the same model. (torch said: {str(err).splitlines()[0]})"
+            f"{path}: refused to load this pickle file: it contains objects other than plain tensors "
+            f"({detail}), and loading it would run code from the file. If you trust it, convert it to "
+            ".safetensors with a tool you trust, or use a .safetensors download of the same model."
         ) from err
     except (RuntimeError, OSError, EOFError) as err:
         raise UserError(f"{path}: cannot read this checkpoint ({err}); is it complete?") from err

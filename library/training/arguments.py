@@ -1,9 +1,11 @@
 """Command-line options of the training loop (outputs, steps, precision, saving/resume, caching, logging,
 validation) shared by train_network.py, train_db.py and fine_tune.py.
 
-The other areas add their own groups first (models, dataset, network, noise/loss, optimizer, scheduler,
-sampling); :func:`add_training_arguments` then adds the common training options that none of those groups
-defined, so an option lives in exactly one place whichever group owns it.
+The other areas add their own groups first (models: ``--clip_skip``, ``--max_token_length``, ``--lowram``;
+dataset: ``--max_data_loader_n_workers``; optimizer: ``--max_grad_norm``; network: ``--no_metadata``,
+``--scale_weight_norms`` ...). :func:`add_training_arguments` then adds the loop's options; the few that a
+script may already have from another group (``--save_precision``, ``--metadata_*``, ``--training_comment``)
+are added only when missing, so an option lives in exactly one place.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save_state", action="store_true", help="also save the resumable training state with each save")
     add("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     add("--resume", type=str, default=None, help="state folder to resume from")
-    add("--no_metadata", action="store_true", help="write only the minimal metadata into the LoRA file")
     add("--training_comment", type=str, default=None, help="free text stored as ss_training_comment")
     for key in ("title", "author", "description", "license", "tags"):
         add(f"--metadata_{key}", type=str, default=None, help=f"modelspec.{key} of the saved file")
@@ -54,8 +55,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     # length
     add("--max_train_steps", type=int, default=1600, help="number of optimizer steps")
     add("--max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
-    add("--max_data_loader_n_workers", type=int, default=8, help="data loader worker processes (max)")
-    add("--persistent_data_loader_workers", action="store_true", help="keep workers between epochs")
     add("--seed", type=int, default=None, help="random seed (default: a random one, recorded in metadata)")
 
     # precision and memory
@@ -65,8 +64,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--gradient_checkpointing", action="store_true", help="trade compute for memory")
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     add("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
-    add("--lowram", action="store_true", help="load models directly to the accelerator")
-    add("--highvram", action="store_true", help="accepted for compatibility (no effect)")
     add("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     add("--xformers", action="store_true", help="use xformers memory-efficient attention")
     add("--mem_eff_attn", action="store_true", help="memory-efficient attention (SDPA here)")
@@ -78,12 +75,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--cache_text_encoder_outputs_to_disk", action="store_true",
         help="also keep text encoder outputs on disk (keyed by caption and encoder)")
     add("--ddp_timeout", type=int, default=None, help="process-group timeout in minutes")
-    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
-    add("--scale_weight_norms", type=float, default=None, help="max-norm regularization of LoRA weights")
 
-    # text
-    add("--clip_skip", type=int, default=None, help="use the output of the N-th last text encoder layer")
-    add("--max_token_length", type=int, default=None, choices=(None, 150, 225), help="75, 150 or 225 tokens")
     add("--weighted_captions", action="store_true", help="A1111 (word:1.2) weights in captions")
 
     # logging

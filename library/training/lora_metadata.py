@@ -282,7 +282,7 @@ def lora_metadata_for_run(run: Any) -> dict[str, str]:
         num_epochs=run.num_epochs, max_train_steps=run.max_train_steps, seed=run.seed,
         optimizer=run.optimizer_name, base_model_version=family.base_model_version, v2=family.v2,
         model_name=models.source, model_hashes=models.model_hashes,
-        vae_name=getattr(args, "vae", None),
+        vae_name=models.vae_source, vae_hashes=models.vae_hashes if models.vae_source else {},
     )
     meta = build_lora_metadata(args, run.params, dataset_stats(group), facts,
                                num_processes=run.accelerator.num_processes)

@@ -68,7 +68,7 @@ def parse_network_args(items: list[str] | None, network_module: str = DEFAULT_NE
     if problems:
         raise UserError.from_problems("--network_args", problems)
     if network_module == DEFAULT_NETWORK_MODULE:
-        from networks.lora import parse_network_kwargs
+        from networks.lora_options import parse_network_kwargs
 
         parse_network_kwargs(result)
     return result

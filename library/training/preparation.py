@@ -18,6 +18,7 @@ import torch
 from library.config.dataset_config import resolve_dataset_params
 from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
+from library.models.loading import resolve_model_path
 from library.training.arguments import validate_training_args
 from library.training.logging_utils import tracker_settings
 from library.training.outputs import OutputNames, check_output_dir
@@ -54,6 +55,10 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     validate_scheduler_args(args)
     problems = recipe.option_problems(args)
     params = resolve_dataset_params(args, support)
+    try:
+        resolve_model_path(args.pretrained_model_name_or_path)
+    except UserError as err:
+        problems.append(err.message)
 
     cache_latents = args.cache_latents or args.cache_latents_to_disk
     if cache_latents:
@@ -98,6 +103,13 @@ def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # accelerate keeps its state process-wide; a second run in the same process (demo, tests, notebooks)
+        # may use other settings, which accelerate refuses unless the old state is dropped first
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     trackers, project_dir = tracker_settings(args, tracker_name)
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout else []
     return Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_dir=project_dir,
@@ -282,6 +294,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     if args.full_fp16 and accelerator.scaler is not None:
         allow_fp16_gradients(accelerator.scaler)
     optimizer = accelerator.prepare(optimizer)
+    if args.full_fp16 and accelerator.scaler is not None:
+        allow_fp16_gradients(accelerator.scaler)
 
     resumed = None
     if args.resume:
@@ -312,3 +326,14 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
         fused_backward=bool(getattr(args, "fused_backward_pass", False)),
     )
+
+
+def allow_fp16_gradients(scaler: Any) -> None:
+    """``--full_fp16`` trains fp16 weights, so the gradients are fp16 too; torch's GradScaler refuses to
+    unscale those unless told they are allowed."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer: Any, inv_scale: Any, found_inf: Any, allow_fp16: bool) -> Any:
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16
