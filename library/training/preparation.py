@@ -172,17 +172,6 @@ def make_vae_encoder(vae: torch.nn.Module, device: torch.device, dtype: torch.dt
     return encode
 
 
-def allow_fp16_gradients(scaler: Any) -> None:
-    """``--full_fp16``: the trained weights and so their gradients are fp16, which torch's ``GradScaler``
-    refuses to unscale; let it (the loss scale is a power of two, so unscaling is exact)."""
-    unscale = scaler._unscale_grads_
-
-    def unscale_fp16_too(optimizer: Any, inv_scale: torch.Tensor, found_inf: torch.Tensor, allow_fp16: bool) -> Any:
-        return unscale(optimizer, inv_scale, found_inf, True)
-
-    scaler._unscale_grads_ = unscale_fp16_too
-
-
 def describe_time(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
@@ -291,8 +280,6 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                                     adafactor_relative_step=uses_relative_step(optimizer))
     if args.full_fp16 or args.full_bf16:
         recipe.cast_trained(torch.float16 if args.full_fp16 else torch.bfloat16)
-    if args.full_fp16 and accelerator.scaler is not None:
-        allow_fp16_gradients(accelerator.scaler)
     optimizer = accelerator.prepare(optimizer)
     if args.full_fp16 and accelerator.scaler is not None:
         allow_fp16_gradients(accelerator.scaler)
