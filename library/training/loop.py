@@ -368,7 +368,7 @@ def _save_weights(run: Run, path: Path, progress: Progress) -> None:
     if acc.is_main_process:
         with _side_work(run):
             meta = per_save_metadata(run.metadata, global_step=progress.global_step, epoch=progress.epoch,
-                                     minimal=bool(run.args.no_metadata)) if run.metadata else {}
+                                     minimal=bool(getattr(run.args, "no_metadata", False))) if run.metadata else {}
             run.recipe.save(path, SaveInfo(progress.global_step, progress.epoch, meta), run.args)
     acc.wait_for_everyone()
 
