@@ -94,17 +94,7 @@ def test_train_text_encoder_with_its_own_rate(tiny_sd1_dir, data, tmp_path):
     assert not same(part(base, TE), part(ldm_weights(trained), TE))
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a run with another --mixed_precision needs it cleared."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-def test_full_bf16_and_save_precision_with_sigma_rel_ema(tiny_sd1_dir, data, tmp_path, fresh_accelerate_state):
+def test_full_bf16_and_save_precision_with_sigma_rel_ema(tiny_sd1_dir, data, tmp_path):
     """--full_bf16 trains bf16 weights (saved as bf16 by default, fp16 with --save_precision); the
     power-function EMA (--ema_sigma_rel, kept on the CPU) is saved beside, differs from the raw weights, and
     is pruned with them (--save_last_n_steps)."""
@@ -120,9 +110,6 @@ def test_full_bf16_and_save_precision_with_sigma_rel_ema(tiny_sd1_dir, data, tmp
     assert not same(part(ema, UNET), part(weights, UNET))
     assert same(part(ema, TE), part(weights, TE))
 
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
     fp16 = run_ft(ft_args(tiny_sd1_dir, tmp_path / "b", data, steps=1, extra=[
         "--save_model_as", "ckpt", "--save_precision", "fp16"]))
     assert {v.dtype for v in ldm_weights(fp16).values() if v.is_floating_point()} == {torch.float16}
