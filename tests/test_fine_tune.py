@@ -129,9 +129,10 @@ PREPARE = ROOT / "finetune" / "prepare_buckets_latents.py"
 
 
 @pytest.mark.skipif(not PREPARE.is_file(), reason="finetune/prepare_buckets_latents.py is not in this branch")
-def test_latents_from_prepare_buckets_latents_are_used_as_they_are(tiny_sd1_dir, data, tmp_path):
+def test_latents_from_prepare_buckets_latents_are_used_as_they_are(tiny_sd1_dir, data, tmp_path, capsys):
     """The .npz files written by prepare_buckets_latents.py are valid cache entries for fine_tune.py: training
-    with --cache_latents_to_disk encodes nothing and leaves them untouched."""
+    from its metadata (which turns --cache_latents_to_disk on, as sd-scripts reads them without the option)
+    encodes nothing and leaves them untouched."""
     images = tmp_path / "images"
     make_images(images, count=2, size=(64, 96))
     meta = tmp_path / "meta.json"
@@ -147,9 +148,9 @@ def test_latents_from_prepare_buckets_latents_are_used_as_they_are(tiny_sd1_dir,
 
     data_lat = {"meta": tmp_path / "meta_lat.json", "images": images}
     final = run_ft(ft_args(tiny_sd1_dir, tmp_path / "out", data_lat, steps=1, extra=[
-        "--cache_latents_to_disk", "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128",
-        "--save_model_as", "safetensors"]))
+        "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--save_model_as", "safetensors"]))
     assert final.is_file()
+    assert "its latents are used, as with --cache_latents_to_disk" in capsys.readouterr().out
     assert sorted(images.glob("*.npz")) == npz
     assert {p: p.stat().st_mtime_ns for p in npz} == stamps
 

@@ -336,6 +336,23 @@ def full_model_metadata(run: Any) -> dict[str, str]:
     return meta
 
 
+def uses_prepared_latents(args: argparse.Namespace) -> bool:
+    """An ``--in_json`` written by prepare_buckets_latents.py (entries with ``train_resolution``) and no latent
+    caching option: sd-scripts' fine_tune.py then reads the prepared ``.npz`` files, which needs
+    ``--cache_latents_to_disk`` here (unless an augmentation changes the images every step)."""
+    import json
+
+    if not getattr(args, "in_json", None) or args.dataset_config or args.cache_latents or args.cache_latents_to_disk:
+        return False
+    if args.color_aug or args.random_crop or args.face_crop_aug_range:
+        return False
+    try:
+        entries = json.loads(Path(args.in_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the dataset layer reports unreadable metadata
+    return isinstance(entries, dict) and any(isinstance(e, dict) and "train_resolution" in e for e in entries.values())
+
+
 def build_full_parser(prog: str, description: str, support: Any, style: str) -> argparse.ArgumentParser:
     """The parser of train_db.py / fine_tune.py: the groups of train_network.py without the network options,
     plus the full-weight group."""
@@ -373,5 +390,9 @@ def run_full_training(parser: argparse.ArgumentParser, argv: list[str] | None, s
         return None
     if getattr(args, "diffusers_xformers", False):
         args.xformers = True
+    if style == FINE_TUNING and uses_prepared_latents(args):
+        args.cache_latents_to_disk = True
+        print(f"{args.in_json} comes from prepare_buckets_latents.py (it has train_resolution): its latents are "
+              "used, as with --cache_latents_to_disk", flush=True)
     return run_training(args, FullWeightRecipe(args, style), support, tracker_name=tracker_name,
                         metadata=full_model_metadata)
