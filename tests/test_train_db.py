@@ -189,6 +189,10 @@ def test_no_token_padding_keeps_the_longest_caption_positions(tiny_sd1_dir):
         short = LongestCaptionText(padded)(captions, torch.device("cpu"))
     assert full.shape[1] == 77 and short.shape[1] == 5 + 2
     assert torch.equal(short, full[:, :7])
+    weighted = TextConditioner(encoding, weighted=True, cache=False)
+    with torch.no_grad():
+        short = LongestCaptionText(weighted)(["a (photo:1.2) of sks dog", "dog"], torch.device("cpu"))
+    assert short.shape[1] == 7
 
 
 def test_two_processes_stop_the_text_encoder_everywhere(tiny_sd1_dir, data, tmp_path):

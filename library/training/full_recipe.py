@@ -285,7 +285,7 @@ class LongestCaptionText:
     def __call__(self, captions: list[str], device: torch.device) -> torch.Tensor:
         context = self.text(captions, device)
         encoding = self.text.encoding
-        ids = encoding.tokenize(captions)[:, 0]
+        ids = (encoding.tokenize_weighted(captions)[0] if self.text.weighted else encoding.tokenize(captions))[:, 0]
         length = max(int((row == encoding.eos).nonzero()[0]) + 1 for row in ids)
         return context[:, :length]
 
