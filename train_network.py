@@ -17,7 +17,11 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from library.config.arguments import SUPPORT_TRAIN_NETWORK, add_config_file_arguments, add_dataset_arguments  # noqa: E402
+from library.config.arguments import (  # noqa: E402
+    SUPPORT_TRAIN_NETWORK,
+    add_config_file_arguments,
+    add_dataset_arguments,
+)
 from library.errors import run_cli
 from library.models.arguments import add_model_arguments
 from library.training.arguments import add_training_arguments

@@ -15,8 +15,8 @@ def test_two_processes_train_save_and_resume(tiny_sd1_dir, tmp_path):
     first = run_script(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=4, extra=extra), processes=2)
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "a"
-    assert sorted(p.name for p in out.iterdir()) == ["lora-step00000002-state", "lora-step00000002.safetensors",
-                                                     "lora.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["lora-state", "lora-step00000002-state",
+                                                     "lora-step00000002.safetensors", "lora.safetensors"]
     state = out / "lora-step00000002-state"
     assert (state / "rng_0.pt").is_file() and (state / "rng_1.pt").is_file()
     # 4 images, 2 processes, batch 1 -> 2 batches per process per epoch: 2 epochs

@@ -10,6 +10,21 @@ import torch
 from tests.train_helpers import dataset_toml, dreambooth_dir, load_lora, make_images, run_main, train_args
 
 
+# the ss_* keys sd-scripts' train_network.py writes in every file (sd-scripts.md section 3.4)
+REFERENCE_KEYS = set("""ss_session_id ss_training_started_at ss_output_name ss_learning_rate ss_text_encoder_lr
+ss_unet_lr ss_num_train_images ss_num_validation_images ss_num_reg_images ss_num_batches_per_epoch ss_num_epochs
+ss_gradient_checkpointing ss_gradient_accumulation_steps ss_max_train_steps ss_lr_warmup_steps ss_lr_scheduler
+ss_network_module ss_network_dim ss_network_alpha ss_network_dropout ss_mixed_precision ss_full_fp16 ss_v2
+ss_base_model_version ss_clip_skip ss_max_token_length ss_cache_latents ss_seed ss_lowram ss_noise_offset
+ss_multires_noise_iterations ss_multires_noise_discount ss_adaptive_noise_scale ss_zero_terminal_snr
+ss_training_comment ss_sd_scripts_commit_hash ss_optimizer ss_max_grad_norm ss_caption_dropout_rate
+ss_caption_dropout_every_n_epochs ss_caption_tag_dropout_rate ss_face_crop_aug_range ss_prior_loss_weight
+ss_min_snr_gamma ss_scale_weight_norms ss_ip_noise_gamma ss_debiased_estimation ss_noise_offset_random_strength
+ss_ip_noise_gamma_random_strength ss_loss_type ss_huber_schedule ss_huber_scale ss_huber_c ss_fp8_base
+ss_fp8_base_unet ss_validation_seed ss_validation_split ss_max_validation_steps ss_validate_every_n_epochs
+ss_validate_every_n_steps ss_resize_interpolation ss_network_args ss_sd_model_name""".split())
+
+
 @pytest.fixture
 def data(tmp_path):
     return dataset_toml(tmp_path / "data.toml", make_images(tmp_path / "images", count=2))
@@ -18,7 +33,7 @@ def data(tmp_path):
 def test_unet_only_run_writes_named_files_with_metadata(tiny_sd1_dir, data, tmp_path):
     out = tmp_path / "out"
     final = run_main(train_args(tiny_sd1_dir, out, config=data, steps=4, name="mylora",
-                                extra=["--network_train_unet_only", "--save_every_n_steps", "2",
+                                extra=["--network_train_unet_only", "--save_every_n_steps", "2", "--scale_weight_norms", "1",
                                        "--save_every_n_epochs", "1", "--training_comment", "hello"]))
     assert final == out / "mylora.safetensors"
     names = sorted(p.name for p in out.iterdir() if p.is_file())
@@ -28,11 +43,12 @@ def test_unet_only_run_writes_named_files_with_metadata(tiny_sd1_dir, data, tmp_
     tensors, meta = load_lora(final)
     assert tensors and all(k.startswith("lora_unet_") for k in tensors)
     assert any(k.endswith(".alpha") for k in tensors)
-    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_learning_rate", "ss_num_epochs",
-                "ss_max_train_steps", "ss_seed", "ss_optimizer", "ss_datasets", "ss_tag_frequency", "ss_steps",
-                "ss_epoch", "ss_base_model_version", "ss_v2", "sshs_model_hash", "sshs_legacy_hash",
-                "modelspec.architecture", "modelspec.title"):
+    assert not REFERENCE_KEYS - set(meta)
+    for key in ("ss_datasets", "ss_tag_frequency", "ss_dataset_dirs", "ss_steps", "ss_epoch",
+                "ss_training_finished_at", "sshs_model_hash", "sshs_legacy_hash", "modelspec.architecture",
+                "modelspec.title", "modelspec.date"):
         assert key in meta, key
+    assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW") and meta["ss_scale_weight_norms"] == "1.0"
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4" and meta["ss_training_comment"] == "hello"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     datasets = json.loads(meta["ss_datasets"])
@@ -45,7 +61,7 @@ def test_unet_only_run_writes_named_files_with_metadata(tiny_sd1_dir, data, tmp_
 def test_text_encoder_and_locon_with_old_style_folders(tiny_sd1_dir, tmp_path):
     data = dreambooth_dir(tmp_path / "train", count=2, repeats=2)
     final = run_main(train_args(tiny_sd1_dir, tmp_path / "out", data=data, steps=2,
-                                extra=["--network_args", "conv_dim=2", "conv_alpha=1", "--no_metadata",
+                                extra=["--network_args", "conv_dim=2", "conv_alpha=1",
                                        "--gradient_checkpointing", "--gradient_accumulation_steps", "2",
                                        "--clip_skip", "2", "--max_token_length", "150", "--weighted_captions",
                                        "--max_train_epochs", "1", "--mixed_precision", "bf16"]))
@@ -53,8 +69,11 @@ def test_text_encoder_and_locon_with_old_style_folders(tiny_sd1_dir, tmp_path):
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in tensors)
     assert any("resnets" in k and k.endswith("lora_down.weight") and tensors[k].dim() == 4
                and tensors[k].shape[-1] == 3 for k in tensors)
-    assert "ss_datasets" not in meta and meta["ss_network_module"] == "networks.lora"
-    assert "ss_steps" not in meta and meta["modelspec.encoder_layer"] == "2"
+    assert not REFERENCE_KEYS - set(meta) and "ss_datasets" not in meta  # old-style dataset options
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_sks thing": {"n_repeats": 2, "img_count": 2}}
+    assert meta["ss_batch_size_per_device"] == "2" and meta["ss_total_batch_size"] == "4"
+    assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.encoder_layer"] == "2"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     # max_train_epochs wins: 2 images x 2 repeats, batch 2, accumulation 2 -> 1 step per epoch
     assert all(v.dtype == torch.float32 for v in tensors.values())
     up = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
@@ -83,8 +102,12 @@ def test_config_file_and_refusal_to_overwrite(tiny_sd1_dir, data, tmp_path):
     with pytest.raises(UserError, match="already has files"):
         run_main(["--config_file", str(cfg)])
     assert final.read_bytes() == before
-    run_main(["--config_file", str(cfg), "--overwrite", "--seed", "4"])
+    run_main(["--config_file", str(cfg), "--overwrite", "--seed", "4", "--no_metadata"])
     assert final.read_bytes() != before
+    meta = load_lora(final)[1]
+    assert {k for k in meta if k.startswith("ss_")} == {"ss_v2", "ss_base_model_version", "ss_network_module",
+                                                          "ss_network_dim", "ss_network_alpha", "ss_network_args"}
+    assert "modelspec.architecture" in meta
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -190,3 +213,28 @@ def test_sigterm_saves_a_resumable_state(tiny_sd1_dir, data, tmp_path):
     assert len(states) == 1
     info = verify_state(states[0])
     assert info["global_step"] >= 1 and not list(out.glob(".*partial"))
+
+
+def test_continue_from_network_weights_and_merge_base_weights(tiny_sd1_dir, data, tmp_path):
+    first = run_main(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=2, extra=["--network_dim", "2"]))
+    start, _ = load_lora(first)
+    second = run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=1,
+                                 extra=["--network_weights", str(first), "--dim_from_weights",
+                                        "--base_weights", str(first), "--learning_rate", "1e-9",
+                                        "--max_grad_norm", "0"]))
+    tensors, meta = load_lora(second)
+    assert tensors.keys() == start.keys() and tensors[next(iter(tensors))].shape == start[next(iter(start))].shape
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    torch.testing.assert_close(tensors[key], start[key], rtol=1e-4, atol=1e-6)  # started from the file
+
+
+def test_epoch_ratio_and_pruning_of_old_saves(tiny_sd1_dir, data, tmp_path):
+    out = tmp_path / "out"
+    run_main(train_args(tiny_sd1_dir, out, config=data, steps=5,
+                        extra=["--network_train_unet_only", "--save_n_epoch_ratio", "2", "--save_every_n_steps", "1",
+                               "--save_last_n_steps", "2", "--save_state", "--save_last_n_steps_state", "1"]))
+    # 5 epochs of 1 step: ratio 2 -> every 2 epochs; step files of the last 2 steps before the end; 1 step state
+    assert {p.name for p in out.iterdir()} == {
+        "lora-000002.safetensors", "lora-000002-state", "lora-000004.safetensors", "lora-000004-state",
+        "lora-state", "lora-step00000003.safetensors", "lora-step00000004-state", "lora-step00000004.safetensors",
+        "lora.safetensors"}

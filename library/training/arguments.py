@@ -39,6 +39,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow replacing files of an earlier run with the same output_name in output_dir")
     add("--save_every_n_epochs", type=int, default=None, help="save weights every N epochs")
     add("--save_every_n_steps", type=int, default=None, help="save weights every N steps")
+    add("--save_n_epoch_ratio", type=int, default=None,
+        help="save at least this many epoch files in all (sets the epoch interval from the epoch count)")
     add("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
     add("--save_last_n_steps", type=int, default=None, help="keep only step files of the last N steps")
     add("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
@@ -118,9 +120,15 @@ def validate_training_args(args: argparse.Namespace, *, cuda: bool) -> None:
         except ImportError:
             problems.append("--xformers was given but the xformers package is not installed: install it, or "
                             "drop the flag (PyTorch SDPA attention is used by default and is as fast)")
+    if args.log_with in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            problems.append(f"--log_with {args.log_with} needs the wandb package: pip install wandb (or log with "
+                            "tensorboard)")
     if args.log_with is not None and args.logging_dir is None and args.log_with != "wandb":
         problems.append(f"--log_with {args.log_with} needs --logging_dir (the folder for the logs)")
-    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_n_epoch_ratio", "save_last_n_epochs", "save_last_n_steps",
                  "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "vae_batch_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

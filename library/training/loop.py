@@ -57,7 +57,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     if accelerator.is_main_process:
         print(group.plan(num_processes=n, grad_accum=ga, epochs=num_epochs, steps=max_train_steps), flush=True)
     run = build_run(args, recipe, checked, accelerator, group, seed=seed, max_train_steps=max_train_steps,
-                    num_epochs=num_epochs, tracker_name=tracker_name)
+                    num_epochs=num_epochs)
     if metadata is not None:
         run.metadata = metadata(run)
     run.sample_prompts = checked.sample_prompts
@@ -213,6 +213,7 @@ def train(run: Run) -> Path:
                   f"{progress.batches_done} batches of the epoch done", flush=True)
     params = recipe.trainable_parameters()
     recorder = LossRecorder()
+    keep_snapshots = bool(args.save_state)  # states at any step (and on Ctrl-C) need the step's RNG streams
     snapshot = _snapshot(run, progress)
     recipe.train_mode(True)
     if progress.global_step == 0 and sampling_due(args, step=0):
@@ -221,7 +222,7 @@ def train(run: Run) -> Path:
     bar = tqdm(total=run.max_train_steps, initial=progress.global_step, disable=not acc.is_main_process,
                desc="steps", dynamic_ncols=True, smoothing=0.1)
     ga = args.gradient_accumulation_steps
-    group_loss = 0.0
+    group_loss = torch.zeros((), device=acc.device)
     try:
         with _sigterm_as_interrupt():
             while progress.epoch < run.num_epochs and progress.global_step < run.max_train_steps:
@@ -239,12 +240,12 @@ def train(run: Run) -> Path:
                     if run.fused_backward:  # the weights change during backward: check the loss before
                         _check_finite(_reduce_mean(run, loss.detach().float().item()), progress, args)
                     acc.backward(loss / group_len)
-                    group_loss += loss.detach().float().item() / group_len
+                    group_loss += loss.detach().float() / group_len
                     progress.batches_done += 1
                     if progress.batches_done - group_start < group_len:
                         continue
-                    step_loss = _reduce_mean(run, group_loss)
-                    group_loss = 0.0
+                    step_loss = _reduce_mean(run, group_loss)  # the one host sync of the step
+                    group_loss = torch.zeros((), device=acc.device)
                     _check_finite(step_loss, progress, args)
                     if not run.fused_backward:
                         _all_reduce_gradients(run, params)
@@ -255,7 +256,8 @@ def train(run: Run) -> Path:
                     run.optimizer.zero_grad(set_to_none=True)
                     progress.global_step += 1
                     extra = recipe.after_optimizer_step(args, acc.device)
-                    snapshot = _snapshot(run, progress)
+                    if keep_snapshots:
+                        snapshot = _snapshot(run, progress)
 
                     recorder.add(group_start // ga, step_loss)
                     logs = {"loss/current": step_loss, "loss/average": recorder.average, **_current_lrs(run), **extra}
@@ -266,9 +268,10 @@ def train(run: Run) -> Path:
                         acc.log(logs, step=progress.global_step)
                     if progress.global_step >= run.max_train_steps:
                         break
-                else:
+                else:  # the epoch ran to its end
                     _end_epoch(run, progress, recorder)
-                    snapshot = _snapshot(run, progress)
+                    if keep_snapshots:
+                        snapshot = _snapshot(run, progress)
     except KeyboardInterrupt:
         bar.close()
         if args.save_state and acc.num_processes == 1:
@@ -278,13 +281,14 @@ def train(run: Run) -> Path:
                   f"--resume {path}", flush=True)
         raise
     bar.close()
-    return _finish(run, progress, snapshot)
+    return _finish(run, progress, _snapshot(run, progress))
 
 
-def _reduce_mean(run: Run, value: float) -> float:
+def _reduce_mean(run: Run, value: torch.Tensor | float) -> float:
+    """The mean of ``value`` over processes, as a Python float."""
     if run.accelerator.num_processes == 1:
-        return value
-    tensor = torch.tensor([value], device=run.accelerator.device, dtype=torch.float64)
+        return float(value)
+    tensor = torch.as_tensor(value, device=run.accelerator.device, dtype=torch.float64).reshape(1)
     return float(run.accelerator.reduce(tensor, reduction="mean").item())
 
 
@@ -332,15 +336,17 @@ def _end_epoch(run: Run, progress: Progress, recorder: LossRecorder) -> None:
         return
     if sampling_due(args, step=progress.global_step, epoch=done):
         _sample(run, progress, epoch_label=done)
-    if args.save_every_n_epochs and done % args.save_every_n_epochs == 0:
+    every = args.save_every_n_epochs
+    if args.save_n_epoch_ratio:
+        every = max(1, run.num_epochs // args.save_n_epoch_ratio)
+    if every and done % every == 0:
         _save_weights(run, run.names.epoch(done), progress)
         if args.save_last_n_epochs:
-            _prune(run, "epoch", state=False, keep_after=done - args.save_every_n_epochs * args.save_last_n_epochs)
+            _prune(run, "epoch", state=False, keep_after=done - every * args.save_last_n_epochs)
         if args.save_state:
             _write_state(run, run.names.epoch_state(done), _snapshot(run, progress))
             if args.save_last_n_epochs_state:
-                _prune(run, "epoch", state=True,
-                       keep_after=done - args.save_every_n_epochs * args.save_last_n_epochs_state)
+                _prune(run, "epoch", state=True, keep_after=done - every * args.save_last_n_epochs_state)
 
 
 def _finish(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, Any]]) -> Path:
@@ -349,7 +355,7 @@ def _finish(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, An
         _sample(run, progress, epoch_label=progress.epoch if args.sample_every_n_epochs else None)
     path = run.names.final()
     _save_weights(run, path, progress)
-    if args.save_state_on_train_end:
+    if args.save_state or args.save_state_on_train_end:
         _write_state(run, run.names.final_state(), snapshot)
     if acc.is_main_process:
         print(f"saved {path}", flush=True)

@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -172,10 +171,6 @@ def make_vae_encoder(vae: torch.nn.Module, device: torch.device, dtype: torch.dt
     return encode
 
 
-def describe_time(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
 @dataclass
 class Run:
     """Everything the loop works with, assembled by :func:`build_run`."""
@@ -210,7 +205,7 @@ class Run:
 
 
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
-              seed: int, max_train_steps: int, num_epochs: int, tracker_name: str) -> Run:
+              seed: int, max_train_steps: int, num_epochs: int) -> Run:
     """Load the models and build the trained modules, caches, optimizer and scheduler; read ``--resume``."""
     from accelerate.utils import set_seed
 
@@ -269,7 +264,9 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     text = recipe.text_conditioning(text)
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
-    loader_kwargs = dict(seed=seed, num_workers=workers, persistent_workers=args.persistent_data_loader_workers,
+    # workers are always kept between epochs (sd-scripts restarted them every epoch unless
+    # --persistent_data_loader_workers, leaving the GPU idle at each epoch start)
+    loader_kwargs = dict(seed=seed, num_workers=workers, persistent_workers=True,
                          process_index=accelerator.process_index, num_processes=accelerator.num_processes)
     loader = make_train_loader(group, grad_accum=args.gradient_accumulation_steps, **loader_kwargs)
     val_loader = make_train_loader(group, validation=True, **loader_kwargs) if group.validation else None

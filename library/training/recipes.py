@@ -147,8 +147,7 @@ class LoRARecipe(Recipe):
             merged.merge_to(text_encoder, models.unet, weights, torch.float32, "cpu")
         if args.dim_from_weights:
             self.network, _ = module.create_network_from_weights(
-                1.0, args.network_weights, models.vae, text_encoder, models.unet,
-                neuron_dropout=args.network_dropout, **self.network_kwargs)
+                1.0, args.network_weights, models.vae, text_encoder, models.unet, **self.network_kwargs)
         else:
             self.network = module.create_network(
                 1.0, args.network_dim, args.network_alpha, models.vae, text_encoder, models.unet,
