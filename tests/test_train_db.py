@@ -76,6 +76,10 @@ def test_stop_text_encoder_and_ema(tiny_sd1_dir, data, tmp_path):
         assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
         assert not same(got, part(w[3], prefix))
     assert (out / "db-step00000001-ema.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "db-ema.safetensors"), "pt") as f:
+        assert f.metadata()["ss_ema"] == "decay=0.5" and f.metadata()["ss_steps"] == "3"
 
     from library.models.loading import load_sd_models
     from library.models.saving import ldm_state_dict

@@ -253,8 +253,10 @@ class FullWeightRecipe(Recipe):
     def save(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
         self._write(path, info, args)
         if self.ema is not None:
+            kind = f"decay={self.ema.decay}" if self.ema.decay is not None else f"sigma_rel={self.ema.sigma_rel}"
+            ema_info = SaveInfo(info.global_step, info.epoch, {**info.metadata, "ss_ema": kind})
             with self.ema.average_parameters():
-                self._write(ema_path(path), info, args)
+                self._write(ema_path(path), ema_info, args)
             if args.save_last_n_epochs or args.save_last_n_steps:
                 remove_orphaned_ema_files(path.parent, args.output_name or "last", self.file_extension)
 
