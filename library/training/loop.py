@@ -165,6 +165,7 @@ def _all_reduce_gradients(run: Run, params: list[torch.nn.Parameter]) -> None:
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    params = [p for p in params if p.requires_grad]  # a recipe may freeze some mid-run
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -236,6 +237,8 @@ def train(run: Run) -> Path:
                     group_start = (b // ga) * ga
                     group_len = min(ga, n_batches - group_start)
                     loss = batch_loss(run, batch, progress.global_step)
+                    if run.fused_backward:  # the weights change during backward: check the loss before
+                        _check_finite(_reduce_mean(run, loss.detach().float().item()), progress, args)
                     acc.backward(loss / group_len)
                     group_loss += loss.detach().float() / group_len
                     progress.batches_done += 1
@@ -278,10 +281,11 @@ def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progre
     args, acc = run.args, run.accelerator
     step_loss = _reduce_mean(run, group_loss)  # the one host sync of the step
     _check_finite(step_loss, progress, args)
-    _all_reduce_gradients(run, params)
-    if args.max_grad_norm:
-        acc.clip_grad_norm_(params, args.max_grad_norm)
-    run.optimizer.step()
+    if not run.fused_backward:  # with a fused backward pass each parameter was stepped during backward
+        _all_reduce_gradients(run, params)
+        if args.max_grad_norm:
+            acc.clip_grad_norm_(params, args.max_grad_norm)
+        run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     progress.global_step += 1
@@ -378,7 +382,7 @@ def _save_weights(run: Run, path: Path, progress: Progress) -> None:
     if acc.is_main_process:
         with _side_work(run):
             meta = per_save_metadata(run.metadata, global_step=progress.global_step, epoch=progress.epoch,
-                                     minimal=bool(run.args.no_metadata)) if run.metadata else {}
+                                     minimal=bool(getattr(run.args, "no_metadata", False))) if run.metadata else {}
             run.recipe.save(path, SaveInfo(progress.global_step, progress.epoch, meta), run.args)
     acc.wait_for_everyone()
 

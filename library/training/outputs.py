@@ -22,16 +22,20 @@ from library.errors import UserError
 class OutputNames:
     output_dir: Path
     name: str
-    ext: str  # without dot: safetensors, ckpt, pt
+    ext: str  # without dot: safetensors, ckpt, pt; empty for folders (diffusers models)
+
+    @property
+    def suffix(self) -> str:
+        return f".{self.ext}" if self.ext else ""
 
     def final(self) -> Path:
-        return self.output_dir / f"{self.name}.{self.ext}"
+        return self.output_dir / f"{self.name}{self.suffix}"
 
     def epoch(self, epoch: int) -> Path:
-        return self.output_dir / f"{self.name}-{epoch:06d}.{self.ext}"
+        return self.output_dir / f"{self.name}-{epoch:06d}{self.suffix}"
 
     def step(self, step: int) -> Path:
-        return self.output_dir / f"{self.name}-step{step:08d}.{self.ext}"
+        return self.output_dir / f"{self.name}-step{step:08d}{self.suffix}"
 
     def final_state(self) -> Path:
         return self.output_dir / f"{self.name}-state"
@@ -45,7 +49,7 @@ class OutputNames:
     def _pattern(self, kind: str, state: bool) -> re.Pattern[str]:
         name = re.escape(self.name)
         number = r"(\d{6})" if kind == "epoch" else r"step(\d{8})"
-        tail = "-state" if state else rf"\.{re.escape(self.ext)}"
+        tail = "-state" if state else re.escape(self.suffix)
         return re.compile(rf"^{name}-{number}{tail}$")
 
     def existing(self) -> list[Path]:

@@ -225,6 +225,7 @@ class Run:
     sample_prompts: list[Any] = field(default_factory=list)
     resumed: Any = None
     optimizer_name: str = ""
+    fused_backward: bool = False  # the optimizer steps inside backward (--fused_backward_pass)
 
 
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
@@ -284,6 +285,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                     f"max_tokens={args.max_token_length}|weighted={args.weighted_captions}|{dtype}")
     text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
                            cache_dir=cache_dir, identity=identity or "")
+    text = recipe.text_conditioning(text)
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
     # workers are always kept between epochs (sd-scripts restarted them every epoch unless
@@ -312,6 +314,10 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         lr_scheduler.load_state_dict(resumed.scheduler)
         if resumed.scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(resumed.scaler)
+    if getattr(args, "fused_backward_pass", False):
+        from library.training.fused_backward import attach_fused_backward
+
+        attach_fused_backward(optimizer, max_grad_norm=args.max_grad_norm, num_processes=accelerator.num_processes)
 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed * 1000 + accelerator.process_index)
@@ -326,6 +332,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
+        fused_backward=bool(getattr(args, "fused_backward_pass", False)),
     )
 
 

@@ -98,6 +98,10 @@ class Recipe(ABC):
         """Recipe-specific metadata entries for saved files."""
         return {}
 
+    def text_conditioning(self, text: Any) -> Any:
+        """The text conditioning the loop calls as ``text(captions, device)`` (default: the loop's own)."""
+        return text
+
 
 def _save_dtype(precision: str | None, fallback: torch.dtype) -> torch.dtype:
     return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision or "", fallback)
