@@ -1,0 +1,164 @@
+"""Image sizes without decoding, read in parallel, and the per-folder ``metadata_cache.json`` (``cache_info``).
+
+Only the image header is read (``PIL.Image.open`` is lazy; EXIF rotation is applied to the size), so
+scanning thousands of images costs well under a millisecond each. A file PIL cannot identify is reported
+by name and skipped, never fatal.
+
+``metadata_cache.json`` keeps the reference's layout (``{name: {"caption", "resolution"}}``) and adds the
+file's ``mtime_ns`` and byte ``size`` (and those of its caption file), so an entry is used only while the image
+and its caption file are unchanged; the reference never invalidates it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from library.dataset.transforms import ImageReadError, read_image_size
+from library.io_utils import atomic_write_json
+
+METADATA_CACHE_NAME = "metadata_cache.json"
+_CACHE_FORMAT = 2
+
+
+def default_workers() -> int:
+    """Threads for header reads: IO bound, so more than the number of cores."""
+    return min(32, (os.cpu_count() or 1) * 4)
+
+
+def read_image_sizes(
+    paths: Iterable[Path], *, max_workers: int | None = None
+) -> tuple[dict[Path, tuple[int, int]], list[str]]:
+    """Sizes of ``paths`` read in parallel; returns ``(sizes, skipped)`` where ``skipped`` names each bad file."""
+    paths = list(paths)
+
+    def one(p: Path) -> tuple[Path, tuple[int, int] | None, str | None]:
+        try:
+            return p, read_image_size(p), None
+        except ImageReadError as exc:
+            return p, None, exc.message
+
+    sizes: dict[Path, tuple[int, int]] = {}
+    skipped: list[str] = []
+    if not paths:
+        return sizes, skipped
+    workers = max(1, min(max_workers or default_workers(), len(paths)))
+    if workers == 1:
+        results = map(one, paths)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one, paths))
+    for p, size, err in results:
+        if size is None:
+            skipped.append(f"{err} (skipped)")
+        else:
+            sizes[p] = size
+    return sizes, skipped
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies a file version cheaply: modification time (ns) and size in bytes."""
+
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: Path) -> "FileStamp | None":
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return cls(st.st_mtime_ns, st.st_size)
+
+
+@dataclass
+class InfoEntry:
+    """A cached image size and caption-file text (``None``: the image had no caption file)."""
+
+    size: tuple[int, int]
+    caption: str | None
+    image: FileStamp
+    caption_file: str | None
+    caption_stamp: FileStamp | None
+
+
+class InfoCache:
+    """``<image_dir>/metadata_cache.json``: image sizes and caption texts, checked per file against stamps."""
+
+    def __init__(self, image_dir: Path):
+        self.path = Path(image_dir) / METADATA_CACHE_NAME
+        self.entries: dict[str, InfoEntry] = {}
+        self.dirty = False
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # missing or unreadable: rebuilt from scratch and rewritten
+        if not isinstance(data, dict):
+            return
+        for name, e in data.items():
+            try:
+                img = FileStamp(int(e["mtime_ns"]), int(e["bytes"]))
+                cap = e.get("caption_stamp")
+                self.entries[name] = InfoEntry(
+                    size=(int(e["resolution"][0]), int(e["resolution"][1])),
+                    caption=e["caption"] if isinstance(e.get("caption"), str) else None,
+                    image=img,
+                    caption_file=e.get("caption_file"),
+                    caption_stamp=FileStamp(int(cap[0]), int(cap[1])) if cap else None,
+                )
+            except (KeyError, TypeError, ValueError, IndexError):
+                continue  # reference-format or damaged entry: recomputed
+
+    def lookup(self, image: Path, caption_file: Path) -> InfoEntry | None:
+        """The entry for ``image`` if the image and its caption file are unchanged since it was written."""
+        e = self.entries.get(image.name)
+        if e is None or FileStamp.of(image) != e.image:
+            return None
+        if e.caption_file != caption_file.name or FileStamp.of(caption_file) != e.caption_stamp:
+            return None
+        return e
+
+    def store(self, image: Path, size: tuple[int, int], caption: str | None, caption_file: Path) -> None:
+        stamp = FileStamp.of(image)
+        if stamp is None:
+            return
+        self.entries[image.name] = InfoEntry(
+            size=size,
+            caption=caption,
+            image=stamp,
+            caption_file=caption_file.name,
+            caption_stamp=FileStamp.of(caption_file),
+        )
+        self.dirty = True
+
+    def prune(self, keep: Iterable[str]) -> None:
+        """Drop entries of images that no longer exist."""
+        keep = set(keep)
+        for name in [n for n in self.entries if n not in keep]:
+            del self.entries[name]
+            self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        out = {}
+        for name, e in sorted(self.entries.items()):
+            out[name] = {
+                "caption": e.caption,
+                "resolution": list(e.size),
+                "mtime_ns": e.image.mtime_ns,
+                "bytes": e.image.size,
+                "caption_file": e.caption_file,
+                "caption_stamp": [e.caption_stamp.mtime_ns, e.caption_stamp.size] if e.caption_stamp else None,
+                "format": _CACHE_FORMAT,
+            }
+        atomic_write_json(self.path, out, indent=None)
+        self.dirty = False

@@ -1,0 +1,224 @@
+"""Image records of one subset: path, size and raw caption, from a DreamBooth folder or fine-tuning metadata.
+
+Precomputed latents (``finetune/prepare_buckets_latents.py``) need no field here: that tool writes the same
+``.npz`` files the latent cache writes beside each image (``library.dataset.latent_cache``), so a record's
+latents are found from its ``path`` and bucket, and checked against the same key before use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.config.params import DreamBoothSubsetParams, FineTuningSubsetParams
+from library.dataset.captions import read_caption_file
+from library.dataset.image_files import IMAGE_EXTENSIONS, list_images
+from library.dataset.images import InfoCache, read_image_sizes
+from library.errors import UserError
+
+_MAX_LISTED = 10
+
+
+@dataclass
+class ImageRecord:
+    """One image of a subset. ``caption`` is the raw text (all lines; processing happens per step)."""
+
+    path: Path
+    size: tuple[int, int]  # (width, height) of the file
+    caption: str
+
+
+@dataclass
+class SubsetScan:
+    """The records of a subset and notes about what was skipped (shown in the plan)."""
+
+    records: list[ImageRecord]
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _listing(items: list[str]) -> str:
+    shown = "\n".join(f"    {s}" for s in items[:_MAX_LISTED])
+    more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return shown + more
+
+
+def _require_dir(path: str | None, origin: str, what: str) -> Path:
+    if not path:
+        raise UserError(f"{origin}: {what} is not set; give the folder that contains the images")
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{origin}: {what} '{p}' is not a folder; check the path")
+    return p
+
+
+def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int | None = None) -> SubsetScan:
+    """Images of a DreamBooth folder with captions from ``<stem><caption_extension>`` or ``class_tokens``."""
+    image_dir = _require_dir(subset.image_dir, subset.origin, "image_dir")
+    paths = list_images(image_dir)
+    cache = InfoCache(image_dir) if subset.cache_info else None
+    ext = subset.caption_extension
+
+    sizes: dict[Path, tuple[int, int]] = {}
+    captions: dict[Path, str | None] = {}
+    to_read: list[Path] = []
+    for p in paths:
+        entry = cache.lookup(p, p.with_name(p.stem + ext)) if cache else None
+        if entry is None:
+            to_read.append(p)
+        else:
+            sizes[p] = entry.size
+            captions[p] = entry.caption
+    read_sizes, skipped = read_image_sizes(to_read, max_workers=max_workers)
+    sizes.update(read_sizes)
+    for p in to_read:
+        if p not in read_sizes:
+            continue
+        cap_file = p.with_name(p.stem + ext)
+        captions[p] = read_caption_file(cap_file) if cap_file.is_file() else None
+        if cache:
+            cache.store(p, read_sizes[p], captions[p], cap_file)
+    if cache:
+        cache.prune(p.name for p in sizes)
+        cache.save()
+
+    records: list[ImageRecord] = []
+    missing: list[str] = []
+    for p in paths:
+        if p not in sizes:
+            continue
+        caption = captions.get(p)
+        if caption is None:
+            if subset.class_tokens is None:
+                missing.append(p.name)
+                continue
+            caption = subset.class_tokens
+        records.append(ImageRecord(path=p, size=sizes[p], caption=caption))
+    if missing:
+        raise UserError(
+            f"{subset.origin}: {len(missing)} image(s) in '{image_dir}' have no caption file "
+            f"('<name>{ext}') and the subset has no class_tokens:\n{_listing(missing)}\n"
+            f"  Add caption files, set class_tokens, or fix caption_extension."
+        )
+    scan = SubsetScan(records=records, skipped=skipped)
+    if not paths:
+        subdirs = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
+        hint = (f"; it has sub-folders ({', '.join(subdirs[:3])}): give the folder that holds the images"
+                if subdirs else "")
+        scan.notes.append(f"{subset.origin}: no images in '{image_dir}' ({', '.join(IMAGE_EXTENSIONS)}){hint}")
+    return scan
+
+
+def _read_metadata(path: Path, origin: str) -> list[tuple[str, dict]]:
+    """(key, entry) pairs from a ``.json`` dict or a ``.jsonl`` file (``image_path`` is the key)."""
+    if not path.is_file():
+        raise UserError(f"{origin}: metadata_file '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{origin}: cannot read metadata_file '{path}' as UTF-8 text ({exc})") from exc
+    items: list[tuple[str, dict]] = []
+    if path.suffix.lower() == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("image_path"), str):
+                raise UserError(f"{path}:{lineno}: each line must be an object with a string 'image_path'")
+            items.append((obj["image_path"], obj))
+        return items
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{origin}: metadata_file '{path}' is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected an object {{image_key: {{caption, tags, ...}}}} at the top level")
+    for key, entry in data.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: entry '{key}' must be an object with 'caption' and/or 'tags'")
+        items.append((key, entry))
+    return items
+
+
+def resolve_image_key(key: str, base: Path) -> Path | None:
+    """An absolute path, a path relative to ``base`` with its extension, or an extension-less stem."""
+    p = Path(key)
+    candidates = [p] if p.is_absolute() else [base / p]
+    if p.suffix.lower() not in IMAGE_EXTENSIONS:
+        stem = candidates[0]
+        candidates += [stem.with_name(stem.name + e) for e in IMAGE_EXTENSIONS]
+        candidates += [stem.with_name(stem.name + e.upper()) for e in IMAGE_EXTENSIONS]
+    for c in candidates:
+        if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS:
+            return c
+    return None
+
+
+def _join_caption(entry: dict, subset: FineTuningSubsetParams) -> str | None:
+    caption = entry.get("caption")
+    tags = entry.get("tags")
+    caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
+    tags = tags.strip() if isinstance(tags, str) and tags.strip() else None
+    if caption is None:
+        return tags
+    if tags is None:
+        return caption
+    sep = subset.caption_separator
+    if subset.enable_wildcard:
+        return "\n".join(f"{line}{sep} {tags}" for line in caption.split("\n"))
+    return f"{caption}{sep} {tags}"
+
+
+def _metadata_size(entry: dict) -> tuple[int, int] | None:
+    s = entry.get("image_size")
+    if isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s):
+        return int(s[0]), int(s[1])
+    return None
+
+
+def scan_finetuning_subset(subset: FineTuningSubsetParams, *, max_workers: int | None = None) -> SubsetScan:
+    """Images listed in a fine-tuning metadata file (JSON or JSONL); missing images are reported and skipped."""
+    meta_path = Path(subset.metadata_file)
+    if subset.image_dir:
+        base = _require_dir(subset.image_dir, subset.origin, "image_dir")
+    else:
+        base = meta_path.parent
+    items = _read_metadata(meta_path, subset.origin)
+    skipped: list[str] = []
+    resolved: list[tuple[Path, dict]] = []
+    seen: set[Path] = set()
+    for key, entry in items:
+        p = resolve_image_key(key, base)
+        if p is None:
+            skipped.append(f"{meta_path}: '{key}': image not found (looked in '{base}'); skipped")
+            continue
+        if p in seen:
+            skipped.append(f"{meta_path}: '{key}': same image as an earlier entry; skipped")
+            continue
+        seen.add(p)
+        resolved.append((p, entry))
+
+    need_size = [p for p, e in resolved if _metadata_size(e) is None]
+    sizes, bad = read_image_sizes(need_size, max_workers=max_workers)
+    skipped += bad
+    records: list[ImageRecord] = []
+    no_caption = 0
+    for p, entry in resolved:
+        size = _metadata_size(entry) or sizes.get(p)
+        if size is None:
+            continue
+        caption = _join_caption(entry, subset)
+        if caption is None:
+            no_caption += 1
+            caption = ""
+        records.append(ImageRecord(path=p, size=size, caption=caption))
+    scan = SubsetScan(records=records, skipped=skipped)
+    if no_caption:
+        scan.notes.append(f"{subset.origin}: {no_caption} image(s) have neither caption nor tags; trained with ''")
+    if not items:
+        scan.notes.append(f"{subset.origin}: metadata_file '{meta_path}' lists no images")
+    return scan

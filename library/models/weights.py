@@ -1,0 +1,144 @@
+"""Reading and writing weight files safely, and loading them into modules with strict checks."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from library.errors import UserError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (empty when there is none)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return header.get("__metadata__") or {}
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) file.
+
+    Pickles are read with ``torch.load(weights_only=True)``: a file that needs arbitrary code to load is
+    refused, never executed. A ``state_dict`` entry (Lightning checkpoints) is unwrapped; non-tensor
+    entries other than strings are dropped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path)), read_safetensors_metadata(path)
+        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: cannot read this .safetensors file ({err}); is it complete?") from err
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{path}: refused to load this pickle file: it contains objects other than plain tensors, and "
+            "loading it would run code from the file. If you trust it, convert it to .safetensors with a tool "
+            f"you trust, or use a .safetensors download of the same model. (torch said: {str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, OSError, EOFError) as err:
+        raise UserError(f"{path}: cannot read this checkpoint ({err}); is it complete?") from err
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a dictionary of tensors, found {type(obj).__name__}")
+    if isinstance(obj.get("state_dict"), dict):
+        extra = {k: v for k, v in obj.items() if k != "state_dict" and isinstance(v, str)}
+        obj = obj["state_dict"]
+    else:
+        extra = {}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    extra.update({k: v for k, v in obj.items() if isinstance(v, str)})
+    return tensors, extra
+
+
+def find_weights_file(folder: Path, stems: tuple[str, ...]) -> list[Path]:
+    """The weight file(s) of a diffusers/transformers component folder (sharded files through their index)."""
+    for stem in stems:
+        for suffix in (".safetensors", ".bin"):
+            single = folder / f"{stem}{suffix}"
+            if single.is_file():
+                return [single]
+            index = folder / f"{stem}{suffix}.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                return [folder / s for s in shards]
+    found = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    if len(found) == 1:
+        return found
+    names = ", ".join(f"{s}.safetensors" for s in stems)
+    raise UserError(
+        f"{folder}: no weights file found (expected {names} or a .bin file)"
+        + (f"; found several candidates: {', '.join(p.name for p in found)}" if found else "")
+    )
+
+
+def read_weight_files(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(read_weights(file)[0])
+    return tensors
+
+
+def build_with_weights(
+    build: Callable[[], M],
+    state_dict: dict[str, torch.Tensor],
+    what: str,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    adapt: Callable[[dict[str, torch.Tensor], set[str]], dict[str, torch.Tensor]] | None = None,
+) -> M:
+    """Build a module without initialising its parameters, then load ``state_dict`` strictly.
+
+    Parameters are created on the meta device (no random init, no double memory) and replaced by the
+    loaded tensors; buffers are real. Missing or unexpected weights raise a ``UserError`` listing them.
+    ``adapt(state_dict, expected_keys)`` may rename keys first (e.g. the ``text_model.`` prefix).
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = build()
+    expected = set(module.state_dict().keys())
+    if adapt is not None:
+        state_dict = adapt(state_dict, expected)
+    given = set(state_dict.keys())
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing weights, e.g. {', '.join(missing[:5])}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected weights, e.g. {', '.join(unexpected[:5])}")
+        raise UserError(
+            f"{what}: the weights do not match the model structure ({'; '.join(problems)}). "
+            "The file is incomplete, of another architecture, or was converted incorrectly; nothing was "
+            "initialised randomly."
+        )
+    own = module.state_dict()
+    wrong = [k for k in expected if own[k].shape != state_dict[k].shape]
+    if wrong:
+        k = sorted(wrong)[0]
+        raise UserError(
+            f"{what}: {len(wrong)} weights have unexpected shapes, e.g. {k}: file {tuple(state_dict[k].shape)}, "
+            f"model {tuple(own[k].shape)}"
+        )
+    module.load_state_dict(
+        {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()},
+        strict=True,
+        assign=True,
+    )
+    module.to(device=device)
+    meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise RuntimeError(f"{what}: parameters left uninitialised: {meta[:5]}")
+    return module.eval()

@@ -1,0 +1,1 @@
+"""Training building blocks: noise, losses, optimizers, schedulers, sampling, EMA (and the loop)."""

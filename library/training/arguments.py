@@ -1,0 +1,139 @@
+"""Command-line options of the training loop (outputs, steps, precision, saving/resume, caching, logging,
+validation) shared by train_network.py, train_db.py and fine_tune.py.
+
+The other areas add their own groups first (models, dataset, network, noise/loss, optimizer, scheduler,
+sampling); :func:`add_training_arguments` then adds the common training options that none of those groups
+defined, so an option lives in exactly one place whichever group owns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from library.errors import UserError
+
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+LOG_WITH_CHOICES = ("tensorboard", "wandb", "all")
+
+
+def _add(group: argparse._ArgumentGroup, parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    if any(flag in parser._option_string_actions for flag in flags):
+        return
+    group.add_argument(*flags, **kwargs)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the loop's options (sd-scripts names and defaults) that no other group has added yet."""
+    g = parser.add_argument_group("training")
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        _add(g, parser, *flags, **kwargs)
+
+    # outputs
+    add("--output_dir", type=str, default=None, help="folder for the trained weights, states and samples")
+    add("--output_name", type=str, default=None, help="base name of saved files (default: last)")
+    add("--overwrite", action="store_true",
+        help="allow replacing files of an earlier run with the same output_name in output_dir")
+    add("--save_every_n_epochs", type=int, default=None, help="save weights every N epochs")
+    add("--save_every_n_steps", type=int, default=None, help="save weights every N steps")
+    add("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch files")
+    add("--save_last_n_steps", type=int, default=None, help="keep only step files of the last N steps")
+    add("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
+    add("--save_last_n_steps_state", type=int, default=None, help="keep only states of the last N steps")
+    add("--save_precision", type=str, default=None, choices=(None, "float", "fp16", "bf16"),
+        help="dtype of saved weights (default: the training dtype)")
+    add("--save_state", action="store_true", help="also save the resumable training state with each save")
+    add("--save_state_on_train_end", action="store_true", help="save the training state at the end")
+    add("--resume", type=str, default=None, help="state folder to resume from")
+    add("--no_metadata", action="store_true", help="write only the minimal metadata into the LoRA file")
+    add("--training_comment", type=str, default=None, help="free text stored as ss_training_comment")
+    for key in ("title", "author", "description", "license", "tags"):
+        add(f"--metadata_{key}", type=str, default=None, help=f"modelspec.{key} of the saved file")
+
+    # length
+    add("--max_train_steps", type=int, default=1600, help="number of optimizer steps")
+    add("--max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
+    add("--max_data_loader_n_workers", type=int, default=8, help="data loader worker processes (max)")
+    add("--persistent_data_loader_workers", action="store_true", help="keep workers between epochs")
+    add("--seed", type=int, default=None, help="random seed (default: a random one, recorded in metadata)")
+
+    # precision and memory
+    add("--mixed_precision", type=str, default="no", choices=MIXED_PRECISION_CHOICES, help="autocast dtype")
+    add("--full_fp16", action="store_true", help="train the weights themselves in fp16")
+    add("--full_bf16", action="store_true", help="train the weights themselves in bf16")
+    add("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    add("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    add("--lowram", action="store_true", help="load models directly to the accelerator")
+    add("--highvram", action="store_true", help="accepted for compatibility (no effect)")
+    add("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    add("--xformers", action="store_true", help="use xformers memory-efficient attention")
+    add("--mem_eff_attn", action="store_true", help="memory-efficient attention (SDPA here)")
+    add("--cache_latents", action="store_true", help="encode every image once before training")
+    add("--cache_latents_to_disk", action="store_true", help="also keep the latents in .npz files beside images")
+    add("--vae_batch_size", type=int, default=1, help="batch size when encoding latents")
+    add("--cache_text_encoder_outputs", action="store_true",
+        help="encode every caption once (frozen text encoder, fixed captions only)")
+    add("--cache_text_encoder_outputs_to_disk", action="store_true",
+        help="also keep text encoder outputs on disk (keyed by caption and encoder)")
+    add("--ddp_timeout", type=int, default=None, help="process-group timeout in minutes")
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    add("--scale_weight_norms", type=float, default=None, help="max-norm regularization of LoRA weights")
+
+    # text
+    add("--clip_skip", type=int, default=None, help="use the output of the N-th last text encoder layer")
+    add("--max_token_length", type=int, default=None, choices=(None, 150, 225), help="75, 150 or 225 tokens")
+    add("--weighted_captions", action="store_true", help="A1111 (word:1.2) weights in captions")
+
+    # logging
+    add("--logging_dir", type=str, default=None, help="TensorBoard/wandb log folder (enables logging)")
+    add("--log_with", type=str, default=None, choices=LOG_WITH_CHOICES, help="tracker(s)")
+    add("--log_prefix", type=str, default=None, help="prefix of the run folder in logging_dir")
+    add("--log_tracker_name", type=str, default=None, help="tracker project name (default network_train)")
+    add("--wandb_run_name", type=str, default=None, help="wandb run name")
+    add("--log_config", action="store_true", help="log the (path-free) run options to the tracker")
+
+    # validation
+    add("--validate_every_n_steps", type=int, default=None, help="validation loss every N steps")
+    add("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs")
+    add("--max_validation_steps", type=int, default=None, help="validation batches per evaluation (max)")
+
+
+def validate_training_args(args: argparse.Namespace, *, cuda: bool) -> None:
+    """Check the loop's options together; every problem is reported at once, before any model loads."""
+    problems: list[str] = []
+    if args.output_dir is None:
+        problems.append("--output_dir is required: the folder where the trained weights are written")
+    if args.max_train_epochs is not None and args.max_train_epochs < 1:
+        problems.append(f"--max_train_epochs must be >= 1 (got {args.max_train_epochs})")
+    if args.max_train_epochs is None and (args.max_train_steps is None or args.max_train_steps < 1):
+        problems.append(f"--max_train_steps must be >= 1 (got {args.max_train_steps})")
+    if args.gradient_accumulation_steps < 1:
+        problems.append(f"--gradient_accumulation_steps must be >= 1 (got {args.gradient_accumulation_steps})")
+    if args.mixed_precision == "fp16" and not cuda:
+        problems.append("--mixed_precision fp16 needs a CUDA GPU (fp16 kernels are missing on CPU): "
+                        "use --mixed_precision bf16 or no")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        problems.append("--full_fp16 requires --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        problems.append("--full_bf16 requires --mixed_precision bf16")
+    if args.full_fp16 and args.full_bf16:
+        problems.append("--full_fp16 and --full_bf16 exclude each other")
+    if args.xformers:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            problems.append("--xformers was given but the xformers package is not installed: install it, or "
+                            "drop the flag (PyTorch SDPA attention is used by default and is as fast)")
+    if args.log_with is not None and args.logging_dir is None and args.log_with != "wandb":
+        problems.append(f"--log_with {args.log_with} needs --logging_dir (the folder for the logs)")
+    for name in ("save_every_n_epochs", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
+                 "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "vae_batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            problems.append(f"--{name} must be >= 1 (got {value})")
+    if getattr(args, "resume", None) and getattr(args, "overwrite", False):
+        problems.append("--resume and --overwrite exclude each other: a resumed run continues its own files")
+    if problems:
+        raise UserError.from_problems("invalid training options", problems)

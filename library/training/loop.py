@@ -1,0 +1,418 @@
+"""The one training loop (LoRA, DreamBooth and fine-tuning differ only in their :class:`Recipe`).
+
+Per optimizer step: for each micro-batch of the accumulation group, latents (cached or VAE-encoded) and
+text conditioning (cached when the encoder is frozen and captions are fixed), noise and timesteps, the UNet
+prediction and the loss; the group's gradients are averaged across processes, clipped, and the optimizer
+and LR scheduler step. Then logging, samples, validation and saving, all keyed to the global step.
+
+Accumulation is explicit (the group of the last batches of an epoch may be shorter and is averaged over
+its own size), and gradients are averaged with one all-reduce per step, so the trained parameters need no
+DDP wrapper and any recipe works unchanged on one or many processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from library.config.params import DatasetSupport
+from library.errors import UserError
+from library.training.logging_utils import LossRecorder, describe_lr_groups, loggable_config
+from library.training.outputs import prune
+from library.training.preparation import Run, build_run, check_run, make_accelerator, shared_seed, training_length
+from library.training.recipes import Recipe, SaveInfo
+from library.training.state import Progress, capture_rng, restore_rng, save_state
+
+VALIDATION_TIMESTEP_POINTS = 4
+
+
+def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
+                     tracker_name: str = "network_train", metadata: Any = None) -> Run | None:
+    """Check everything, print the plan, load the models: a :class:`Run` ready for :func:`train` (None for
+    ``--debug_dataset``, which only shows the data). ``metadata(run) -> dict[str, str]`` builds the
+    metadata of the saved files."""
+    from library.dataset import build_dataset_group, debug_dataset, make_train_loader
+
+    checked = check_run(args, recipe, support)
+    accelerator = make_accelerator(args, tracker_name)
+    seed = shared_seed(args, accelerator)
+    group = build_dataset_group(checked.params, seed=seed)
+    n, ga = accelerator.num_processes, args.gradient_accumulation_steps
+    if args.debug_dataset:
+        debug_dataset(group, make_train_loader(group, seed=seed, num_workers=0, persistent_workers=False,
+                                               grad_accum=ga))
+        return None
+    max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
+    group.set_max_train_steps(max_train_steps)
+    if accelerator.is_main_process:
+        print(group.plan(num_processes=n, grad_accum=ga, epochs=num_epochs, steps=max_train_steps), flush=True)
+    run = build_run(args, recipe, checked, accelerator, group, seed=seed, max_train_steps=max_train_steps,
+                    num_epochs=num_epochs, tracker_name=tracker_name)
+    if metadata is not None:
+        run.metadata = metadata(run)
+    if args.sample_prompts:
+        from library.training.sampling import load_sample_prompts
+
+        run.sample_prompts = load_sample_prompts(args.sample_prompts)
+    if accelerator.log_with:
+        accelerator.init_trackers(args.log_tracker_name or tracker_name,
+                                  config=loggable_config(args) if args.log_config else None,
+                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+    return run
+
+
+def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
+                 tracker_name: str = "network_train", metadata: Any = None) -> Path | None:
+    """:func:`prepare_training` then :func:`train`; returns the final weights file."""
+    run = prepare_training(args, recipe, support, tracker_name=tracker_name, metadata=metadata)
+    if run is None:
+        return None
+    try:
+        return train(run)
+    finally:
+        run.accelerator.end_training()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _side_work(run: Run) -> Iterator[None]:
+    """Sampling, validation and saving: trained modules in eval mode, every RNG stream untouched afterwards
+    (so they never change what the training sees)."""
+    rng = capture_rng()
+    gen_state = run.generator.get_state()
+    run.recipe.train_mode(False)
+    _optimizer_mode(run, train=False)
+    try:
+        yield
+    finally:
+        _optimizer_mode(run, train=True)
+        run.recipe.train_mode(True)
+        restore_rng(rng)
+        run.generator.set_state(gen_state)
+
+
+def _optimizer_mode(run: Run, *, train: bool) -> None:
+    """Schedule-free optimizers keep two weight sets; eval mode selects the one to sample and save."""
+    from library.training.optimizers import optimizer_train_eval
+
+    optimizer_train_eval(run.optimizer, train)
+
+
+def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The loss of one batch: random timesteps from ``run.generator``, or the given ``timesteps`` with noise
+    from ``generator`` (validation)."""
+    from library.training.losses import compute_training_loss
+    from library.training.noise import sample_noise_and_timesteps
+
+    acc, models = run.accelerator, run.models
+    device = acc.device
+    if "latents" in batch:
+        latents = batch["latents"].to(device, torch.float32)
+    else:
+        latents = run.vae_encode(batch["images"])
+    latents = latents.to(device, torch.float32) * models.family.latent_scale
+
+    te_trains = run.recipe.text_encoder_trains_at(global_step) and timesteps is None
+    with torch.set_grad_enabled(te_trains and torch.is_grad_enabled()), acc.autocast():
+        context = run.text(list(batch["captions"]), device)
+
+    if timesteps is None:
+        noise, noisy, t = sample_noise_and_timesteps(latents, run.noise_scheduler, run.noise_settings, run.generator)
+    else:
+        t = timesteps.to(device)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+        noisy = run.noise_scheduler.add_noise(latents, noise, t)
+
+    run.recipe.before_forward(batch)
+    with acc.autocast():
+        pred = models.unet(noisy.to(run.weight_dtype), t, context.to(run.weight_dtype)).sample
+    if run.noise_scheduler.config.prediction_type == "v_prediction":
+        target = run.noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    masks = batch.get("alpha_masks")
+    return compute_training_loss(pred, target, t, run.noise_scheduler, settings=run.loss_settings,
+                                 loss_weights=batch["loss_weights"].to(device), masks=masks)
+
+
+def _all_reduce_gradients(run: Run, params: list[torch.nn.Parameter]) -> None:
+    """Average the step's gradients over processes (one flat all-reduce per dtype)."""
+    if run.accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= run.accelerator.num_processes
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+
+
+def _check_finite(value: float, progress: Progress, args: argparse.Namespace) -> None:
+    if math.isfinite(value):
+        return
+    raise UserError(
+        f"the loss became {value} at step {progress.global_step + 1} (epoch {progress.epoch + 1}); training stopped "
+        "before the weights were updated with it. Likely causes: a learning rate too high (--learning_rate, "
+        "--unet_lr, --text_encoder_lr), fp16 overflow (use --mixed_precision bf16, or --no_half_vae when the VAE "
+        "gives NaN latents in fp16), NaN/inf latents in a cache (delete the .npz files), or a damaged base model. "
+        "The last saved state (--save_state with --save_every_n_steps) can be resumed with a lower learning rate"
+    )
+
+
+def _current_lrs(run: Run) -> dict[str, float]:
+    logs = {}
+    for name, group in zip(run.lr_names, run.optimizer.param_groups):
+        logs[f"lr/{name}"] = float(group["lr"])
+        if "d" in group:
+            logs[f"lr/d*lr/{name}"] = float(group["d"] * group["lr"])
+    return logs or describe_lr_groups(run.lr_names, run.lr_scheduler.get_last_lr())
+
+
+def train(run: Run) -> Path:
+    """The loop; returns the path of the final weights."""
+    args, acc, recipe = run.args, run.accelerator, run.recipe
+    progress = dataclasses.replace(run.resumed.progress) if run.resumed else Progress()
+    if run.resumed:
+        restore_rng(run.resumed.rng)
+        run.generator.set_state(run.resumed.rng["noise_generator"])
+        if acc.is_main_process:
+            print(f"resumed from {args.resume}: epoch {progress.epoch + 1}, step {progress.global_step}, "
+                  f"{progress.batches_done} batches of the epoch done", flush=True)
+    params = recipe.trainable_parameters()
+    recorder = LossRecorder()
+    snapshot = _snapshot(run, progress)
+    recipe.train_mode(True)
+    if args.sample_at_first and progress.global_step == 0:
+        _sample(run, progress, epoch_label=None)
+
+    bar = tqdm(total=run.max_train_steps, initial=progress.global_step, disable=not acc.is_main_process,
+               desc="steps", dynamic_ncols=True, smoothing=0.1)
+    ga = args.gradient_accumulation_steps
+    group_loss = 0.0
+    try:
+        with _sigterm_as_interrupt():
+            while progress.epoch < run.num_epochs and progress.global_step < run.max_train_steps:
+                run.loader.set_epoch(progress.epoch, skip_batches=progress.batches_done)
+                recipe.on_epoch_start(progress.epoch)
+                recorder.start_epoch()
+                n_batches = len(run.loader)
+                for batch in run.loader:
+                    b = progress.batches_done
+                    group_start = (b // ga) * ga
+                    group_len = min(ga, n_batches - group_start)
+                    loss = batch_loss(run, batch, progress.global_step)
+                    acc.backward(loss / group_len)
+                    group_loss += loss.detach().float().item() / group_len
+                    progress.batches_done += 1
+                    if progress.batches_done - group_start < group_len:
+                        continue
+                    step_loss = _reduce_mean(run, group_loss)
+                    group_loss = 0.0
+                    _check_finite(step_loss, progress, args)
+                    _all_reduce_gradients(run, params)
+                    if args.max_grad_norm:
+                        acc.clip_grad_norm_(params, args.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                    progress.global_step += 1
+                    extra = recipe.after_optimizer_step(args, acc.device)
+                    snapshot = _snapshot(run, progress)
+
+                    recorder.add(group_start // ga, step_loss)
+                    logs = {"loss/current": step_loss, "loss/average": recorder.average, **_current_lrs(run), **extra}
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{recorder.average:.4f}", refresh=False)
+                    _after_step(run, progress, snapshot, logs)
+                    if acc.log_with:
+                        acc.log(logs, step=progress.global_step)
+                    if progress.global_step >= run.max_train_steps:
+                        break
+                else:
+                    _end_epoch(run, progress, recorder)
+                    snapshot = _snapshot(run, progress)
+    except KeyboardInterrupt:
+        bar.close()
+        if args.save_state and acc.num_processes == 1:
+            path = run.names.step_state(snapshot[0].global_step)
+            _write_state(run, path, snapshot)
+            print(f"\ninterrupted: state of step {snapshot[0].global_step} saved to {path}; continue with "
+                  f"--resume {path}", flush=True)
+        raise
+    bar.close()
+    return _finish(run, progress, snapshot)
+
+
+def _reduce_mean(run: Run, value: float) -> float:
+    if run.accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], device=run.accelerator.device, dtype=torch.float64)
+    return float(run.accelerator.reduce(tensor, reduction="mean").item())
+
+
+def _snapshot(run: Run, progress: Progress) -> tuple[Progress, dict[str, Any]]:
+    """The position and RNG streams at an optimizer-step boundary (what a state saved now must hold)."""
+    rng = capture_rng()
+    rng["noise_generator"] = run.generator.get_state()
+    return dataclasses.replace(progress), rng
+
+
+def _after_step(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, Any]],
+                logs: dict[str, float]) -> None:
+    args, step = run.args, progress.global_step
+    if step >= run.max_train_steps:
+        return
+    if args.sample_every_n_steps and step % args.sample_every_n_steps == 0 and not args.sample_every_n_epochs:
+        _sample(run, progress, epoch_label=None)
+    if args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+        value = _validate(run, step)
+        if value is not None:
+            logs["loss/validation/current"] = value
+    if args.save_every_n_steps and step % args.save_every_n_steps == 0:
+        _save_weights(run, run.names.step(step), progress)
+        if args.save_last_n_steps:
+            _prune(run, "step", state=False, keep_after=step - args.save_last_n_steps)
+        if args.save_state:
+            _write_state(run, run.names.step_state(step), snapshot)
+            if args.save_last_n_steps_state:
+                _prune(run, "step", state=True, keep_after=step - args.save_last_n_steps_state)
+
+
+def _end_epoch(run: Run, progress: Progress, recorder: LossRecorder) -> None:
+    args, acc = run.args, run.accelerator
+    done = progress.epoch + 1
+    progress.epoch += 1
+    progress.batches_done = 0
+    logs = {"loss/epoch": recorder.epoch_average}
+    if args.validate_every_n_epochs and done % args.validate_every_n_epochs == 0:
+        value = _validate(run, progress.global_step)
+        if value is not None:
+            logs["loss/validation/epoch"] = value
+    if acc.log_with:
+        acc.log(logs, step=progress.global_step)
+    if done >= run.num_epochs:
+        return
+    if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
+        _sample(run, progress, epoch_label=done)
+    if args.save_every_n_epochs and done % args.save_every_n_epochs == 0:
+        _save_weights(run, run.names.epoch(done), progress)
+        if args.save_last_n_epochs:
+            _prune(run, "epoch", state=False, keep_after=done - args.save_every_n_epochs * args.save_last_n_epochs)
+        if args.save_state:
+            _write_state(run, run.names.epoch_state(done), _snapshot(run, progress))
+            if args.save_last_n_epochs_state:
+                _prune(run, "epoch", state=True,
+                       keep_after=done - args.save_every_n_epochs * args.save_last_n_epochs_state)
+
+
+def _finish(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, Any]]) -> Path:
+    args, acc = run.args, run.accelerator
+    if args.sample_every_n_epochs or args.sample_every_n_steps:
+        _sample(run, progress, epoch_label=progress.epoch if args.sample_every_n_epochs else None)
+    path = run.names.final()
+    _save_weights(run, path, progress)
+    if args.save_state_on_train_end:
+        _write_state(run, run.names.final_state(), snapshot)
+    if acc.is_main_process:
+        print(f"saved {path}", flush=True)
+    return path
+
+
+def _prune(run: Run, kind: str, *, state: bool, keep_after: int) -> None:
+    if run.accelerator.is_main_process:
+        prune(run.names, kind, state=state, keep_after=keep_after)
+
+
+def _save_weights(run: Run, path: Path, progress: Progress) -> None:
+    from library.training.lora_metadata import per_save_metadata
+
+    acc = run.accelerator
+    if acc.is_main_process:
+        with _side_work(run):
+            meta = per_save_metadata(run.metadata, global_step=progress.global_step, epoch=progress.epoch,
+                                     minimal=bool(run.args.no_metadata)) if run.metadata else {}
+            run.recipe.save(path, SaveInfo(progress.global_step, progress.epoch, meta), run.args)
+    acc.wait_for_everyone()
+
+
+def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]) -> None:
+    progress, rng = snapshot
+    acc = run.accelerator
+    save_state(path, acc, progress=progress, weights=run.recipe.state_dict(), optimizer=run.optimizer.state_dict(),
+               scheduler=run.lr_scheduler.state_dict(),
+               scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng,
+               info={"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
+                     "saved_at": time.time()})
+
+
+def _sample(run: Run, progress: Progress, epoch_label: int | None) -> None:
+    from library.training.sampling import generate_samples
+
+    acc = run.accelerator
+    if not run.sample_prompts:
+        return
+    if acc.is_main_process:
+        with _side_work(run), torch.no_grad():
+            generate_samples(
+                run.models, run.sample_prompts, output_dir=Path(run.args.output_dir) / "sample",
+                output_name=run.names.name, step=progress.global_step, epoch=epoch_label, device=acc.device,
+                dtype=run.weight_dtype, args=run.args, seed=run.seed,
+            )
+    acc.wait_for_everyone()
+
+
+def _validate(run: Run, global_step: int) -> float | None:
+    """Mean loss over the validation batches at fixed timesteps and fixed noise (comparable between calls)."""
+    if run.val_loader is None:
+        return None
+    acc = run.accelerator
+    lo, hi = run.noise_settings.timestep_range(run.noise_scheduler.config.num_train_timesteps)
+    points = torch.linspace(lo, hi, VALIDATION_TIMESTEP_POINTS + 2)[1:-1].round().long()
+    seed = run.params.datasets[0].validation_seed if run.params.datasets[0].validation_seed is not None else run.seed
+    generator = torch.Generator(device=acc.device).manual_seed(seed + acc.process_index)
+    total, count = 0.0, 0
+    with _side_work(run), torch.no_grad():
+        run.val_loader.set_epoch(0)
+        for i, batch in enumerate(run.val_loader):
+            if run.args.max_validation_steps is not None and i >= run.args.max_validation_steps:
+                break
+            size = len(batch["captions"])
+            for t in points:
+                loss = batch_loss(run, batch, global_step, timesteps=t.repeat(size), generator=generator)
+                total += float(loss)
+                count += 1
+    return _reduce_mean(run, total / max(count, 1))

@@ -1,0 +1,291 @@
+"""Everything before the first step: checks (all before any model loads), the accelerator, the dataset and
+its plan, models, the recipe's trained modules, caches, optimizer, scheduler, and the resumed state."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.config.dataset_config import resolve_dataset_params
+from library.config.params import DatasetGroupParams, DatasetSupport
+from library.errors import UserError
+from library.training.arguments import validate_training_args
+from library.training.logging_utils import tracker_settings
+from library.training.outputs import OutputNames, check_output_dir
+from library.training.recipes import Recipe
+from library.training.state import verify_state
+from library.training.text_cache import caption_variation_reasons
+
+
+@dataclass
+class Checked:
+    """Results of the checks that run before the accelerator and any model exist."""
+
+    params: DatasetGroupParams
+    names: OutputNames
+    cache_text: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def uses_cuda() -> bool:
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.cuda.is_available() and not forced_cpu
+
+
+def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport) -> Checked:
+    """Validate every option and the dataset configuration; one UserError for all problems found."""
+    from library.training.losses import validate_noise_loss_args
+    from library.training.optimizers import validate_optimizer_args
+    from library.training.schedulers import validate_scheduler_args
+
+    validate_training_args(args, cuda=uses_cuda())
+    validate_noise_loss_args(args)
+    validate_optimizer_args(args)
+    validate_scheduler_args(args)
+    problems = recipe.option_problems(args)
+    params = resolve_dataset_params(args, support)
+
+    cache_latents = args.cache_latents or args.cache_latents_to_disk
+    if cache_latents:
+        for ds in params.datasets:
+            for sub in ds.subsets:
+                bad = [n for n, on in (("random_crop", sub.random_crop), ("color_aug", sub.color_aug),
+                                       ("face_crop_aug_range", sub.face_crop_aug_range)) if on]
+                if bad:
+                    problems.append(f"--cache_latents: {sub.origin} has {', '.join(bad)}, which change the image "
+                                    "every step, so latents cannot be computed once; remove one or the other")
+
+    variation = caption_variation_reasons(params)
+    want_text_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
+    if want_text_cache:
+        if recipe.trains_text_encoder():
+            problems.append("--cache_text_encoder_outputs needs a frozen text encoder: add --network_train_unet_only "
+                            "(or remove the caching option)")
+        for reason in variation:
+            problems.append(f"--cache_text_encoder_outputs: captions change every step ({reason}); remove the "
+                            "option or the caption randomization")
+    cache_text = want_text_cache or (not recipe.trains_text_encoder() and not variation)
+
+    output_name = args.output_name or "last"
+    names = OutputNames(Path(args.output_dir or "."), output_name, recipe.file_extension)
+    if args.resume:
+        try:
+            verify_state(args.resume)
+        except UserError as err:
+            problems.append(err.message)
+    if args.sample_prompts and not Path(args.sample_prompts).is_file():
+        problems.append(f"--sample_prompts {args.sample_prompts}: no such file")
+    if problems:
+        raise UserError.from_problems("cannot start training", problems)
+    if args.output_dir is not None:
+        check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
+    return Checked(params=params, names=names, cache_text=cache_text)
+
+
+def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    trackers, project_dir = tracker_settings(args, tracker_name)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout else []
+    return Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_dir=project_dir,
+                       kwargs_handlers=handlers, cpu=not uses_cuda())
+
+
+def shared_seed(args: argparse.Namespace, accelerator: Any) -> int:
+    """``--seed``, or one random seed chosen by the main process and shared with the others."""
+    if args.seed is not None:
+        return int(args.seed)
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [random.SystemRandom().randrange(2**31) if accelerator.is_main_process else 0]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    return int(chosen[0])
+
+
+def weight_dtype(args: argparse.Namespace) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+
+
+def training_length(args: argparse.Namespace, steps_per_epoch: int) -> tuple[int, int]:
+    """``(max_train_steps, num_epochs)``; ``--max_train_epochs`` wins over ``--max_train_steps``."""
+    if steps_per_epoch < 1:
+        raise UserError("the dataset has no training batches: check the image folders and repeats in the plan above")
+    if args.max_train_epochs is not None:
+        return args.max_train_epochs * steps_per_epoch, args.max_train_epochs
+    return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
+
+
+def set_attention(models: Any, args: argparse.Namespace) -> str:
+    """SDPA (the default; also for ``--mem_eff_attn``) or xformers on the UNet and the VAE."""
+    if args.xformers:
+        models.unet.enable_xformers_memory_efficient_attention()
+        models.vae.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    models.unet.set_attn_processor(AttnProcessor2_0())
+    models.vae.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    from library.training.text_cache import encoder_fingerprint
+
+    return encoder_fingerprint(module)
+
+
+def make_vae_encoder(vae: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    """``encode(images in [-1, 1]) -> unscaled latents`` (the distribution's mean: deterministic, so
+    cached and uncached runs train on the same latents)."""
+
+    @torch.no_grad()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        out = vae.encode(images.to(device, dtype)).latent_dist.mode()
+        return out.float()
+
+    return encode
+
+
+def describe_time(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, assembled by :func:`build_run`."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    recipe: Recipe
+    models: Any
+    group: Any
+    params: DatasetGroupParams
+    loader: Any
+    val_loader: Any
+    optimizer: Any
+    lr_scheduler: Any
+    lr_names: list[str]
+    noise_scheduler: Any
+    noise_settings: Any
+    loss_settings: Any
+    text: Any
+    names: OutputNames
+    max_train_steps: int
+    num_epochs: int
+    weight_dtype: torch.dtype
+    vae_encode: Any
+    seed: int
+    generator: torch.Generator
+    metadata: dict[str, str] = field(default_factory=dict)
+    sample_prompts: list[Any] = field(default_factory=list)
+    resumed: Any = None
+    optimizer_name: str = ""
+
+
+def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
+              seed: int, max_train_steps: int, num_epochs: int, tracker_name: str) -> Run:
+    """Load the models and build the trained modules, caches, optimizer and scheduler; read ``--resume``."""
+    from accelerate.utils import set_seed
+
+    from library.dataset import make_train_loader
+    from library.models.arguments import parse_max_token_length
+    from library.models.loading import load_sd_models
+    from library.models.text_encoding import TextEncoding
+    from library.training.losses import LossSettings
+    from library.training.noise import NoiseSettings, make_noise_scheduler
+    from library.training.optimizers import create_optimizer, uses_relative_step
+    from library.training.schedulers import create_scheduler
+    from library.training.state import load_state
+    from library.training.text_cache import TextConditioner, encoder_fingerprint
+
+    device = accelerator.device
+    dtype = weight_dtype(args)
+    set_seed(seed)
+    models = load_sd_models(args, device=device if args.lowram else "cpu", dtype=torch.float32)
+    attention = set_attention(models, args)
+    for module in (models.unet, models.vae, *models.text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    recipe.setup(models, args, device)
+    trained = recipe.trained_base_modules()
+    vae_dtype = torch.float32 if args.no_half_vae else dtype
+    models.vae.to(device, vae_dtype)
+    models.unet.to(device, torch.float32 if "unet" in trained else dtype)
+    for te in models.text_encoders:
+        te.to(device, torch.float32 if "text_encoder" in trained else dtype)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()
+        if recipe.trains_text_encoder():
+            for te in models.text_encoders:
+                te.gradient_checkpointing_enable()
+                te.train()
+
+    vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
+    if args.cache_latents or args.cache_latents_to_disk:
+        key = f"vae-{module_fingerprint(models.vae)[:16]}-{str(vae_dtype).removeprefix('torch.')}"
+        group.cache_latents(vae_encode, cache_key=key, to_disk=args.cache_latents_to_disk,
+                            batch_size=args.vae_batch_size, process_index=accelerator.process_index,
+                            num_processes=accelerator.num_processes)
+        accelerator.wait_for_everyone()
+
+    encoding = TextEncoding(models.tokenizers[0], models.text_encoders[0],
+                            max_token_length=parse_max_token_length(args.max_token_length),
+                            clip_skip=args.clip_skip, v2=models.family.v2)
+    cache_dir = identity = None
+    if args.cache_text_encoder_outputs_to_disk:
+        cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
+        identity = (f"{encoder_fingerprint(models.text_encoders[0])}|clip_skip={args.clip_skip}|"
+                    f"max_tokens={args.max_token_length}|weighted={args.weighted_captions}|{dtype}")
+    text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
+                           cache_dir=cache_dir, identity=identity or "")
+
+    workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+    loader_kwargs = dict(seed=seed, num_workers=workers, persistent_workers=args.persistent_data_loader_workers,
+                         process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    loader = make_train_loader(group, grad_accum=args.gradient_accumulation_steps, **loader_kwargs)
+    val_loader = make_train_loader(group, validation=True, **loader_kwargs) if group.validation else None
+
+    groups, lr_names = recipe.param_groups(args)
+    optimizer_name, optimizer = create_optimizer(groups, args)
+    lr_scheduler = create_scheduler(optimizer, args, max_train_steps, num_processes=1,
+                                    adafactor_relative_step=uses_relative_step(optimizer))
+    if args.full_fp16 or args.full_bf16:
+        recipe.cast_trained(torch.float16 if args.full_fp16 else torch.bfloat16)
+    optimizer = accelerator.prepare(optimizer)
+
+    resumed = None
+    if args.resume:
+        resumed = load_state(args.resume, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes)
+        recipe.load_state_dict(resumed.weights)
+        optimizer.load_state_dict(resumed.optimizer)
+        lr_scheduler.load_state_dict(resumed.scheduler)
+        if resumed.scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(resumed.scaler)
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed * 1000 + accelerator.process_index)
+    set_seed(seed, device_specific=True)
+    if accelerator.is_main_process:
+        print(f"attention: {attention}; weights {str(dtype).removeprefix('torch.')}, trained parameters: "
+              f"{sum(p.numel() for p in recipe.trainable_parameters()):,}")
+    return Run(
+        args=args, accelerator=accelerator, recipe=recipe, models=models, group=group, params=checked.params,
+        loader=loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names,
+        noise_scheduler=make_noise_scheduler(models.family.v_parameterization, bool(args.zero_terminal_snr)),
+        noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
+        names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
+        vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
+    )

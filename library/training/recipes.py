@@ -1,0 +1,214 @@
+"""Recipes: what differs between LoRA training, DreamBooth and fine-tuning, behind one small interface.
+
+The loop (``library.training.loop``) trains whatever parameters a :class:`Recipe` exposes. A recipe decides
+which modules train (a LoRA network, or the UNet and optionally the text encoder), the optimizer's parameter
+groups, whether the text encoder gets gradients at a given step, what a resumable state holds, and how the
+trained weights are written. A full-weight recipe (DreamBooth with ``--stop_text_encoder_training``,
+fine-tuning) implements the same methods, without changes to the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+
+
+@dataclass
+class SaveInfo:
+    """What a recipe needs to write a file: ``metadata`` (already built for the run), and where in the run."""
+
+    global_step: int
+    epoch: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Recipe(ABC):
+    """The part of a training run that depends on what is trained."""
+
+    name: str = ""
+    file_extension: str = "safetensors"
+
+    @abstractmethod
+    def option_problems(self, args: argparse.Namespace) -> list[str]:
+        """Problems with the recipe's options (checked before any model loads)."""
+
+    @abstractmethod
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder gets gradients at any step of the run (decided from the options)."""
+
+    def trained_base_modules(self) -> set[str]:
+        """Base modules whose own weights train (``unet``, ``text_encoder``): kept in float32 while the
+        frozen ones are cast to the mixed-precision dtype. A LoRA recipe trains none of them."""
+        return set()
+
+    def text_encoder_trains_at(self, global_step: int) -> bool:
+        """Whether the text encoder gets gradients at this step (DreamBooth may stop training it)."""
+        return self.trains_text_encoder()
+
+    @abstractmethod
+    def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
+        """Create/select the trained modules on ``models`` (an ``SDModels``) and set ``requires_grad``."""
+
+    @abstractmethod
+    def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+        """Optimizer parameter groups and a log name for each (``unet``, ``textencoder``, ``group<i>``)."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer updates."""
+
+    @abstractmethod
+    def train_mode(self, training: bool) -> None:
+        """Switch the trained modules between training and evaluation (sampling, validation)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights for a resumable state."""
+
+    @abstractmethod
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` (strict)."""
+
+    @abstractmethod
+    def save(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
+        """Write the trained weights (atomically) to ``path``."""
+
+    def before_forward(self, batch: dict[str, Any]) -> None:
+        """Per-batch settings (e.g. the dataset's network multiplier)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Per-epoch hook (e.g. a network's dropout schedule)."""
+
+    def after_optimizer_step(self, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+        """Work after each optimizer step (e.g. max-norm regularization); returns values to log."""
+        return {}
+
+    def cast_trained(self, dtype: torch.dtype) -> None:
+        """Cast the trained weights (``--full_fp16`` / ``--full_bf16``)."""
+
+    def metadata(self, args: argparse.Namespace) -> dict[str, str]:
+        """Recipe-specific metadata entries for saved files."""
+        return {}
+
+
+def _save_dtype(precision: str | None, fallback: torch.dtype) -> torch.dtype:
+    return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision or "", fallback)
+
+
+class LoRARecipe(Recipe):
+    """A kohya-style network module (``--network_module``, default ``networks.lora``) trained on top of the
+    frozen UNet and text encoder."""
+
+    name = "lora"
+
+    def __init__(self, args: argparse.Namespace):
+        self.train_unet = not getattr(args, "network_train_text_encoder_only", False)
+        self.train_te = not getattr(args, "network_train_unet_only", False)
+        self.file_extension = {"ckpt": "ckpt", "pt": "pt"}.get(getattr(args, "save_model_as", None), "safetensors")
+        self.network: Any = None
+        self.module_name = args.network_module or "networks.lora"
+        self.network_kwargs: dict[str, Any] = {}
+
+    def option_problems(self, args: argparse.Namespace) -> list[str]:
+        from library.training.network_args import network_option_problems, parse_network_args
+
+        problems = network_option_problems(args)
+        try:
+            importlib.import_module(self.module_name)
+        except ImportError as err:
+            problems.append(f"--network_module {self.module_name}: cannot import it ({err})")
+        if not problems:
+            self.network_kwargs = parse_network_args(args.network_args, self.module_name)
+        return problems
+
+    def trains_text_encoder(self) -> bool:
+        return self.train_te
+
+    def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
+        module = importlib.import_module(self.module_name)
+        text_encoder = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+        multipliers = args.base_weights_multiplier or []
+        for i, file in enumerate(args.base_weights or []):
+            merged, weights = module.create_network_from_weights(
+                multipliers[i] if i < len(multipliers) else 1.0, file, models.vae, text_encoder, models.unet,
+                for_inference=True)
+            merged.merge_to(text_encoder, models.unet, weights, torch.float32, "cpu")
+        if args.dim_from_weights:
+            self.network, _ = module.create_network_from_weights(
+                1.0, args.network_weights, models.vae, text_encoder, models.unet,
+                neuron_dropout=args.network_dropout, **self.network_kwargs)
+        else:
+            self.network = module.create_network(
+                1.0, args.network_dim, args.network_alpha, models.vae, text_encoder, models.unet,
+                neuron_dropout=args.network_dropout, **self.network_kwargs,
+            )
+        if self.network is None:
+            raise UserError(f"--network_module {self.module_name} created no network with these --network_args")
+        self.network.apply_to(text_encoder, models.unet, self.train_te, self.train_unet)
+        if args.network_weights:
+            self.network.load_weights(args.network_weights)
+        if args.gradient_checkpointing and hasattr(self.network, "enable_gradient_checkpointing"):
+            self.network.enable_gradient_checkpointing()
+        self.network.to(device)
+        self.network.requires_grad_(True)
+
+    def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+        result = self.network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+        groups, descriptions = result if isinstance(result, tuple) else (result, None)
+        if descriptions is None or len(descriptions) != len(groups):
+            if len(groups) == 2 and self.train_te and self.train_unet:
+                descriptions = ["textencoder", "unet"]
+            elif len(groups) == 1:
+                descriptions = ["unet" if self.train_unet else "textencoder"]
+            else:
+                descriptions = [f"group{i}" for i in range(len(groups))]
+        return groups, [d.replace(" ", "_") for d in descriptions]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    def train_mode(self, training: bool) -> None:
+        self.network.train(training)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.network.state_dict()
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.network.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(f"the resumed state does not fit this network (missing {len(missing)} tensors, e.g. "
+                            f"{missing[:2]}; unexpected {len(unexpected)}, e.g. {unexpected[:2]}): resume with the "
+                            "same --network_module, --network_dim and --network_args as the saved run")
+
+    def before_forward(self, batch: dict[str, Any]) -> None:
+        multipliers = batch.get("network_multipliers")
+        if multipliers is None:
+            return
+        values = multipliers.tolist()
+        if all(v == values[0] for v in values):
+            self.network.set_multiplier(float(values[0]))
+        else:
+            self.network.set_multiplier(multipliers)
+
+    def after_optimizer_step(self, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+        if args.scale_weight_norms is None:
+            return {}
+        keys_scaled, mean_norm, maximum_norm = self.network.apply_max_norm_regularization(args.scale_weight_norms,
+                                                                                         device)
+        return {"max_norm/keys_scaled": float(keys_scaled), "norm/avg_key_norm": float(mean_norm),
+                "max_norm/max_key_norm": float(maximum_norm)}
+
+    def cast_trained(self, dtype: torch.dtype) -> None:
+        self.network.to(dtype)
+
+    def save(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
+        dtype = _save_dtype(getattr(args, "save_precision", None), next(self.network.parameters()).dtype)
+        self.network.save_weights(str(path), dtype, info.metadata or None)

@@ -1,0 +1,110 @@
+"""Text conditioning for the UNet: encode captions, or reuse earlier outputs of a frozen text encoder.
+
+When the text encoder does not train and a caption is always the same text (no shuffle, dropout, token
+warmup or wildcards), encoding it again every step is wasted work, so :class:`TextConditioner` keeps the
+outputs in memory (and with ``--cache_text_encoder_outputs_to_disk`` in a folder of safetensors files).
+Entries are keyed by the processed caption and the encoder's identity (weights fingerprint, clip skip,
+token length, weighting), never by image path, so an edited caption can never reuse a stale entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from library.config.params import DatasetGroupParams
+from library.io_utils import atomic_save_file
+
+
+def caption_variation_reasons(params: DatasetGroupParams) -> list[str]:
+    """Why captions may differ from step to step (each reason names the subset); empty when they cannot."""
+    reasons = []
+    for dataset in params.datasets:
+        for subset in dataset.subsets:
+            where = subset.origin
+            if subset.shuffle_caption:
+                reasons.append(f"{where}: shuffle_caption")
+            if subset.caption_dropout_rate > 0:
+                reasons.append(f"{where}: caption_dropout_rate={subset.caption_dropout_rate}")
+            if subset.caption_dropout_every_n_epochs > 0:
+                reasons.append(f"{where}: caption_dropout_every_n_epochs={subset.caption_dropout_every_n_epochs}")
+            if subset.caption_tag_dropout_rate > 0:
+                reasons.append(f"{where}: caption_tag_dropout_rate={subset.caption_tag_dropout_rate}")
+            if subset.token_warmup_step > 0:
+                reasons.append(f"{where}: token_warmup_step={subset.token_warmup_step}")
+            if subset.enable_wildcard:
+                reasons.append(f"{where}: enable_wildcard")
+    return reasons
+
+
+def encoder_fingerprint(text_encoder: torch.nn.Module) -> str:
+    """SHA-256 over the encoder's parameters (identifies the weights, whatever file they came from)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(text_encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class TextConditioner:
+    """``encoder_hidden_states`` for a list of processed captions.
+
+    ``encoding`` is a :class:`library.models.text_encoding.TextEncoding`. With ``cache=True`` the outputs
+    are computed once per caption without gradient (only valid for a frozen encoder and fixed captions:
+    the caller checks that); ``cache_dir`` adds a disk copy identified by ``identity``.
+    """
+
+    def __init__(self, encoding: Any, *, weighted: bool, cache: bool, cache_dir: str | Path | None = None,
+                 identity: str = ""):
+        self.encoding = encoding
+        self.weighted = weighted
+        self.cache = cache
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.identity = identity
+        self._memory: dict[str, torch.Tensor] = {}
+        self.encoded = 0  # captions actually run through the encoder (for tests and the summary)
+
+    def encode(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        """Run the encoder (gradient flows when its parameters require it)."""
+        self.encoded += len(captions)
+        if self.weighted:
+            ids, weights = self.encoding.tokenize_weighted(captions)
+            return self.encoding.encode(ids.to(device), weights.to(device))
+        return self.encoding.encode(self.encoding.tokenize(captions).to(device))
+
+    def __call__(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        if not self.cache:
+            return self.encode(captions, device)
+        keys = [self._key(c) for c in captions]
+        missing = [i for i, k in enumerate(keys) if k not in self._memory and not self._load(k)]
+        if missing:
+            todo = list(dict.fromkeys(captions[i] for i in missing))
+            with torch.no_grad():
+                out = self.encode(todo, device)
+            for caption, tensor in zip(todo, out):
+                key = self._key(caption)
+                self._memory[key] = tensor.detach()
+                self._store(key, tensor)
+        return torch.stack([self._memory[k].to(device) for k in keys])
+
+    def _key(self, caption: str) -> str:
+        return hashlib.sha256(f"{self.identity}\0{caption}".encode("utf-8")).hexdigest()
+
+    def _load(self, key: str) -> bool:
+        if self.cache_dir is None:
+            return False
+        path = self.cache_dir / f"{key}.safetensors"
+        if not path.is_file():
+            return False
+        self._memory[key] = load_file(str(path))["hidden_states"]
+        return True
+
+    def _store(self, key: str, tensor: torch.Tensor) -> None:
+        if self.cache_dir is None:
+            return
+        data = {"hidden_states": tensor.detach().cpu().contiguous()}
+        atomic_save_file(self.cache_dir / f"{key}.safetensors", lambda tmp: save_file(data, tmp))

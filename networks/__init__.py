@@ -1,0 +1,1 @@
+"""Trainable networks loaded with ``--network_module`` (kohya-style module interface)."""

@@ -1,0 +1,812 @@
+"""Kohya-format LoRA and LoCon for diffusers SD1.x/2.x models.
+
+Module names, tensor keys and the math are those of kohya-ss/sd-scripts ``networks.lora``, so the files we write
+load in A1111, ComfyUI, diffusers (``load_lora_weights``) and sd-scripts, and their files load here:
+
+- UNet: every ``nn.Linear`` / ``nn.Conv2d`` inside a ``Transformer2DModel`` (attention ``to_q/k/v/out.0``,
+  ``proj_in``/``proj_out``, ``ff.net.0.proj``, ``ff.net.2``), named ``lora_unet_<module path with _>``. With
+  ``conv_dim`` (LoCon) also ``ResnetBlock2D``/``Downsample2D``/``Upsample2D``: 3x3 convs get the conv rank, their
+  Linear and 1x1 children (``time_emb_proj``, ``conv_shortcut``) the linear rank.
+- Text encoder: ``q/k/v/out_proj`` and ``fc1/fc2`` of the CLIP attention and MLP blocks, named
+  ``lora_te_text_model_encoder_layers_<i>_...`` (``lora_te1_``/``lora_te2_`` with two encoders). transformers 5
+  dropped ``text_model.`` from the module paths; the standard names keep it.
+- Per module: ``.lora_down.weight`` ``[r, in]`` (conv ``[r, in, kh, kw]``), ``.lora_up.weight`` ``[out, r]``
+  (conv ``[out, r, 1, 1]``), ``.alpha`` (0-d); ``y = org(x) + up(down(x)) * multiplier * alpha / r``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+PREFIX_UNET = "lora_unet"
+PREFIX_TEXT_ENCODER = "lora_te"
+
+NUM_OF_BLOCKS = 12  # down (and up) block slots of the SD1/2 UNet in LDM numbering; mid is slot 12
+NUM_BLOCK_VALUES = NUM_OF_BLOCKS * 2 + 1
+LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+NETWORK_ARGS = (
+    "conv_dim",
+    "conv_alpha",
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "block_lr_zero_threshold",
+    "rank_dropout",
+    "module_dropout",
+    "dropout",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
+)
+_SHAPE_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+
+_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+_RE_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te\d?_)(?!text_model_)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --network_args
+
+
+def _bad(key: str, value: Any, expected: str) -> UserError:
+    return UserError(f"--network_args {key}={value!r}: expected {expected}, e.g. --network_args \"{key}=...\"")
+
+
+def _parse_int(key: str, value: Any, minimum: int = 0) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise _bad(key, value, "an integer") from None
+    if number < minimum:
+        raise _bad(key, value, f"an integer >= {minimum}")
+    return number
+
+
+def _parse_float(key: str, value: Any) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise _bad(key, value, "a number") from None
+    if not math.isfinite(number):
+        raise _bad(key, value, "a finite number")
+    return number
+
+
+def _parse_probability(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    p = _parse_float(key, value)
+    if not 0.0 <= p < 1.0:
+        raise _bad(key, value, "a probability in [0, 1)")
+    return p or None
+
+
+def _parse_list(key: str, value: Any, kind: type, count: int) -> tuple:
+    items = [s.strip() for s in str(value).split(",")]
+    try:
+        values = tuple(kind(s) for s in items)
+    except ValueError:
+        raise _bad(key, value, f"{count} comma-separated {'integers' if kind is int else 'numbers'}") from None
+    if len(values) != count:
+        raise UserError(
+            f"--network_args {key}: {len(values)} values given, {count} needed for the SD1/2 UNet "
+            f"(12 down blocks, the mid block, 12 up blocks)"
+        )
+    return values
+
+
+def _lr_weight_list(key: str, value: Any, threshold: float) -> tuple[float, ...]:
+    text = str(value).strip()
+    name, _, base_text = text.partition("+")
+    if "," not in text and name in LR_WEIGHT_PRESETS:
+        base = _parse_float(key, base_text) if base_text else 0.0
+        n = NUM_OF_BLOCKS
+        if name == "zeros":
+            weights = [base] * n
+        elif name in ("linear", "reverse_linear"):
+            order = range(n) if name == "linear" else reversed(range(n))
+            weights = [i / (n - 1) + base for i in order]
+        else:
+            order = range(n) if name == "sine" else reversed(range(n))
+            weights = [math.sin(math.pi * (i / (n - 1)) / 2) + base for i in order]
+    else:
+        try:
+            weights = [float(s) if s.strip() else 0.0 for s in text.split(",")]
+        except ValueError:
+            close = difflib.get_close_matches(name, LR_WEIGHT_PRESETS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _bad(key, value, f"comma-separated numbers or a preset {'|'.join(LR_WEIGHT_PRESETS)}[+base]{hint}")
+        if len(weights) > NUM_OF_BLOCKS:
+            raise UserError(f"--network_args {key}: {len(weights)} values given, at most {NUM_OF_BLOCKS} allowed")
+        if len(weights) < NUM_OF_BLOCKS:
+            logger.warning("%s has %d values; the remaining blocks get weight 1.0", key, len(weights))
+            weights += [1.0] * (NUM_OF_BLOCKS - len(weights))
+    return tuple(w if w > threshold else 0.0 for w in weights)
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """Everything that decides the network's shape and training behaviour (parsed ``--network_args``)."""
+
+    dim: int = 4
+    alpha: float = 1.0
+    dropout: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    down_lr_weight: tuple[float, ...] | None = None
+    mid_lr_weight: float | None = None
+    up_lr_weight: tuple[float, ...] | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+    modules_dim: Mapping[str, int] | None = field(default=None, repr=False)
+    modules_alpha: Mapping[str, float] | None = field(default=None, repr=False)
+
+    @property
+    def block_lr(self) -> bool:
+        return any(w is not None for w in (self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight))
+
+    @property
+    def scans_conv_blocks(self) -> bool:
+        return self.conv_dim is not None or self.conv_block_dims is not None or self.modules_dim is not None
+
+    def lr_weight(self, block_idx: int) -> float:
+        """Learning-rate weight of a UNet block slot (``block_index``); 1.0 where none is set."""
+        if block_idx < 0:
+            return 1.0
+        if block_idx < NUM_OF_BLOCKS:
+            return 1.0 if self.down_lr_weight is None else self.down_lr_weight[block_idx]
+        if block_idx == NUM_OF_BLOCKS:
+            return 1.0 if self.mid_lr_weight is None else self.mid_lr_weight
+        return 1.0 if self.up_lr_weight is None else self.up_lr_weight[block_idx - NUM_OF_BLOCKS - 1]
+
+    def rank_for(self, lora_name: str, is_unet: bool, is_3x3: bool) -> tuple[int, float] | None:
+        """``(rank, alpha)`` of a module, or None when it gets no LoRA."""
+        if self.modules_dim is not None:
+            if lora_name not in self.modules_dim:
+                return None
+            dim = self.modules_dim[lora_name]
+            return dim, (self.modules_alpha or {}).get(lora_name, dim)
+        idx = block_index(lora_name) if is_unet else -1
+        if is_unet and self.block_dims is not None and idx >= 0:
+            if not is_3x3:
+                dim, alpha = self.block_dims[idx], self.block_alphas[idx]
+            elif self.conv_block_dims is not None:
+                dim, alpha = self.conv_block_dims[idx], self.conv_block_alphas[idx]
+            else:
+                return None
+        elif not is_3x3:
+            dim, alpha = self.dim, self.alpha
+        elif self.conv_dim is not None:
+            dim, alpha = self.conv_dim, self.conv_alpha
+        else:
+            return None
+        return (dim, alpha) if dim else None
+
+
+def parse_network_kwargs(
+    kwargs: Mapping[str, Any],
+    network_dim: int | None = None,
+    network_alpha: float | None = None,
+    neuron_dropout: float | None = None,
+) -> LoRAOptions:
+    """Validate ``--network_args`` for this module and resolve block dims/alphas and block LR weights.
+
+    Raises :class:`UserError` for unknown keys (with a "did you mean") and malformed values.
+    """
+    unknown = [k for k in kwargs if k not in NETWORK_ARGS]
+    if unknown:
+        problems = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, NETWORK_ARGS, n=1)
+            problems.append(f"{key!r} is not an argument of networks.lora" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        problems.append(f"known arguments: {', '.join(NETWORK_ARGS)}")
+        raise UserError.from_problems("--network_args", problems)
+
+    def get(key: str) -> Any:
+        value = kwargs.get(key)
+        return None if value is None or str(value).strip() in ("", "None") else value
+
+    dim = 4 if network_dim is None else int(network_dim)
+    alpha = 1.0 if network_alpha is None else float(network_alpha)
+    dropout = neuron_dropout if neuron_dropout is not None else get("dropout")
+    conv_dim = None if get("conv_dim") is None else _parse_int("conv_dim", get("conv_dim"))
+    conv_alpha = None if get("conv_alpha") is None else _parse_float("conv_alpha", get("conv_alpha"))
+    if conv_dim is not None and conv_alpha is None:
+        conv_alpha = 1.0
+    threshold = _parse_float("block_lr_zero_threshold", get("block_lr_zero_threshold") or 0.0)
+    down = None if get("down_lr_weight") is None else _lr_weight_list("down_lr_weight", get("down_lr_weight"), threshold)
+    up = None if get("up_lr_weight") is None else _lr_weight_list("up_lr_weight", get("up_lr_weight"), threshold)
+    mid = None
+    if get("mid_lr_weight") is not None:
+        mid = _parse_float("mid_lr_weight", get("mid_lr_weight"))
+        mid = mid if mid > threshold else 0.0
+
+    block_dims = block_alphas = conv_block_dims = conv_block_alphas = None
+    if any(get(k) is not None for k in ("block_dims", "conv_block_dims")) or down or up or mid is not None:
+        n = NUM_BLOCK_VALUES
+        block_dims = _parse_list("block_dims", get("block_dims"), int, n) if get("block_dims") else (dim,) * n
+        block_alphas = _parse_list("block_alphas", get("block_alphas"), float, n) if get("block_alphas") else (alpha,) * n
+        if get("conv_block_dims") is not None:
+            conv_block_dims = _parse_list("conv_block_dims", get("conv_block_dims"), int, n)
+            conv_block_alphas = (
+                _parse_list("conv_block_alphas", get("conv_block_alphas"), float, n)
+                if get("conv_block_alphas")
+                else (conv_alpha if conv_alpha is not None else 1.0,) * n
+            )
+        elif conv_dim is not None:
+            conv_block_dims, conv_block_alphas = (conv_dim,) * n, (conv_alpha,) * n
+        # blocks whose learning rate is zero get no LoRA at all
+        zero = [i for i in range(n) if (down and i < NUM_OF_BLOCKS and down[i] == 0)]
+        zero += [NUM_OF_BLOCKS] if mid == 0 else []
+        zero += [NUM_OF_BLOCKS + 1 + i for i, w in enumerate(up or ()) if w == 0]
+        block_dims = tuple(0 if i in zero else d for i, d in enumerate(block_dims))
+        if conv_block_dims is not None:
+            conv_block_dims = tuple(0 if i in zero else d for i, d in enumerate(conv_block_dims))
+
+    def ratio(key: str) -> float | None:
+        return None if get(key) is None else _parse_float(key, get(key))
+
+    return LoRAOptions(
+        dim=dim,
+        alpha=alpha,
+        dropout=_parse_probability("dropout", dropout),
+        rank_dropout=_parse_probability("rank_dropout", get("rank_dropout")),
+        module_dropout=_parse_probability("module_dropout", get("module_dropout")),
+        conv_dim=conv_dim,
+        conv_alpha=conv_alpha,
+        block_dims=block_dims,
+        block_alphas=block_alphas,
+        conv_block_dims=conv_block_dims,
+        conv_block_alphas=conv_block_alphas,
+        down_lr_weight=down,
+        mid_lr_weight=mid,
+        up_lr_weight=up,
+        loraplus_lr_ratio=ratio("loraplus_lr_ratio"),
+        loraplus_unet_lr_ratio=ratio("loraplus_unet_lr_ratio"),
+        loraplus_text_encoder_lr_ratio=ratio("loraplus_text_encoder_lr_ratio"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# names
+
+
+def block_index(lora_name: str) -> int:
+    """SD1/2 UNet block slot of a LoRA module: 1-11 down, 12 mid, 13-24 up (LDM numbering), -1 elsewhere."""
+    m = _RE_UPDOWN.search(lora_name)
+    if m:
+        kind, i, part, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        idx = 3 * i + (2 if part in ("upsamplers", "downsamplers") else j)
+        return 1 + idx if kind == "down" else NUM_OF_BLOCKS + 1 + idx
+    if "mid_block_" in lora_name:
+        return NUM_OF_BLOCKS
+    return -1
+
+
+def standard_key(key: str) -> str:
+    """Map text encoder keys written without ``text_model_`` (sd-scripts under transformers 5) to the standard."""
+    return _RE_TE_WITHOUT_TEXT_MODEL.sub(r"\1text_model_", key) if key.startswith("lora_te") else key
+
+
+def _text_encoder_list(text_encoder: nn.Module | Sequence[nn.Module | None] | None) -> list[nn.Module | None]:
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, (list, tuple)):
+        return list(text_encoder)
+    return [text_encoder]
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    lora_name: str
+    module: nn.Module
+    is_unet: bool
+    is_3x3: bool
+
+
+def find_target_modules(
+    text_encoders: Sequence[nn.Module | None], unet: nn.Module | None, scan_conv_blocks: bool
+) -> list[TargetModule]:
+    """All Linear/Conv2d modules that can carry a LoRA, with their kohya names."""
+    found: list[TargetModule] = []
+    present = [(i, te) for i, te in enumerate(text_encoders) if te is not None]
+    for i, te in present:
+        prefix = PREFIX_TEXT_ENCODER if len(text_encoders) == 1 else f"{PREFIX_TEXT_ENCODER}{i + 1}"
+        for name, module in te.named_modules():
+            if type(module).__name__ not in TEXT_ENCODER_TARGETS:
+                continue
+            path = name if name.startswith("text_model.") else f"text_model.{name}"
+            for child_name, child in module.named_modules():
+                if isinstance(child, nn.Linear):
+                    found.append(TargetModule(f"{prefix}_{path}.{child_name}".replace(".", "_"), child, False, False))
+    if unet is not None:
+        targets = UNET_TARGETS + (UNET_CONV_TARGETS if scan_conv_blocks else ())
+        for name, module in unet.named_modules():
+            if type(module).__name__ not in targets:
+                continue
+            for child_name, child in module.named_modules():
+                if isinstance(child, (nn.Linear, nn.Conv2d)):
+                    is_3x3 = isinstance(child, nn.Conv2d) and tuple(child.kernel_size) != (1, 1)
+                    found.append(TargetModule(f"{PREFIX_UNET}_{name}.{child_name}".replace(".", "_"), child, True, is_3x3))
+    names = [t.lora_name for t in found]
+    if len(set(names)) != len(names):
+        raise RuntimeError("duplicate LoRA module names: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modules
+
+
+def lora_delta(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The weight update ``up @ down`` (without scale) in the shape of the original weight."""
+    if down.dim() == 2:
+        return up @ down
+    if down.shape[2:] == (1, 1):
+        return (up.flatten(1) @ down.flatten(1)).unsqueeze(2).unsqueeze(3)
+    return F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+
+class LoRAModule(nn.Module):
+    """A LoRA beside one Linear/Conv2d. ``apply_to`` wraps the original module's ``forward``; the module itself
+    stays in its model (so its name, weights and hooks are untouched)."""
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        multiplier: float | torch.Tensor = 1.0,
+        lora_dim: int = 4,
+        alpha: float | torch.Tensor | None = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ):
+        super().__init__()
+        self.lora_name = lora_name
+        self.lora_dim = lora_dim
+        if isinstance(org_module, nn.Conv2d):
+            self.lora_down = nn.Conv2d(
+                org_module.in_channels,
+                lora_dim,
+                org_module.kernel_size,
+                org_module.stride,
+                org_module.padding,
+                org_module.dilation,
+                bias=False,
+            )
+            self.lora_up = nn.Conv2d(lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, lora_dim, bias=False)
+            self.lora_up = nn.Linear(lora_dim, org_module.out_features, bias=False)
+        if isinstance(alpha, torch.Tensor):
+            alpha = float(alpha.detach().float())
+        alpha = float(lora_dim if not alpha else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / lora_dim
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        # kept out of the module tree: the original weights must not appear in our state_dict
+        object.__setattr__(self, "org_module", org_module)
+        self.org_forward = None
+        self.register_load_state_dict_post_hook(LoRAModule._refresh_scale)
+
+    @staticmethod
+    def _refresh_scale(module: "LoRAModule", incompatible_keys: Any) -> None:
+        module.scale = float(module.alpha.detach().float()) / module.lora_dim
+
+    def apply_to(self) -> None:
+        if self.org_forward is not None:
+            raise RuntimeError(f"{self.lora_name} is already applied")
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.org_forward(x, *args, **kwargs)
+        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+            return out
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.dropout is not None and self.training:
+            lx = F.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout is not None and self.training:
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            if lx.dim() == 3:
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            lx = lx * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        lx = self.lora_up(lx)
+        multiplier = self.multiplier
+        if isinstance(multiplier, torch.Tensor):  # one multiplier per sample
+            multiplier = multiplier.to(lx.device, lx.dtype).view(-1, *([1] * (lx.dim() - 1)))
+        return out + (lx * (multiplier * scale)).to(out.dtype)
+
+    @torch.no_grad()
+    def merge_to(self, sd: Mapping[str, torch.Tensor], multiplier: float, dtype: torch.dtype | None, device: Any) -> None:
+        """Add ``multiplier * up @ down * alpha / r`` from ``sd`` (keys without the module name) to the weight."""
+        weight = self.org_module.weight
+        device = weight.device if device is None else device
+        down = sd["lora_down.weight"].to(device, torch.float32)
+        up = sd["lora_up.weight"].to(device, torch.float32)
+        rank = down.shape[0]
+        alpha = float(sd["alpha"]) if "alpha" in sd else rank
+        merged = weight.to(device, torch.float32) + lora_delta(up, down) * (multiplier * alpha / rank)
+        weight.copy_(merged.to(dtype or weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+
+
+def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a LoRA file (``.safetensors``, or a ``.ckpt``/``.pt`` pickle loaded with weights_only)."""
+    path = Path(file)
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as err:  # corrupt or foreign file: say which one
+        raise UserError(f"cannot read LoRA file {path}: {err}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path} is not a LoRA weights file (expected a flat dict of tensors)")
+    return sd
+
+
+def _listing(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _split_by_module(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights_sd.items():
+        name, _, rest = standard_key(key).partition(".")
+        modules.setdefault(name, {})[rest] = value
+    return modules
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# network
+
+
+class LoRANetwork(nn.Module):
+    """The LoRA modules of a text encoder (or list of them) and a UNet, with the kohya network interface."""
+
+    def __init__(
+        self,
+        text_encoder: nn.Module | Sequence[nn.Module | None] | None,
+        unet: nn.Module | None,
+        options: LoRAOptions,
+        multiplier: float = 1.0,
+    ):
+        super().__init__()
+        self.options = options
+        self.multiplier = multiplier
+        self.applied = False
+        self.text_encoder_loras: list[LoRAModule] = []
+        self.unet_loras: list[LoRAModule] = []
+        text_encoders = _text_encoder_list(text_encoder)
+        for target in find_target_modules(text_encoders, unet, options.scans_conv_blocks):
+            rank = options.rank_for(target.lora_name, target.is_unet, target.is_3x3)
+            if rank is None:
+                continue
+            lora = LoRAModule(
+                target.lora_name,
+                target.module,
+                multiplier,
+                rank[0],
+                rank[1],
+                options.dropout,
+                options.rank_dropout,
+                options.module_dropout,
+            )
+            self.add_module(target.lora_name, lora)
+            (self.unet_loras if target.is_unet else self.text_encoder_loras).append(lora)
+        logger.info("LoRA: %d text encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras))
+
+    def all_loras(self) -> list[LoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def set_multiplier(self, multiplier: float | torch.Tensor) -> None:
+        """Strength of every module; a Tensor[B] gives one multiplier per sample of the batch."""
+        self.multiplier = multiplier
+        for lora in self.all_loras():
+            lora.multiplier = multiplier
+
+    def apply_to(
+        self,
+        text_encoder: Any = None,
+        unet: Any = None,
+        apply_text_encoder: bool = True,
+        apply_unet: bool = True,
+    ) -> None:
+        """Wrap the forward of the original modules. The parts not applied are dropped from the network (and so
+        from the saved file): that is how ``--network_train_unet_only`` / ``--network_train_text_encoder_only``
+        work. ``text_encoder``/``unet`` are accepted for interface compatibility; the modules found at creation are
+        used."""
+        if self.applied:
+            raise RuntimeError("the LoRA network is already applied")
+        for keep, loras in ((apply_text_encoder, self.text_encoder_loras), (apply_unet, self.unet_loras)):
+            if not keep:
+                for lora in loras:
+                    delattr(self, lora.lora_name)
+                loras.clear()
+        for lora in self.all_loras():
+            lora.apply_to()
+        self.applied = True
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def load_weights(self, file: str | os.PathLike) -> Any:
+        """Load a LoRA file into this network. Every key must fit: unknown keys, missing modules and shape
+        mismatches raise :class:`UserError` naming them. A module without ``alpha`` (old files) gets alpha = rank."""
+        weights_sd = {standard_key(k): v for k, v in load_lora_file(file).items()}
+        own = self.state_dict()
+        unexpected = [k for k in weights_sd if k not in own]
+        missing = [k for k in own if k not in weights_sd and not k.endswith(".alpha")]
+        mismatched = [
+            f"{k}: file {tuple(v.shape)}, network {tuple(own[k].shape)}"
+            for k, v in weights_sd.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        problems = []
+        if unexpected:
+            problems.append(f"{len(unexpected)} keys match no module of this network: {_listing(unexpected)}")
+        if missing:
+            problems.append(f"{len(missing)} keys of the network are not in the file: {_listing(missing)}")
+        if mismatched:
+            problems.append(
+                f"{len(mismatched)} shapes differ (use --dim_from_weights or the file's --network_dim/--network_args): "
+                + _listing(mismatched, 4)
+            )
+        if problems:
+            raise UserError.from_problems(f"{file} does not fit this LoRA network", problems)
+        for key in own:
+            if key.endswith(".alpha") and key not in weights_sd:
+                weights_sd[key] = torch.tensor(float(own[key.replace(".alpha", ".lora_down.weight")].shape[0]))
+        return self.load_state_dict(weights_sd, strict=True)
+
+    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: Mapping[str, str] | None) -> None:
+        """Write the weights (cast to ``dtype`` when given) atomically: ``.safetensors`` with ``metadata`` and the
+        ``sshs_*`` hashes, anything else (``.ckpt``/``.pt``) as a torch pickle without metadata."""
+        from library.io_utils import atomic_save_file
+        from library.models.metadata import save_safetensors
+
+        state_dict = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
+        if Path(file).suffix == ".safetensors":
+            save_safetensors(file, state_dict, metadata)
+        else:
+            atomic_save_file(file, lambda tmp: torch.save(state_dict, tmp))
+
+    def merge_to(
+        self,
+        text_encoder: Any = None,
+        unet: Any = None,
+        weights_sd: Mapping[str, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> None:
+        """Add the LoRA to the original weights: ``W += multiplier * up @ down * alpha / r`` (1x1 convs via
+        squeeze, 3x3 via conv composition). ``weights_sd`` defaults to this network's own weights; every key must
+        belong to a module of this network. The network must not be applied (it would count twice)."""
+        if self.applied:
+            raise RuntimeError("merge_to on an applied network would add the LoRA twice")
+        by_module = _split_by_module(self.state_dict() if weights_sd is None else weights_sd)
+        own = {lora.lora_name: lora for lora in self.all_loras()}
+        unknown = [name for name in by_module if name not in own]
+        incomplete = [n for n, sd in by_module.items() if {"lora_down.weight", "lora_up.weight"} - set(sd)]
+        if unknown or incomplete:
+            problems = [f"modules not in the model: {_listing(unknown)}"] if unknown else []
+            problems += [f"modules without lora_down/lora_up: {_listing(incomplete)}"] if incomplete else []
+            raise UserError.from_problems("cannot merge LoRA weights", problems)
+        if isinstance(self.multiplier, torch.Tensor):
+            raise ValueError("merge_to needs a scalar multiplier")
+        for name, sd in by_module.items():
+            own[name].merge_to(sd, float(self.multiplier), dtype, device)
+
+    def prepare_optimizer_params(
+        self,
+        text_encoder_lr: float | Sequence[float] | None,
+        unet_lr: float | None,
+        default_lr: float | None,
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Optimizer parameter groups and their descriptions (for LR logging).
+
+        Text encoder ``i`` uses ``text_encoder_lr[i]`` (the last value for the rest), else ``default_lr``. UNet
+        modules are grouped per block when block LR weights are set (``lr = unet_lr * weight``). With LoRA+ the
+        ``lora_up`` weights get their own group at ``lr * ratio``. Groups with lr 0 are left out; with no lr at all
+        the group has no ``lr`` key (the optimizer's default applies).
+        """
+        self.requires_grad_(True)
+        if isinstance(text_encoder_lr, (list, tuple)):
+            te_lrs = list(text_encoder_lr)
+        else:
+            te_lrs = [] if text_encoder_lr is None else [text_encoder_lr]
+        o = self.options
+        groups: list[dict[str, Any]] = []
+        descriptions: list[str] = []
+
+        def add(loras: list[LoRAModule], lr: float | None, ratio: float | None, description: str) -> None:
+            plain = [p for lora in loras for n, p in lora.named_parameters() if ratio is None or "lora_up" not in n]
+            plus = [p for lora in loras for n, p in lora.named_parameters() if ratio is not None and "lora_up" in n]
+            for params, group_lr, suffix in ((plain, lr, ""), (plus, None if lr is None else lr * (ratio or 1), " plus")):
+                if not params or group_lr == 0:
+                    continue
+                groups.append({"params": params} if group_lr is None else {"params": params, "lr": group_lr})
+                descriptions.append(description + suffix)
+
+        te_ratio = o.loraplus_text_encoder_lr_ratio or o.loraplus_lr_ratio
+        by_prefix: dict[str, list[LoRAModule]] = {}
+        for lora in self.text_encoder_loras:
+            by_prefix.setdefault(lora.lora_name.split("_text_model_")[0], []).append(lora)
+        for i, (prefix, loras) in enumerate(sorted(by_prefix.items())):
+            lr = te_lrs[min(i, len(te_lrs) - 1)] if te_lrs else default_lr
+            add(loras, lr, te_ratio, "textencoder" if len(by_prefix) == 1 else f"textencoder{i + 1}")
+
+        unet_ratio = o.loraplus_unet_lr_ratio or o.loraplus_lr_ratio
+        base_lr = unet_lr if unet_lr is not None else default_lr
+        if o.block_lr:
+            blocks: dict[int, list[LoRAModule]] = {}
+            for lora in self.unet_loras:
+                blocks.setdefault(block_index(lora.lora_name), []).append(lora)
+            for idx in sorted(blocks):
+                lr = None if base_lr is None else base_lr * o.lr_weight(idx)
+                add(blocks[idx], lr, unet_ratio, f"unet_block{idx}")
+        elif self.unet_loras:
+            add(self.unet_loras, base_lr, unet_ratio, "unet")
+        return groups, descriptions
+
+    def prepare_grad_etc(self, text_encoder: Any, unet: Any) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder: Any, unet: Any) -> None:
+        self.train()
+
+    def get_trainable_params(self) -> Iterable[nn.Parameter]:
+        return self.parameters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: LoRA modules run inside the base model's blocks, which the trainer checkpoints."""
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device: Any) -> tuple[int, float, float]:
+        """``--scale_weight_norms``: scale ``up`` and ``down`` of every module whose ``|up @ down * scale|`` exceeds
+        ``max_norm_value`` by ``sqrt(max / norm)`` each. Returns (modules scaled, mean norm, max norm) after."""
+        keys_scaled = 0
+        norms = []
+        for lora in self.all_loras():
+            down = lora.lora_down.weight
+            up = lora.lora_up.weight
+            delta = lora_delta(up.to(device, torch.float32), down.to(device, torch.float32)) * lora.scale
+            norm = delta.norm().clamp(min=max_norm_value / 2)
+            ratio = float(norm.clamp(max=max_norm_value) / norm)
+            if ratio != 1:
+                keys_scaled += 1
+                down.mul_(ratio**0.5)
+                up.mul_(ratio**0.5)
+            norms.append(float(delta.norm()) * ratio)
+        if not norms:
+            return 0, 0.0, 0.0
+        return keys_scaled, sum(norms) / len(norms), max(norms)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# module interface used by --network_module
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae: Any,
+    text_encoder: nn.Module | Sequence[nn.Module | None] | None,
+    unet: nn.Module | None,
+    neuron_dropout: float | None = None,
+    **kwargs: Any,
+) -> LoRANetwork:
+    """A fresh network (``network_dim`` default 4, ``network_alpha`` default 1); ``kwargs`` are ``--network_args``."""
+    options = parse_network_kwargs(kwargs, network_dim, network_alpha, neuron_dropout)
+    return LoRANetwork(text_encoder, unet, options, multiplier)
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | os.PathLike | None,
+    vae: Any,
+    text_encoder: nn.Module | Sequence[nn.Module | None] | None,
+    unet: nn.Module | None,
+    weights_sd: Mapping[str, torch.Tensor] | None = None,
+    for_inference: bool = False,
+    **kwargs: Any,
+) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """A network shaped like a LoRA file (ranks and alphas from the file; alpha = rank where a module has none).
+
+    Returns ``(network, weights_sd)`` as the reference does; the weights are not loaded (call ``load_weights`` or
+    ``merge_to(..., weights_sd, ...)``). Modules of the file that match nothing in the models raise
+    :class:`UserError`. Shape arguments in ``kwargs`` are ignored (the file decides); dropouts, block LR weights
+    and LoRA+ ratios apply. ``for_inference`` freezes the network and puts it in eval mode.
+    """
+    source = str(file) if file is not None else "the given weights"
+    weights_sd = load_lora_file(file) if weights_sd is None else dict(weights_sd)
+    by_module = _split_by_module(weights_sd)
+    modules_dim: dict[str, int] = {}
+    modules_alpha: dict[str, float] = {}
+    for name, sd in by_module.items():
+        if "lora_down.weight" in sd:
+            modules_dim[name] = int(sd["lora_down.weight"].shape[0])
+            modules_alpha[name] = float(sd["alpha"]) if "alpha" in sd else modules_dim[name]
+    if not modules_dim:
+        raise UserError(f"{source} has no lora_down weights: it is not a kohya-format LoRA file")
+    ignored = [k for k in kwargs if k in _SHAPE_ARGS and kwargs[k] is not None]
+    if ignored:
+        logger.info("network_args %s ignored: ranks come from %s", ", ".join(ignored), source)
+    rest = {k: v for k, v in kwargs.items() if k not in _SHAPE_ARGS}
+    parsed = parse_network_kwargs(rest)
+    options = LoRAOptions(
+        dropout=parsed.dropout,
+        rank_dropout=parsed.rank_dropout,
+        module_dropout=parsed.module_dropout,
+        down_lr_weight=parsed.down_lr_weight,
+        mid_lr_weight=parsed.mid_lr_weight,
+        up_lr_weight=parsed.up_lr_weight,
+        loraplus_lr_ratio=parsed.loraplus_lr_ratio,
+        loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
+        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio,
+        modules_dim=modules_dim,
+        modules_alpha=modules_alpha,
+    )
+    network = LoRANetwork(text_encoder, unet, options, multiplier)
+    unmatched = set(modules_dim) - {lora.lora_name for lora in network.all_loras()}
+    if unmatched:
+        raise UserError(
+            f"{source}: {len(unmatched)} LoRA modules match nothing in this model ({_listing(unmatched)}); "
+            "is the file for another model family (SD1/SD2/SDXL)?"
+        )
+    if for_inference:
+        network.requires_grad_(False)
+        network.eval()
+    return network, {standard_key(k): v for k, v in weights_sd.items()}

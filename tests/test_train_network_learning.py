@@ -1,0 +1,96 @@
+"""Caching changes nothing but speed, and the LoRA learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.train_helpers import dataset_toml, make_images, train_args
+
+
+def _prepare(argv):
+    import train_network
+    from library.config.arguments import SUPPORT_TRAIN_NETWORK
+    from library.config.run_config import load_run_config
+    from library.training.loop import prepare_training
+    from library.training.recipes import LoRARecipe
+
+    args = load_run_config(train_network.build_parser(), argv)
+    return prepare_training(args, LoRARecipe(args), SUPPORT_TRAIN_NETWORK)
+
+
+def _first_loss(argv) -> tuple[float, object]:
+    from library.training.loop import batch_loss
+
+    run = _prepare(argv)
+    batch = next(iter(run.loader))
+    with torch.no_grad():
+        return float(batch_loss(run, batch, 0)), run
+
+
+@pytest.fixture
+def data(tmp_path):
+    return dataset_toml(tmp_path / "data.toml", make_images(tmp_path / "images", count=2))
+
+
+def test_cached_latents_give_the_same_loss(tiny_sd1_dir, data, tmp_path):
+    plain, run = _first_loss(train_args(tiny_sd1_dir, tmp_path / "a", config=data))
+    assert "latents" not in next(iter(run.loader))
+    cached, run = _first_loss(train_args(tiny_sd1_dir, tmp_path / "b", config=data,
+                                         extra=["--cache_latents_to_disk"]))
+    assert "latents" in next(iter(run.loader))
+    assert list((tmp_path / "images").glob("*.npz"))
+    assert cached == pytest.approx(plain, rel=1e-5, abs=1e-7)
+
+
+def test_cached_text_encoder_outputs_give_the_same_loss(tiny_sd1_dir, data, tmp_path):
+    uncached, run = _first_loss(train_args(tiny_sd1_dir, tmp_path / "a", config=data,
+                                           extra=["--network_train_unet_only", "--shuffle_caption"]))
+    assert not run.text.cache
+    cached, run = _first_loss(train_args(tiny_sd1_dir, tmp_path / "b", config=data,
+                                         extra=["--network_train_unet_only", "--cache_text_encoder_outputs_to_disk"]))
+    assert run.text.cache
+    assert cached == pytest.approx(uncached, rel=1e-5, abs=1e-7)
+    # the encoder ran once per caption; a second pass over the data reuses the outputs
+    from library.training.loop import batch_loss
+
+    encoded = run.text.encoded
+    for batch in run.loader:
+        with torch.no_grad():
+            batch_loss(run, batch, 0)
+    assert run.text.encoded == encoded == 2
+    assert len(list((tmp_path / "b" / ".cache" / "text_encoder_outputs").glob("*.safetensors"))) == 2
+
+
+def test_frozen_text_encoder_is_not_rerun_without_the_option(tiny_sd1_dir, data, tmp_path):
+    from library.training.loop import train
+
+    run = _prepare(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=5,
+                              extra=["--network_train_unet_only"]))
+    train(run)
+    assert run.text.cache and run.text.encoded == 2
+
+
+def test_lora_learns_the_image(tiny_sd1_dir, tmp_path):
+    from library.training.loop import batch_loss, train
+
+    data = dataset_toml(tmp_path / "data.toml", make_images(tmp_path / "images", count=1), batch_size=1)
+    run = _prepare(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=40,
+                              extra=["--learning_rate", "3e-3", "--network_dim", "8", "--cache_latents",
+                                     "--network_train_unet_only"]))
+    batch = next(iter(run.loader))
+
+    def error(multiplier: float) -> float:
+        scaled = dict(batch, network_multipliers=torch.full((1,), multiplier))
+        generator = torch.Generator().manual_seed(123)
+        total = 0.0
+        with torch.no_grad():
+            for t in (100, 300, 500, 700, 900):
+                total += float(batch_loss(run, scaled, 0, timesteps=torch.tensor([t]), generator=generator))
+        return total
+
+    untrained = error(1.0)
+    train(run)
+    trained, base = error(1.0), error(0.0)
+    assert base == pytest.approx(untrained, rel=1e-4)  # lora_up starts at zero: untrained LoRA = base model
+    assert trained < 0.8 * untrained
