@@ -207,11 +207,13 @@ class DatasetGroup:
         batch_size: int,
         process_index: int = 0,
         num_processes: int = 1,
+        recompute: bool = False,
     ) -> None:
         """Encode every image once (see :mod:`library.dataset.latent_cache`); batches then carry ``latents``.
 
         With ``to_disk`` and several processes each process encodes its share (item ``i`` by process
         ``i % num_processes``); call this on every process and wait for all before loading batches.
+        ``recompute`` re-encodes images whose disk entry is still valid.
         """
         from library.dataset.latent_cache import LatentStore
 
@@ -222,7 +224,8 @@ class DatasetGroup:
                 + "\n".join(f"  - {r}" for r in reasons)
             )
         store = LatentStore(cache_key=cache_key, to_disk=to_disk)
-        store.build(self, encode, batch_size=batch_size, process_index=process_index, num_processes=num_processes)
+        store.build(self, encode, batch_size=batch_size, process_index=process_index, num_processes=num_processes,
+                    recompute=recompute)
         self.latents = store
 
     def plan(self, num_processes: int = 1, grad_accum: int = 1, epochs: int | None = None,

@@ -184,8 +184,10 @@ class LatentStore:
         return ordered
 
     def build(self, group: "DatasetGroup", encode: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
-              process_index: int = 0, num_processes: int = 1) -> None:
-        """Load valid entries, encode the rest (this process's share when caching to disk), write them."""
+              process_index: int = 0, num_processes: int = 1, recompute: bool = False) -> None:
+        """Load valid entries, encode the rest (this process's share when caching to disk), write them.
+
+        ``recompute`` encodes and rewrites valid disk entries too."""
         items = self._items(group)
         todo: list[_Item] = []
         for i, item in enumerate(items):
@@ -193,7 +195,7 @@ class LatentStore:
                 for user in item.users:
                     self.disk[user] = (item.npz, item.key, item.image.record.path)
                 mine = i % max(1, num_processes) == process_index
-                if mine and read_entry(item.npz, item.key, item.image.record.path) is None:
+                if mine and (recompute or read_entry(item.npz, item.key, item.image.record.path) is None):
                     todo.append(item)
             else:
                 todo.append(item)
