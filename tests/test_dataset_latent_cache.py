@@ -81,6 +81,9 @@ def test_disk_cache_hit_miss_and_invalidation(tmp_path, image_factory):
         return e.images
 
     assert rerun() == 0  # everything valid: nothing encoded
+    e = CountingEncoder()
+    _build(folder).cache_latents(e, cache_key="vae-1", to_disk=True, batch_size=2, recompute=True)
+    assert e.images == 3
     image_factory(paths[1], (64, 64), seed=99)  # same name and size, new content
     assert rerun() == 1
     assert rerun() == 0
@@ -169,3 +172,21 @@ def test_real_tiny_vae(tmp_path, image_factory):
     group.cache_latents(encode, cache_key="tiny-vae", to_disk=True, batch_size=2)
     shapes = sorted(tuple(b["latents"].shape) for b in _batches(group))
     assert shapes == [(1, 4, 8, 24), (1, 4, 16, 16)]
+
+
+def test_same_stem_and_two_resolutions_do_not_collide(tmp_path, image_factory):
+    folder = tmp_path / "a"
+    image_factory(folder / "x.png", (64, 64), seed=1)
+    image_factory(folder / "x.jpg", (64, 64), seed=2)
+    d0 = dataset([db_subset(folder, class_tokens="t")], resolution=(128, 128))
+    d1 = dataset([db_subset(folder, origin="datasets[1].subsets[0]", class_tokens="t")], origin="datasets[1]",
+                 resolution=(192, 192))
+    group = build_dataset_group(group_params(d0, d1), seed=0)
+    enc = CountingEncoder()
+    group.cache_latents(enc, cache_key="v", to_disk=True, batch_size=2)
+    assert enc.images == 4 and len(list(folder.glob("*_sd.npz"))) == 4
+    batches = _batches(group)
+    assert sorted(tuple(b["latents"].shape[2:]) for b in batches) == [(16, 16), (16, 16), (24, 24), (24, 24)]
+    e = CountingEncoder()
+    build_dataset_group(group_params(d0, d1), seed=0).cache_latents(e, cache_key="v", to_disk=True, batch_size=2)
+    assert e.images == 0

@@ -163,3 +163,16 @@ def test_debug_dataset_prints_buckets_paths_captions(group):
     assert "Batches per epoch" in text
     assert text.count("batch ") >= 2 and "bucket " in text
     assert "caption: " in text and "img0" in text or "reg0" in text
+
+
+def test_token_warmup_uses_global_step(tmp_path, image_factory):
+    make_folder(image_factory, tmp_path / "a", [(64, 64)] * 4, captions=["a, b, c, d, e, f, g, h, i"] * 4)
+    ds = dataset([db_subset(tmp_path / "a", token_warmup_step=0.5, token_warmup_min=1)], batch_size=1)
+    group = build_dataset_group(group_params(ds), seed=0)
+    with pytest.raises(ValueError):
+        make_train_loader(group, seed=0, num_workers=0, persistent_workers=False)
+    group.set_max_train_steps(16)  # warmup over 8 steps: tags grow from 1 to 9
+    loader = make_train_loader(group, seed=0, num_workers=0, persistent_workers=False)
+    tags = {b["step"]: len(b["captions"][0].split(", ")) for e in (0, 1, 2) for b in _epoch(loader, e)}
+    assert tags[0] == 1 and tags[4] == 5 and tags[8] == 9 and tags[11] == 9
+    assert [tags[s] for s in range(12)] == sorted(tags[s] for s in range(12))

@@ -96,3 +96,241 @@ def test_hub_id_offline_says_what_to_download(monkeypatch, tmp_path):
     with pytest.raises(UserError) as err:
         load_sd_models(_args("someone/not-cached-model"))
     assert "HF_HUB_OFFLINE" in err.value.message and "hf download someone/not-cached-model" in err.value.message
+
+
+# ------------------------------------------------------------------------------------------ single files
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _independent_sd1_ldm(parts) -> dict[str, torch.Tensor]:
+    """Tiny SD1 (1 layer per level, attention on levels 0-2) in the LDM layout, mapped with plain regexes."""
+    import re
+
+    out = {}
+    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+             "mid_block.resnets.1": "middle_block.2"}
+    for key, value in parts["unet"].state_dict().items():
+        new = None
+        for src, dst in fixed.items():
+            if key.startswith(src + "."):
+                new = dst + key[len(src):]
+        if m := re.match(r"down_blocks\.(\d)\.(resnets|attentions)\.0\.(.*)", key):
+            i, kind, rest = int(m[1]), m[2], m[3]
+            new = f"input_blocks.{1 + 2 * i}.{0 if kind == 'resnets' else 1}.{rest}"
+        elif m := re.match(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"input_blocks.{2 + 2 * int(m[1])}.0.op.{m[2]}"
+        elif m := re.match(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.*)", key):
+            new = f"output_blocks.{2 * int(m[1]) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
+        elif m := re.match(r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.*)", key):
+            i = int(m[1])
+            new = f"output_blocks.{2 * i + 1}.{1 if i == 0 else 2}.conv.{m[2]}"
+        if ".0." in new[:20] and new.split(".")[2] == "0" or new.startswith("middle_block.0") or new.startswith("middle_block.2"):
+            first, rest = new.split(".", 2)[:2], new.split(".", 2)[2]
+            name = rest.split(".")[0]
+            if name in _RESNET_TO_LDM:
+                new = ".".join(first) + "." + _RESNET_TO_LDM[name] + rest[len(name):]
+        out["model.diffusion_model." + new] = value
+    vae_fixed = {"mid_block.resnets.0": "mid.block_1", "mid_block.resnets.1": "mid.block_2",
+                 "mid_block.attentions.0": "mid.attn_1", "conv_norm_out": "norm_out"}
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for key, value in parts["vae"].state_dict().items():
+        new = key
+        for src, dst in vae_fixed.items():
+            new = new.replace("." + src + ".", "." + dst + ".")
+        new = re.sub(r"encoder\.down_blocks\.(\d)\.resnets\.(\d)", r"encoder.down.\1.block.\2", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d)\.downsamplers\.0", r"encoder.down.\1.downsample", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)", lambda m: f"decoder.up.{3 - int(m[1])}.block.{m[2]}", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d)\.upsamplers\.0", lambda m: f"decoder.up.{3 - int(m[1])}.upsample", new)
+        new = new.replace("conv_shortcut", "nin_shortcut")
+        if ".attn_1." in new:
+            for src, dst in attn.items():
+                new = new.replace(".attn_1." + src + ".", ".attn_1." + dst + ".")
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        out["first_stage_model." + new] = value
+    for key, value in parts["text_encoder"].state_dict().items():
+        out["cond_stage_model.transformer.text_model." + key] = value
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    out["alphas_cumprod"] = torch.ones(1000)  # LDM schedule buffers are ignored
+    return out
+
+
+def test_independently_mapped_ldm_file_loads_with_identical_weights(tmp_path, tiny_sd1_dir):
+    from safetensors.torch import save_file
+
+    parts = build_tiny_components(TinyConfig())
+    file = tmp_path / "independent.safetensors"
+    save_file({k: v.contiguous() for k, v in _independent_sd1_ldm(parts).items()}, str(file))
+    models = load_sd_models(_args(file, tokenizer_cache_dir=str(tiny_sd1_dir)))
+    assert_same_weights(models.unet, parts["unet"])
+    assert_same_weights(models.vae, parts["vae"])
+    assert_same_weights(models.text_encoders[0], parts["text_encoder"])
+    assert models.unet.config.attention_head_dim == 8 and models.text_encoders[0].config.num_attention_heads == 4
+    assert models.unet.config.use_linear_projection is False
+    assert models.model_hashes["sha256"] and models.source == str(file)
+    # outputs agree too (same heads, same groups), not only the weights
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(models.unet(x, t, ctx).sample, parts["unet"](x, t, ctx).sample)
+
+
+@pytest.fixture(scope="module")
+def sd1_ldm(tmp_path_factory, tiny_sd1_dir):
+    from library.models.saving import ldm_state_dict
+
+    models = load_sd_models(_args(tiny_sd1_dir))
+    return models, ldm_state_dict(models)
+
+
+def _write(tmp_path, tensors, name="m.safetensors"):
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_missing_and_unexpected_weights_are_errors(sd1_ldm, tmp_path, tiny_sd1_dir):
+    _, tensors = sd1_ldm
+    args = {"tokenizer_cache_dir": str(tiny_sd1_dir)}
+    missing = dict(tensors)
+    del missing["model.diffusion_model.out.2.weight"]
+    with pytest.raises(UserError, match="missing weight.*conv_out.weight"):
+        load_sd_models(_args(_write(tmp_path, missing, "a.safetensors"), **args))
+    extra = dict(tensors)
+    extra["cond_stage_model.transformer.text_model.encoder.layers.0.extra.weight"] = torch.zeros(2)
+    with pytest.raises(UserError, match="unexpected weights, e.g. encoder.layers.0.extra.weight"):
+        load_sd_models(_args(_write(tmp_path, extra, "b.safetensors"), **args))
+    stray = dict(tensors)
+    stray["model.diffusion_model.stray_block.weight"] = torch.zeros(2)
+    with pytest.raises(UserError, match="stray_block"):
+        load_sd_models(_args(_write(tmp_path, stray, "c.safetensors"), **args))
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}
+    with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x checkpoint"):
+        load_sd_models(_args(_write(tmp_path, lora, "lora.safetensors"), **args))
+
+
+def test_single_file_family_mismatch(sd1_ldm, tmp_path, tiny_sd1_dir):
+    _, tensors = sd1_ldm
+    with pytest.raises(UserError, match="Remove --v2"):
+        load_sd_models(_args(_write(tmp_path, tensors), v2=True, tokenizer_cache_dir=str(tiny_sd1_dir)))
+
+
+def test_ckpt_is_read_without_running_code(sd1_ldm, tmp_path, tiny_sd1_dir):
+    models, tensors = sd1_ldm
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": tensors, "global_step": 3}, plain)
+    loaded = load_sd_models(_args(plain, tokenizer_cache_dir=str(tiny_sd1_dir)))
+    assert_same_weights(loaded.unet, models.unet)
+
+    marker = tmp_path / "pwned.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('pwned')",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {**tensors, "payload": Payload()}}, evil)
+    with pytest.raises(UserError, match="refused to load this pickle"):
+        load_sd_models(_args(evil, tokenizer_cache_dir=str(tiny_sd1_dir)))
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.read_text() == "pwned"
+
+
+def test_text_encoder_weights_with_and_without_prefix(tmp_path, tiny_sd1_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd1_dir, folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    bare = load_file(str(weights))
+    assert not any(k.startswith("text_model.") for k in bare)
+    reference = load_sd_models(_args(folder))
+    save_file({"text_model." + k: v for k, v in bare.items()}, str(weights))
+    prefixed = load_sd_models(_args(folder))
+    assert_same_weights(prefixed.text_encoders[0], reference.text_encoders[0])
+    save_file({k: v for k, v in bare.items() if "layers.1." not in k}, str(weights))
+    with pytest.raises(UserError, match="missing weights"):
+        load_sd_models(_args(folder))
+
+
+def test_vae_override_from_folder_and_files(tmp_path, tiny_sd1_dir, sd1_ldm):
+    from library.models.ldm_conversion import vae_diffusers_to_ldm
+
+    other = build_tiny_components(TinyConfig(), seed=1)["vae"]
+    other.save_pretrained(tmp_path / "vae_folder")
+    ldm_vae = _write(tmp_path, vae_diffusers_to_ldm(other.state_dict()), "vae.safetensors")
+    _, tensors = sd1_ldm
+    full = {k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}
+    full.update({"first_stage_model." + k: v for k, v in vae_diffusers_to_ldm(other.state_dict()).items()})
+    full_ckpt = tmp_path / "full.ckpt"
+    torch.save({"state_dict": full}, full_ckpt)
+    diffusers_file = _write(tmp_path, other.state_dict(), "vae_diffusers.safetensors")
+    for vae in (tmp_path / "vae_folder", ldm_vae, full_ckpt, diffusers_file):
+        models = load_sd_models(_args(tiny_sd1_dir, vae=str(vae)))
+        assert_same_weights(models.vae, other)
+    with pytest.raises(UserError, match="--vae .*not found"):
+        load_sd_models(_args(tiny_sd1_dir, vae=str(tmp_path / "nope.safetensors")))
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+
+def test_tokenizer_lookup_order_and_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from library.models.family import sd_family
+    from library.models.tiny import write_clip_tokenizer
+    from library.models.tokenizers import load_tokenizer
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    sd1, sd2 = sd_family(), sd_family(v2=True)
+    model, cache = tmp_path / "model", tmp_path / "cache"
+    with pytest.raises(UserError) as err:
+        load_tokenizer(sd1, model_dir=model, cache_dir=cache)
+    assert "openai_clip-vit-large-patch14" in err.value.message and "--tokenizer_cache_dir" in err.value.message
+    with pytest.raises(UserError, match="stabilityai/stable-diffusion-2"):
+        load_tokenizer(sd2)
+
+    # the Hugging Face cache (last resort) is used offline, and copied into --tokenizer_cache_dir
+    snapshot = tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / "abc"
+    write_clip_tokenizer(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    assert load_tokenizer(sd1).name_or_path == "openai/clip-vit-large-patch14"
+    load_tokenizer(sd1, cache_dir=cache)
+    assert (cache / "openai_clip-vit-large-patch14" / "tokenizer.json").is_file()
+
+    write_clip_tokenizer(cache / "tokenizer")
+    write_clip_tokenizer(model / "tokenizer")
+    assert load_tokenizer(sd1, model_dir=model, cache_dir=cache).name_or_path == str(model / "tokenizer")
+    assert load_tokenizer(sd1, cache_dir=cache).name_or_path == str(cache / "openai_clip-vit-large-patch14")
+    # an SD1 tokenizer given for SD2 still pads with "!" (id 0)
+    assert load_tokenizer(sd2, cache_dir=cache / "tokenizer").pad_token_id == 0
+    assert load_tokenizer(sd1, cache_dir=cache / "tokenizer")("a photo of a cat").input_ids[-1] == 49407
+
+
+def test_hub_id_found_in_the_local_cache(tmp_path, monkeypatch, tiny_sd1_dir):
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_sd1_dir, repo / "snapshots" / "rev1")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("rev1")
+    models = load_sd_models(_args("someone/tiny-sd"))
+    assert models.source == str(repo / "snapshots" / "rev1")
+    assert_same_weights(models.unet, build_tiny_components(TinyConfig())["unet"])
+    (repo / "snapshots" / "rev1" / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        load_sd_models(_args("someone/tiny-sd"))

@@ -31,10 +31,11 @@ def loaded(tiny_sd1_dir, tiny_sd2_dir):
 
 @pytest.mark.parametrize("sd2", [False, True])
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_load_save_load_is_bit_exact(loaded, tmp_path, sd2, fmt):
+def test_load_save_load_is_bit_exact(loaded, tmp_path, sd2, fmt, tiny_sd1_dir, tiny_sd2_dir):
     models = loaded[sd2]
     out = save_sd_model(tmp_path / FORMATS[fmt], models, fmt=fmt)
-    again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out), v2=sd2))
+    tokenizers = str(tiny_sd2_dir if sd2 else tiny_sd1_dir)
+    again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out), v2=sd2, tokenizer_cache_dir=tokenizers))
     assert_same_models(models, again)
     assert again.text_encoders[0].config.num_attention_heads == models.text_encoders[0].config.num_attention_heads
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary leftovers
@@ -65,13 +66,13 @@ def test_saved_folder_reads_with_the_libraries_own_loaders(loaded, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "diffusers_safetensors"])
-def test_save_precision(loaded, tmp_path, fmt):
+def test_save_precision(loaded, tmp_path, fmt, tiny_sd1_dir):
     models = loaded[False]
     out = save_sd_model(tmp_path / FORMATS[fmt], models, fmt=fmt, dtype=save_dtype("fp16"))
     file = out if fmt == "safetensors" else out / "unet" / "diffusion_pytorch_model.safetensors"
     with safe_open(str(file), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out)))
+    again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out), tokenizer_cache_dir=str(tiny_sd1_dir)))
     for k, v in models.unet.state_dict().items():
         assert torch.equal(again.unet.state_dict()[k], v.half().float()), k
     assert save_dtype("bf16") == torch.bfloat16 and save_dtype("float") == torch.float32 and save_dtype(None) is None

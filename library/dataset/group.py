@@ -371,8 +371,9 @@ def build_dataset_group(params: DatasetGroupParams, *, seed: int, max_train_step
             validation.append(va)
     group = DatasetGroup(train, validation, seed=seed, skipped=skipped, notes=notes,
                          max_train_steps=max_train_steps)
-    if skipped:
-        _print_skipped(skipped)
+    found = skipped[len(params.skipped):]  # the config's own notes were already reported by the config
+    if found:
+        _print_skipped(found)
     if group.total_batches() == 0:
         where = ", ".join(str(_source(s)) for d in params.datasets for s in d.subsets) or params.source
         details = "".join(f"\n  - {n}" for n in notes + skipped)

@@ -16,13 +16,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from library.dataset.transforms import ImageReadError, read_image_size
 from library.io_utils import atomic_write_json
 
 METADATA_CACHE_NAME = "metadata_cache.json"
 _CACHE_FORMAT = 2
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def default_workers() -> int:
@@ -30,31 +32,36 @@ def default_workers() -> int:
     return min(32, (os.cpu_count() or 1) * 4)
 
 
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, max_workers: int | None = None,
+                 chunk: int = 64) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool, in chunks (one task per item costs more than a header read)."""
+    if not items:
+        return []
+    workers = max(1, min(max_workers or default_workers(), -(-len(items) // chunk)))
+    if workers == 1:
+        return [fn(x) for x in items]
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [r for part in pool.map(lambda c: [fn(x) for x in c], chunks) for r in part]
+
+
+def try_read_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """``(size, None)``, or ``(None, reason)`` for an unreadable image."""
+    try:
+        return read_image_size(path), None
+    except ImageReadError as exc:
+        return None, f"{exc.message} (skipped)"
+
+
 def read_image_sizes(
-    paths: Iterable[Path], *, max_workers: int | None = None
+    paths: Sequence[Path], *, max_workers: int | None = None
 ) -> tuple[dict[Path, tuple[int, int]], list[str]]:
     """Sizes of ``paths`` read in parallel; returns ``(sizes, skipped)`` where ``skipped`` names each bad file."""
-    paths = list(paths)
-
-    def one(p: Path) -> tuple[Path, tuple[int, int] | None, str | None]:
-        try:
-            return p, read_image_size(p), None
-        except ImageReadError as exc:
-            return p, None, exc.message
-
     sizes: dict[Path, tuple[int, int]] = {}
     skipped: list[str] = []
-    if not paths:
-        return sizes, skipped
-    workers = max(1, min(max_workers or default_workers(), len(paths)))
-    if workers == 1:
-        results = map(one, paths)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, paths))
-    for p, size, err in results:
+    for p, (size, err) in zip(paths, parallel_map(try_read_size, paths, max_workers=max_workers)):
         if size is None:
-            skipped.append(f"{err} (skipped)")
+            skipped.append(str(err))
         else:
             sizes[p] = size
     return sizes, skipped

@@ -8,8 +8,8 @@ interpolation, and the image content (byte size, mtime, SHA-256). An entry whose
 recomputed, so changing the image, the resolution/buckets or the VAE never reuses stale latents (the
 reference reuses them). Files are written atomically.
 
-When the same image needs two different entries in one run (two datasets with different resolutions), the
-second one is stored as ``<stem>_<WWWW>x<HHHH>_<bw>x<bh>_sd.npz``.
+When two entries of one run would share a file name (one image at two resolutions in two datasets, or
+``a.png`` and ``a.jpg`` of the same size), the later one is stored as ``<stem>_<WWWW>x<HHHH>_<hash>_sd.npz``.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ class LatentEntry:
     original_size: tuple[int, int]  # (w, h)
 
 
-def npz_path(image_path: Path, original_size: tuple[int, int], bucket: tuple[int, int] | None = None) -> Path:
-    """``<stem>_<WWWW>x<HHHH>[_<bw>x<bh>]_sd.npz`` beside the image."""
+def npz_path(image_path: Path, original_size: tuple[int, int], variant: str | None = None) -> Path:
+    """``<stem>_<WWWW>x<HHHH>[_<variant>]_sd.npz`` beside the image."""
     w, h = original_size
-    extra = f"_{bucket[0]}x{bucket[1]}" if bucket else ""
+    extra = f"_{variant}" if variant else ""
     return image_path.with_name(f"{image_path.stem}_{w:04d}x{h:04d}{extra}{_NPZ_SUFFIX}")
 
 
@@ -173,13 +173,14 @@ class LatentStore:
                     item = items.setdefault(ident, _Item(img, ds, key, []))
                     item.users.append((validation, ds_i, img_i))
         ordered = [items[k] for k in sorted(items)]
-        taken: dict[Path, str] = {}
+        taken: dict[Path, tuple[str, str]] = {}
         for item in ordered:
             rec = item.image.record
             path = npz_path(rec.path, rec.size)
-            kid = json.dumps(item.key, sort_keys=True)
-            if taken.setdefault(path, kid) != kid:
-                path = npz_path(rec.path, rec.size, item.image.choice.bucket)
+            ident = (rec.path.name, json.dumps(item.key, sort_keys=True))
+            if taken.setdefault(path, ident) != ident:
+                variant = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:8]
+                path = npz_path(rec.path, rec.size, variant)
             item.npz = path
         return ordered
 

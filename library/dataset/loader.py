@@ -57,6 +57,10 @@ class EpochLoader:
                  process_index: int = 0, num_processes: int = 1, grad_accum: int = 1, validation: bool = False):
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in 0..{num_processes - 1}")
+        ratio_warmup = [s.origin for d in group.train for s in d.subset_params if 0 < s.token_warmup_step < 1]
+        if ratio_warmup and group.max_train_steps is None:
+            raise ValueError(f"token_warmup_step is a ratio in {', '.join(ratio_warmup)}: call "
+                             f"group.set_max_train_steps() before making the loader")
         self.group = group
         self.seed = seed
         self.process_index = process_index

@@ -14,7 +14,7 @@ from pathlib import Path
 from library.config.params import DreamBoothSubsetParams, FineTuningSubsetParams
 from library.dataset.captions import read_caption_file
 from library.dataset.image_files import IMAGE_EXTENSIONS, list_images
-from library.dataset.images import InfoCache, read_image_sizes
+from library.dataset.images import InfoCache, parallel_map, read_image_sizes, try_read_size
 from library.errors import UserError
 
 _MAX_LISTED = 10
@@ -70,15 +70,22 @@ def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int |
         else:
             sizes[p] = entry.size
             captions[p] = entry.caption
-    read_sizes, skipped = read_image_sizes(to_read, max_workers=max_workers)
-    sizes.update(read_sizes)
-    for p in to_read:
-        if p not in read_sizes:
-            continue
+
+    def read(p: Path) -> tuple[tuple[int, int] | None, str | None, str | None]:
+        size, err = try_read_size(p)
         cap_file = p.with_name(p.stem + ext)
-        captions[p] = read_caption_file(cap_file) if cap_file.is_file() else None
+        caption = read_caption_file(cap_file) if size is not None and cap_file.is_file() else None
+        return size, err, caption
+
+    skipped: list[str] = []
+    for p, (size, err, caption) in zip(to_read, parallel_map(read, to_read, max_workers=max_workers)):
+        if size is None:
+            skipped.append(str(err))
+            continue
+        sizes[p] = size
+        captions[p] = caption
         if cache:
-            cache.store(p, read_sizes[p], captions[p], cap_file)
+            cache.store(p, size, caption, p.with_name(p.stem + ext))
     if cache:
         cache.prune(p.name for p in sizes)
         cache.save()

@@ -102,6 +102,10 @@ def resolve_model_path(name: str | None) -> Path:
     if not name:
         raise UserError("--pretrained_model_name_or_path is required: a diffusers folder, a .safetensors/.ckpt file or a Hub id")
     path = Path(name).expanduser()
+    if not path.exists():
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+            raise UserError(f"{name}: file or folder not found")
+        path = _hub_snapshot(name)
     if path.is_dir():
         if not (path / "unet").is_dir():
             raise UserError(
@@ -109,39 +113,46 @@ def resolve_model_path(name: str | None) -> Path:
                 "(with model_index.json, unet/, vae/, text_encoder/) or a .safetensors/.ckpt file."
             )
         return path
-    if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise UserError(
-                f"{path}: unsupported model file type '{path.suffix}'. Use .safetensors (recommended), .ckpt or .pt."
-            )
-        return path
-    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or os.sep in name.rstrip("/").lstrip("./") and not _HUB_ID.match(name):
-        raise UserError(f"{name}: file or folder not found")
-    if not _HUB_ID.match(name):
-        raise UserError(f"{name}: not a file, a folder or a Hugging Face model id (owner/name)")
-    return _hub_snapshot(name)
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise UserError(f"{path}: unsupported model file type '{path.suffix}'. Use .safetensors (recommended), .ckpt or .pt.")
+    return path
 
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+_HUB_FILES = ["model_index.json", "*/*.json", "tokenizer/*.txt"]
+_HUB_WEIGHTS = {
+    ".safetensors": ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"],
+    ".bin": ["unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin"],
+}
+
+
 def _hub_snapshot(repo_id: str) -> Path:
+    """A cached (or, when online, downloaded) snapshot of the model parts we use: configs, tokenizer, and
+    one weights file per part (safetensors preferred, no fp16/EMA variants)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+    def fetch(local: bool) -> Path:
+        for weights in _HUB_WEIGHTS.values():
+            folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + weights, local_files_only=local))
+            if all((folder / w).is_file() for w in weights):
+                return folder
+        raise FileNotFoundError(f"{repo_id} has no complete set of unet/vae/text_encoder weights")
+
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception as cached_err:  # noqa: BLE001 - any failure means "not in the cache"
-        reason = f"not in the local Hugging Face cache ({type(cached_err).__name__})"
+        return fetch(local=True)
+    except Exception as cached_err:  # noqa: BLE001 - any failure means "not usable from the cache"
+        reason = f"no such local file or folder, and not in the local Hugging Face cache ({type(cached_err).__name__})"
     how = (
         f"Download it on a machine with internet (e.g. `hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`), "
-        f"copy the folder here and pass that folder to --pretrained_model_name_or_path, or give a .safetensors file."
+        "copy the folder here and pass that folder to --pretrained_model_name_or_path, or give a .safetensors file."
     )
     if _hub_offline():
-        raise UserError(f"{repo_id}: {reason}, and HF_HUB_OFFLINE is set so nothing is downloaded. {how}")
+        raise UserError(f"{repo_id}: {reason}; HF_HUB_OFFLINE is set, so nothing is downloaded. {how}")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return fetch(local=False)
     except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all end here
         raise UserError(f"{repo_id}: {reason}, and downloading it failed ({type(err).__name__}: {err}). {how}") from err
 
@@ -282,6 +293,16 @@ def _single_file_is_v2(tensors: dict[str, torch.Tensor], path: Path) -> bool:
     )
 
 
+def _infer(infer, sd: dict[str, torch.Tensor], family: ModelFamily, meta: dict[str, Any], what: str):
+    try:
+        return infer(sd, family, meta)
+    except KeyError as err:
+        raise UserError(
+            f"{what}: the weights do not match the model structure (missing weight {err.args[0]}); the file is "
+            "incomplete or of another architecture"
+        ) from err
+
+
 def _load_single_file(path: Path, family: ModelFamily, dtype, device) -> tuple[Any, Any, Any]:
     tensors, metadata = read_weights(path)
     _check_family(family, _single_file_is_v2(tensors, path), path)
@@ -296,10 +317,13 @@ def _load_single_file(path: Path, family: ModelFamily, dtype, device) -> tuple[A
     else:
         te_sd = conv.clip_ldm_to_bare(_split_prefix(tensors, conv.CLIP_PREFIX))
     del tensors
-    unet = _build_unet(infer_unet_config(unet_sd, family, meta.get("unet", {})), unet_sd, f"{path} (UNet)", dtype, device)
-    vae = _build_vae(infer_vae_config(vae_sd, family, meta.get("vae", {})), vae_sd, f"{path} (VAE)", dtype, device)
-    te_config = infer_text_config(te_sd, family, meta.get("text_encoder", {}))
-    text_encoder = _build_text_encoder(te_config, te_sd, f"{path} (text encoder)", dtype, device)
+    what = {"unet": f"{path} (UNet)", "vae": f"{path} (VAE)", "text_encoder": f"{path} (text encoder)"}
+    unet_config = _infer(infer_unet_config, unet_sd, family, meta.get("unet", {}), what["unet"])
+    vae_config = _infer(infer_vae_config, vae_sd, family, meta.get("vae", {}), what["vae"])
+    te_config = _infer(infer_text_config, te_sd, family, meta.get("text_encoder", {}), what["text_encoder"])
+    unet = _build_unet(unet_config, unet_sd, what["unet"], dtype, device)
+    vae = _build_vae(vae_config, vae_sd, what["vae"], dtype, device)
+    text_encoder = _build_text_encoder(te_config, te_sd, what["text_encoder"], dtype, device)
     return unet, vae, text_encoder
 
 
@@ -324,7 +348,7 @@ def load_vae(name: str, family: ModelFamily, *, dtype: torch.dtype = torch.float
     meta = parse_architecture_metadata(metadata.get(ARCHITECTURE_METADATA_KEY), str(path)).get("vae", {})
     if "encoder.conv_in.weight" not in sd:
         raise UserError(f"--vae {path}: no VAE weights found (expected encoder.*/decoder.* or first_stage_model.*)")
-    return _build_vae(infer_vae_config(sd, family, meta), sd, f"--vae {path}", dtype, device)
+    return _build_vae(_infer(infer_vae_config, sd, family, meta, f"--vae {path}"), sd, f"--vae {path}", dtype, device)
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -8,6 +8,7 @@ SD2). Nothing is downloaded.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,9 +16,12 @@ from pathlib import Path
 from library.errors import UserError
 from library.models.family import ModelFamily
 
+logger = logging.getLogger(__name__)
+
 SD1_TOKENIZER_ID = "openai/clip-vit-large-patch14"
 SD2_TOKENIZER_ID = "stabilityai/stable-diffusion-2"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+CLIP_VOCAB_SIZE = 49408
 
 
 def _hub_source(family: ModelFamily) -> tuple[str, str | None]:
@@ -37,6 +41,11 @@ def tokenizer_candidates(family: ModelFamily, model_dir: Path | None, cache_dir:
     if cache_dir is not None:
         folders += [cache_dir / hub_id.replace("/", "_"), cache_dir / "tokenizer", cache_dir]
     return folders
+
+
+def _is_clip_vocabulary(tokenizer) -> bool:
+    """transformers 5 returns an empty 2-token tokenizer instead of failing when the files are missing."""
+    return len(tokenizer) >= CLIP_VOCAB_SIZE and tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
 
 def _finish(tokenizer, family: ModelFamily):
@@ -60,15 +69,21 @@ def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, 
     for folder in tried:
         if folder.is_dir() and _has_tokenizer(folder):
             try:
-                return _finish(CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), family)
+                tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
             except (OSError, ValueError) as err:
                 raise UserError(f"{folder}: cannot read the tokenizer there ({err})") from err
+            if not _is_clip_vocabulary(tokenizer):
+                raise UserError(
+                    f"{folder}: not a complete CLIP tokenizer ({len(tokenizer)} tokens); it needs vocab.json + "
+                    "merges.txt or tokenizer.json with the 49,408-token CLIP vocabulary"
+                )
+            return _finish(tokenizer, family)
     hub_id, subfolder = _hub_source(family)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(hub_id, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
-    if tokenizer is None:
+    if tokenizer is None or not _is_clip_vocabulary(tokenizer):
         where = "".join(f"\n  - {p}" for p in tried)
         hub = f"{hub_id}" + (f" (subfolder {subfolder})" if subfolder else "")
         raise UserError(
@@ -78,7 +93,10 @@ def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, 
             f"tokenizer/, or download {hub} into the Hugging Face cache on a machine with internet."
         )
     if cache_dir is not None:
-        _copy_to_cache(tokenizer, cache_dir / hub_id.replace("/", "_"))
+        try:
+            _copy_to_cache(tokenizer, cache_dir / hub_id.replace("/", "_"))
+        except OSError as err:
+            logger.warning("could not copy the tokenizer to %s: %s", cache_dir, err)
     return _finish(tokenizer, family)
 
 
