@@ -135,6 +135,9 @@ def test_skip_existing_keeps_valid_and_recomputes_stale(data, tmp_path, tiny_sd1
     with np.load(npzs["square"]) as f:
         assert not np.allclose(f["latents"], old_square)
 
+    run_tool(folder, in_json, out_json, tiny_sd1_dir / "vae", "--skip_existing")  # the same VAE, alone
+    assert "0 image(s) encoded, 3 already up to date" in capsys.readouterr().out
+
     run_tool(folder, in_json, out_json, tiny_sd1_dir)  # without --skip_existing: everything again
     assert "3 image(s) encoded" in capsys.readouterr().out
     assert npzs["wide"].stat().st_mtime_ns != stamps["wide"]
@@ -171,3 +174,22 @@ def test_script_runs_from_repo_root(data, tmp_path):
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "x.json: metadata file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_network_uses_prepared_latents(data, tmp_path, tiny_sd1_dir):
+    """The real trainer with --in_json and --cache_latents_to_disk reads the entries and rewrites none."""
+    pytest.importorskip("library.training.sampling", reason="train_network.py needs the sampling module")
+    from tests.train_helpers import run_main
+
+    folder, in_json = data
+    out_json = tmp_path / "meta_lat.json"
+    run_tool(folder, in_json, out_json, tiny_sd1_dir, "--flip_aug")
+    npzs = [npz_path(folder / f"{name}.png", size) for name, size in SIZES.items()]
+    before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in npzs]
+    final = run_main(["--pretrained_model_name_or_path", str(tiny_sd1_dir), "--output_dir", str(tmp_path / "out"),
+                      "--network_dim", "4", "--learning_rate", "1e-3", "--seed", "1", "--max_train_steps", "1",
+                      "--max_data_loader_n_workers", "0", "--in_json", str(out_json), "--train_data_dir", str(folder),
+                      "--resolution", "128", "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "256",
+                      "--flip_aug", "--cache_latents_to_disk", "--train_batch_size", "1"])
+    assert final is not None and Path(final).is_file()
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in npzs] == before
