@@ -1,7 +1,7 @@
 """Bucket the images of a folder, cache their latents for training and write train_resolution into the metadata.
 
-Example:
-    python finetune/prepare_buckets_latents.py --full_path train_data meta_clean.json meta_lat.json model.safetensors \
+Example (see docs/prepare_buckets_latents.md):
+    python finetune/prepare_buckets_latents.py --full_path train_data meta_clean.json meta_lat.json model.safetensors
         --batch_size 4 --max_resolution 512,512 --mixed_precision no
 """
 

@@ -157,6 +157,9 @@ def test_broken_image_reported_and_in_place_update(data, tiny_sd1_dir, capsys):
 
 def test_input_errors_name_the_file(data, tmp_path):
     folder, in_json = data
+    with pytest.raises(UserError, match=r"nope\.safetensors: file or folder not found"):
+        main([str(folder), str(in_json), str(tmp_path / "o.json"), str(tmp_path / "nope.safetensors")])
+    assert not (tmp_path / "o.json").exists() and not list(folder.glob("*.npz"))
     in_json.write_text('{"wide": {"caption": "x"},\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"meta_clean\.json: invalid JSON at line 2"):
         main([str(folder), str(in_json), str(tmp_path / "o.json"), "no-model-needed-yet"])

@@ -136,16 +136,21 @@ def dataset_params(args: argparse.Namespace, metadata_file: Path):
     return DatasetGroupParams(datasets=[dataset], source=str(args.in_json))
 
 
-def load_latent_vae(name: str, *, v2: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Only the VAE of ``name``, loaded as training loads it (float32, then cast to ``dtype``)."""
+def model_path(name: str) -> Path:
+    """A local file or folder, or the cached snapshot of a Hugging Face id (checked before anything loads)."""
+    from library.models.loading import resolve_model_path
+
+    path = Path(name).expanduser()
+    return path if path.exists() else resolve_model_path(name)
+
+
+def load_latent_vae(path: Path, *, v2: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Only the VAE in ``path``, loaded as training loads it (float32, then cast to ``dtype``)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from library.models.family import sd_family
-    from library.models.loading import load_vae, resolve_model_path
+    from library.models.loading import load_vae
 
-    path = Path(name).expanduser()
-    if not path.exists():
-        path = resolve_model_path(name)
     vae = load_vae(str(path), sd_family(v2, False), dtype=torch.float32, device="cpu")
     vae.set_attn_processor(AttnProcessor2_0())
     vae.requires_grad_(False)
@@ -207,6 +212,7 @@ def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
         raise UserError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) {where} '{root}'"
                         + ("" if args.recursive else "; add --recursive for images in subfolders"))
     matched = match_images(metadata, images, root, args.full_path)
+    model = model_path(args.model_name_or_path)
     by_path = {image.resolve(): key for image, key in matched.keys.items()}
 
     with tempfile.TemporaryDirectory(prefix="prepare_latents_") as tmp:
@@ -217,10 +223,12 @@ def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
         group = build_dataset_group(dataset_params(args, work_meta), seed=0, max_workers=args.max_data_loader_n_workers,
                                     required_step=sd_family(args.v2, False).bucket_step)
     dataset = group.train[0]
+    processed = {img.record.path for img in dataset.images}
+    matched.not_in_metadata = [p for p in matched.not_in_metadata if p.resolve() in processed]
 
     device = torch.device("cuda" if uses_cuda() else "cpu")
     dtype = PRECISIONS[args.mixed_precision]
-    vae = load_latent_vae(args.model_name_or_path, v2=args.v2, device=device, dtype=dtype)
+    vae = load_latent_vae(model, v2=args.v2, device=device, dtype=dtype)
     encoder = CountingEncoder(make_vae_encoder(vae, device, dtype))
     group.cache_latents(encoder, cache_key=vae_cache_key(vae, dtype), to_disk=True, batch_size=args.batch_size,
                         recompute=not args.skip_existing)
