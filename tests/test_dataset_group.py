@@ -141,6 +141,12 @@ def test_cache_info_written_reused_and_invalidated(tmp_path, image_factory):
     data = json.loads((folder / METADATA_CACHE_NAME).read_text())
     assert data["img01.png"]["resolution"] == [64, 128] and data["img00.png"]["caption"] == "edited caption"
 
+    # sd-scripts' format (absolute keys, no file stamps) is not trusted: rebuilt
+    (folder / METADATA_CACHE_NAME).write_text(json.dumps({str(paths[0]): {"caption": "stale", "resolution": [9, 9]}}))
+    group = build_dataset_group(group_params(dataset([sub])), seed=0)
+    assert {i.record.caption for i in group.train[0].images} == {"edited caption", "two"}
+    assert set(json.loads((folder / METADATA_CACHE_NAME).read_text())) == {"img00.png", "img01.png"}
+
     # a deleted image disappears from the cache
     paths[1].unlink()
     build_dataset_group(group_params(dataset([sub])), seed=0)
@@ -243,6 +249,7 @@ def test_epoch_batches_single_bucket_and_counts(tmp_path, image_factory):
         assert sorted(seen) == sorted(i for s in d.buckets.values() for i in s)
     assert [r.samples for r in group.epoch_batches(7, 1)] == [r.samples for r in group.epoch_batches(7, 1)]
     assert [r.samples for r in group.epoch_batches(7, 1)] != [r.samples for r in group.epoch_batches(7, 2)]
+    assert len(group.epoch_batches(-5, 0)) == expected  # any int seed works
 
 
 def test_plan_contents(tmp_path, image_factory):
@@ -327,3 +334,11 @@ resolution = [128, 128]
     assert group.batches_per_epoch() == 7
     plan = group.plan()
     assert "network_multiplier 0.5" in plan and "3 images x 3 repeats = 9 samples" in plan
+
+
+def test_finetuning_wildcard_tags_on_every_line(tmp_path, image_factory):
+    make_folder(image_factory, tmp_path / "ft", [(64, 64)])
+    (tmp_path / "m.json").write_text(json.dumps({"img00": {"caption": "one\ntwo", "tags": "x, y"}}))
+    sub = ft_subset(tmp_path / "m.json", tmp_path / "ft", enable_wildcard=True)
+    group = build_dataset_group(group_params(dataset([sub], kind="finetuning")), seed=0)
+    assert group.train[0].images[0].record.caption == "one, x, y\ntwo, x, y"

@@ -57,6 +57,10 @@ def test_memory_cache_batches_carry_latents(tmp_path, image_factory):
         assert torch.equal(b["crop_top_lefts"], ref["crop_top_lefts"])
         flips += b["flipped"]
     assert any(flips) or len(flips) < 3
+    workers = make_train_loader(group, seed=0, num_workers=2, persistent_workers=False)
+    workers.set_epoch(0)
+    for a, b in zip(_batches(group), workers):
+        assert a["image_paths"] == b["image_paths"] and torch.equal(a["latents"], b["latents"])
 
 
 def test_disk_cache_hit_miss_and_invalidation(tmp_path, image_factory):

@@ -176,3 +176,18 @@ def test_token_warmup_uses_global_step(tmp_path, image_factory):
     tags = {b["step"]: len(b["captions"][0].split(", ")) for e in (0, 1, 2) for b in _epoch(loader, e)}
     assert tags[0] == 1 and tags[4] == 5 and tags[8] == 9 and tags[11] == 9
     assert [tags[s] for s in range(12)] == sorted(tags[s] for s in range(12))
+
+
+def test_crop_conditioning_center_and_flipped(tmp_path, image_factory):
+    make_folder(image_factory, tmp_path / "a", [(128, 64)] * 6)  # resized 256x128 -> cropped to 128x128
+    ds = dataset([db_subset(tmp_path / "a", class_tokens="x", flip_aug=True)], batch_size=6)
+    group = build_dataset_group(group_params(ds), seed=0)
+    (batch,) = _epoch(make_train_loader(group, seed=0, num_workers=0, persistent_workers=False), 0)
+    assert batch["original_sizes_hw"].tolist() == [[64, 128]] * 6
+    assert batch["target_sizes_hw"].tolist() == [[128, 128]] * 6
+    # centre crop of a 256-wide image: left 64, right 192; mirrored: 256 - 192 = 64 as well
+    assert batch["crop_top_lefts"].tolist() == [[0, 64]] * 6
+    from library.dataset.samples import _crop_top_left
+
+    assert _crop_top_left((10, 5, 138, 133), 256, flipped=False) == (5, 10)
+    assert _crop_top_left((10, 5, 138, 133), 256, flipped=True) == (5, 118)

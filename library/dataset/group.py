@@ -24,13 +24,14 @@ from library.config.params import (
     SubsetParams,
 )
 from library.dataset.buckets import BucketChoice, BucketManager, ImageTooSmallError
+from library.dataset.latent_cache import LatentStore
+from library.dataset.plan import format_plan
 from library.dataset.records import ImageRecord, SubsetScan, scan_dreambooth_subset, scan_finetuning_subset
+from library.dataset.samples import seed_words
 from library.errors import UserError
 
 if TYPE_CHECKING:
     import torch
-
-    from library.dataset.latent_cache import LatentStore
 
 _MAX_PRINTED_SKIPS = 20
 
@@ -97,7 +98,7 @@ class ImageDataset:
 
     def epoch_batches(self, seed: int, epoch: int) -> list[tuple[int, ...]]:
         """This dataset's batches (tuples of image indices) for ``epoch``; validation sets are not shuffled."""
-        rng = None if self.is_validation else np.random.default_rng([seed, epoch, self.index, 1])
+        rng = None if self.is_validation else np.random.default_rng(seed_words(seed, epoch, self.index, 1))
         out: list[tuple[int, ...]] = []
         bs = self.batch_size
         for samples in self.buckets.values():
@@ -169,7 +170,7 @@ class DatasetGroup:
             for s in ds.epoch_batches(seed, epoch)
         ]
         if not validation:
-            order = np.random.default_rng([seed, epoch, 0]).permutation(len(refs))
+            order = np.random.default_rng(seed_words(seed, epoch, 0)).permutation(len(refs))
             refs = [refs[i] for i in order]
         return [
             BatchRef(epoch=r.epoch, index=i, dataset=r.dataset, samples=r.samples, validation=validation)
@@ -215,8 +216,6 @@ class DatasetGroup:
         ``i % num_processes``); call this on every process and wait for all before loading batches.
         ``recompute`` re-encodes images whose disk entry is still valid.
         """
-        from library.dataset.latent_cache import LatentStore
-
         reasons = self.latent_cacheable()
         if reasons:
             raise UserError(
@@ -231,8 +230,6 @@ class DatasetGroup:
     def plan(self, num_processes: int = 1, grad_accum: int = 1, epochs: int | None = None,
              steps: int | None = None) -> str:
         """A human-readable summary of images, repeats, buckets and steps (see :mod:`library.dataset.plan`)."""
-        from library.dataset.plan import format_plan
-
         return format_plan(self, num_processes=num_processes, grad_accum=grad_accum, epochs=epochs, steps=steps)
 
 
@@ -242,7 +239,7 @@ def _split_validation(records: list[ImageRecord], split: float, seed: int, datas
     n_val = int(math.floor(len(records) * split + 1e-9))
     if split <= 0 or n_val == 0:
         return records, []
-    perm = np.random.default_rng([seed, dataset_index, subset_index]).permutation(len(records))
+    perm = np.random.default_rng(seed_words(seed, dataset_index, subset_index)).permutation(len(records))
     val_idx = set(perm[:n_val].tolist())
     train = [r for i, r in enumerate(records) if i not in val_idx]
     val = [r for i, r in enumerate(records) if i in val_idx]

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
+
+from tqdm import tqdm
 
 from library.dataset.transforms import ImageReadError, read_image_size
 from library.io_utils import atomic_write_json
 
 METADATA_CACHE_NAME = "metadata_cache.json"
 _CACHE_FORMAT = 2
+_PROGRESS_FROM = 2000
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -33,16 +37,28 @@ def default_workers() -> int:
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, max_workers: int | None = None,
-                 chunk: int = 64) -> list[R]:
-    """``[fn(x) for x in items]`` on a thread pool, in chunks (one task per item costs more than a header read)."""
+                 chunk: int = 64, desc: str | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool, in chunks (one task per item costs more than a header read).
+
+    With ``desc``, a progress bar is shown for long lists."""
     if not items:
         return []
-    workers = max(1, min(max_workers or default_workers(), -(-len(items) // chunk)))
-    if workers == 1:
-        return [fn(x) for x in items]
     chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [r for part in pool.map(lambda c: [fn(x) for x in c], chunks) for r in part]
+    workers = max(1, min(max_workers or default_workers(), len(chunks)))
+    out: list[R] = []
+    with tqdm(total=len(items), desc=desc, disable=desc is None or len(items) < _PROGRESS_FROM,
+              leave=False) as bar:
+        if workers == 1:
+            parts: Iterable[list[R]] = ([fn(x) for x in c] for c in chunks)
+            for part in parts:
+                out += part
+                bar.update(len(part))
+            return out
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for part in pool.map(lambda c: [fn(x) for x in c], chunks):
+                out += part
+                bar.update(len(part))
+    return out
 
 
 def try_read_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
@@ -59,7 +75,7 @@ def read_image_sizes(
     """Sizes of ``paths`` read in parallel; returns ``(sizes, skipped)`` where ``skipped`` names each bad file."""
     sizes: dict[Path, tuple[int, int]] = {}
     skipped: list[str] = []
-    for p, (size, err) in zip(paths, parallel_map(try_read_size, paths, max_workers=max_workers)):
+    for p, (size, err) in zip(paths, parallel_map(try_read_size, paths, max_workers=max_workers, desc="reading image sizes")):
         if size is None:
             skipped.append(str(err))
         else:
@@ -167,5 +183,9 @@ class InfoCache:
                 "caption_stamp": [e.caption_stamp.mtime_ns, e.caption_stamp.size] if e.caption_stamp else None,
                 "format": _CACHE_FORMAT,
             }
-        atomic_write_json(self.path, out, indent=None)
+        try:
+            atomic_write_json(self.path, out, indent=None)
+        except OSError as exc:  # a read-only dataset folder must not stop training
+            print(f"warning: cannot write {self.path} ({exc}); cache_info is not saved", file=sys.stderr)
+            return
         self.dirty = False

@@ -6,6 +6,10 @@ comes from ``(seed, epoch, batch index, sample index)``. So the data of a step d
 of workers nor on whether the run was resumed. With several processes, process ``i`` gets batches
 ``i, i + N, ...`` of the epoch's list, padded (by wrapping around) so every process has the same count.
 
+Epochs count from 0 (``set_epoch(0)`` is the first epoch; ``caption_dropout_every_n_epochs`` sees them
+counted from 1, as in sd-scripts). A batch's ``step`` is the optimizer step it belongs to, counted from 0
+over the whole run: ``epoch * steps_per_epoch + k // grad_accum`` for this process's ``k``-th batch.
+
 Do not pass the loader to ``accelerator.prepare``: it already yields this process's share.
 """
 

@@ -78,7 +78,8 @@ def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int |
         return size, err, caption
 
     skipped: list[str] = []
-    for p, (size, err, caption) in zip(to_read, parallel_map(read, to_read, max_workers=max_workers)):
+    for p, (size, err, caption) in zip(to_read, parallel_map(read, to_read, max_workers=max_workers,
+                                                                   desc=f"scanning {image_dir.name}")):
         if size is None:
             skipped.append(str(err))
             continue
@@ -152,13 +153,15 @@ def _read_metadata(path: Path, origin: str) -> list[tuple[str, dict]]:
 
 
 def resolve_image_key(key: str, base: Path) -> Path | None:
-    """An absolute path, a path relative to ``base`` with its extension, or an extension-less stem."""
+    """An absolute path, a path relative to ``base`` (or else to the working directory) with its extension,
+    or either of those without extension (a stem: the image extensions are tried)."""
     p = Path(key)
-    candidates = [p] if p.is_absolute() else [base / p]
+    roots = [p] if p.is_absolute() else [base / p, p]
+    candidates = list(roots)
     if p.suffix.lower() not in IMAGE_EXTENSIONS:
-        stem = candidates[0]
-        candidates += [stem.with_name(stem.name + e) for e in IMAGE_EXTENSIONS]
-        candidates += [stem.with_name(stem.name + e.upper()) for e in IMAGE_EXTENSIONS]
+        for stem in roots:
+            candidates += [stem.with_name(stem.name + e) for e in IMAGE_EXTENSIONS]
+            candidates += [stem.with_name(stem.name + e.upper()) for e in IMAGE_EXTENSIONS]
     for c in candidates:
         if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS:
             return c

@@ -32,9 +32,14 @@ if TYPE_CHECKING:
     from library.dataset.group import BatchRef, DatasetGroup, DatasetImage, ImageDataset
 
 
+def seed_words(*values: int) -> list[int]:
+    """Entropy for ``numpy.random.SeedSequence`` from any ints (negative seeds included)."""
+    return [int(v) % (1 << 64) for v in values]
+
+
 def sample_rng(seed: int, epoch: int, batch_index: int, sample_index: int, stream: int) -> random.Random:
     """An independent RNG for one sample and purpose (0: image, 1: caption)."""
-    state = np.random.SeedSequence([seed, epoch, batch_index, sample_index, stream]).generate_state(2)
+    state = np.random.SeedSequence(seed_words(seed, epoch, batch_index, sample_index, stream)).generate_state(2)
     return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
@@ -75,10 +80,11 @@ def prepare_for_cache(img: "DatasetImage", ds: "ImageDataset") -> PreparedImage:
     return prepare_image(img, ds, None)
 
 
-def _sdxl_crop_top_left(crop_ltrb: tuple[int, int, int, int], bucket_w: int, flipped: bool) -> tuple[int, int]:
+def _crop_top_left(crop_ltrb: tuple[int, int, int, int], resized_w: int, flipped: bool) -> tuple[int, int]:
+    """SDXL's crop conditioning (top, left) of the kept box; mirrored when the image was flipped."""
     left, top, right, _ = crop_ltrb
     if flipped:
-        left = bucket_w - right
+        left = max(0, resized_w - right)
     return top, left
 
 
@@ -119,7 +125,7 @@ def load_batch(group: "DatasetGroup", ref: "BatchRef", *, seed: int) -> dict[str
         paths.append(str(img.record.path))
         flipped_list.append(flipped)
         orig_hw.append((img.record.size[1], img.record.size[0]))
-        crop_tl.append(_sdxl_crop_top_left(crop_ltrb, bw, flipped))
+        crop_tl.append(_crop_top_left(crop_ltrb, img.choice.resized[0], flipped))
         target_hw.append((bh, bw))
 
     n = len(ref.samples)

@@ -35,6 +35,7 @@ from library.models.weights import (
     find_weights_file,
     read_weight_files,
     read_weights,
+    safetensors_keys,
 )
 
 logger = logging.getLogger(__name__)
@@ -247,10 +248,9 @@ def _folder_is_v2(folder: Path) -> bool:
     return te.get("hidden_act") == "gelu"
 
 
-def _load_folder(folder: Path, family: ModelFamily, dtype, device) -> tuple[Any, Any, Any]:
+def _load_folder(folder: Path, family: ModelFamily, dtype, device, with_vae: bool) -> tuple[Any, Any, Any]:
     from transformers import CLIPTextConfig
 
-    _check_family(family, _folder_is_v2(folder), folder)
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         prediction = _read_json(scheduler).get("prediction_type", "epsilon")
@@ -265,7 +265,7 @@ def _load_folder(folder: Path, family: ModelFamily, dtype, device) -> tuple[Any,
         read_weight_files(find_weights_file(unet_dir, _DIFFUSERS_WEIGHTS)),
         str(unet_dir), dtype, device,
     )
-    vae = _load_vae_folder(folder / "vae", dtype, device)
+    vae = _load_vae_folder(folder / "vae", dtype, device) if with_vae else None
     te_config = CLIPTextConfig.from_dict(_read_json(te_dir / "config.json"))
     text_encoder = _build_text_encoder(
         te_config, read_weight_files(find_weights_file(te_dir, _TRANSFORMERS_WEIGHTS)), str(te_dir), dtype, device
@@ -303,15 +303,15 @@ def _infer(infer, sd: dict[str, torch.Tensor], family: ModelFamily, meta: dict[s
         ) from err
 
 
-def _load_single_file(path: Path, family: ModelFamily, dtype, device) -> tuple[Any, Any, Any]:
+def _load_single_file(path: Path, family: ModelFamily, dtype, device, with_vae: bool) -> tuple[Any, Any, Any]:
     tensors, metadata = read_weights(path)
     _check_family(family, _single_file_is_v2(tensors, path), path)
     meta = parse_architecture_metadata(metadata.get(ARCHITECTURE_METADATA_KEY), str(path))
     for prefix, part in ((conv.UNET_PREFIX, "UNet"), (conv.VAE_PREFIX, "VAE")):
-        if not any(k.startswith(prefix) for k in tensors):
+        if (part == "UNet" or with_vae) and not any(k.startswith(prefix) for k in tensors):
             raise UserError(f"{path}: no {part} weights ({prefix}*) in this checkpoint")
     unet_sd = conv.unet_ldm_to_diffusers(_split_prefix(tensors, conv.UNET_PREFIX))
-    vae_sd = conv.vae_ldm_to_diffusers(_split_prefix(tensors, conv.VAE_PREFIX))
+    vae_sd = conv.vae_ldm_to_diffusers(_split_prefix(tensors, conv.VAE_PREFIX)) if with_vae else None
     if family.v2:
         te_sd = conv.openclip_to_bare(_split_prefix(tensors, conv.OPENCLIP_PREFIX))
     else:
@@ -319,10 +319,10 @@ def _load_single_file(path: Path, family: ModelFamily, dtype, device) -> tuple[A
     del tensors
     what = {"unet": f"{path} (UNet)", "vae": f"{path} (VAE)", "text_encoder": f"{path} (text encoder)"}
     unet_config = _infer(infer_unet_config, unet_sd, family, meta.get("unet", {}), what["unet"])
-    vae_config = _infer(infer_vae_config, vae_sd, family, meta.get("vae", {}), what["vae"])
+    vae_config = _infer(infer_vae_config, vae_sd, family, meta.get("vae", {}), what["vae"]) if with_vae else None
     te_config = _infer(infer_text_config, te_sd, family, meta.get("text_encoder", {}), what["text_encoder"])
     unet = _build_unet(unet_config, unet_sd, what["unet"], dtype, device)
-    vae = _build_vae(vae_config, vae_sd, what["vae"], dtype, device)
+    vae = _build_vae(vae_config, vae_sd, what["vae"], dtype, device) if with_vae else None
     text_encoder = _build_text_encoder(te_config, te_sd, what["text_encoder"], dtype, device)
     return unet, vae, text_encoder
 
@@ -369,11 +369,11 @@ def load_sd_models(args, *, device: str | torch.device = "cpu", dtype: torch.dty
     model_dir = source if source.is_dir() else None
     if source.is_dir():
         _check_family(family, _folder_is_v2(source), source)
+    elif source.suffix == ".safetensors":
+        _check_family(family, _single_file_is_v2(dict.fromkeys(safetensors_keys(source)), source), source)
     tokenizer = load_tokenizer(family, model_dir=model_dir, cache_dir=cache_dir)
-    if source.is_dir():
-        unet, vae, text_encoder = _load_folder(source, family, dtype, device)
-    else:
-        unet, vae, text_encoder = _load_single_file(source, family, dtype, device)
+    load = _load_folder if source.is_dir() else _load_single_file
+    unet, vae, text_encoder = load(source, family, dtype, device, with_vae=not vae_name)
     if vae_name:
         vae = load_vae(vae_name, family, dtype=dtype, device=device)
     return SDModels(

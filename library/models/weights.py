@@ -26,6 +26,17 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names of a safetensors file, from its header only (cheap, for early checks)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read this .safetensors file's header ({err}); is it complete?") from err
+    return [k for k in header if k != "__metadata__"]
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata of a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) file.
 
