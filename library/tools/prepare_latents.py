@@ -101,7 +101,8 @@ def match_images(metadata: dict[str, Any], images: list[Path], root: Path, full_
     not_in_metadata: list[Path] = []
     for image in images:
         rel = image.relative_to(root)
-        candidates = (str(image.resolve()), str(image), preferred[image], rel.as_posix(), rel.with_suffix("").as_posix())
+        candidates = (str(image.resolve()), str(image), preferred[image], rel.as_posix(),
+                      rel.with_suffix("").as_posix())
         key = next((c for c in candidates if c in metadata and _resolves_to(c, root, image)), None)
         if key is None:
             not_in_metadata.append(image)
