@@ -155,11 +155,19 @@ def test_broken_image_reported_and_in_place_update(data, tiny_sd1_dir, capsys):
         assert '"vae": "vae-' in str(f["cache_meta"]) and '-bfloat16"' in str(f["cache_meta"])
 
 
-def test_input_errors_name_the_file(data, tmp_path):
+def test_input_errors_name_the_file(data, tmp_path, tiny_sd1_dir):
     folder, in_json = data
     with pytest.raises(UserError, match=r"nope\.safetensors: file or folder not found"):
         main([str(folder), str(in_json), str(tmp_path / "o.json"), str(tmp_path / "nope.safetensors")])
     assert not (tmp_path / "o.json").exists() and not list(folder.glob("*.npz"))
+    with pytest.raises(UserError, match="bucket_reso_steps = 32 must be a positive multiple of 64"):
+        main([str(folder), str(in_json), str(tmp_path / "o.json"), str(tiny_sd1_dir), "--bucket_reso_steps", "32"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"junk")
+    with pytest.raises(UserError, match="no usable image in .*bad"):
+        main([str(bad), str(in_json), str(tmp_path / "o.json"), str(tiny_sd1_dir)])
+    assert not (tmp_path / "o.json").exists()
     in_json.write_text('{"wide": {"caption": "x"},\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"meta_clean\.json: invalid JSON at line 2"):
         main([str(folder), str(in_json), str(tmp_path / "o.json"), "no-model-needed-yet"])

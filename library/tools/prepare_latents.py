@@ -221,8 +221,15 @@ def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
         entries = {str(p): {k: v for k, v in metadata.get(key, {}).items() if k == "image_size"}
                    for p, key in by_path.items()}
         work_meta.write_text(json.dumps(entries), encoding="utf-8")
-        group = build_dataset_group(dataset_params(args, work_meta), seed=0, max_workers=args.max_data_loader_n_workers,
-                                    required_step=sd_family(args.v2, False).bucket_step)
+        try:
+            group = build_dataset_group(dataset_params(args, work_meta), seed=0,
+                                        max_workers=args.max_data_loader_n_workers,
+                                        required_step=sd_family(args.v2, False).bucket_step)
+        except UserError as err:
+            if str(work_meta) not in err.message:  # not about the working copy: bucket options etc.
+                raise
+            raise UserError(f"no usable image in '{root}': every image was skipped (listed above); re-export or "
+                            "remove them") from None
     dataset = group.train[0]
     processed = {img.record.path for img in dataset.images}
     matched.not_in_metadata = [p for p in matched.not_in_metadata if p.resolve() in processed]
