@@ -108,7 +108,8 @@ def test_writes_latents_and_training_reuses_them(data, tmp_path, tiny_sd1_dir, c
         assert entry.latents_flipped is not None
         with torch.no_grad():
             fresh = encode(_prepared(group, i))
-        torch.testing.assert_close(entry.latents, fresh[0], atol=1e-5, rtol=1e-5)
+        tol = 2e-2 if torch.cuda.is_available() else 1e-5  # the tool encodes on the GPU when there is one (TF32)
+        torch.testing.assert_close(entry.latents, fresh[0], atol=tol, rtol=tol)
 
 
 def _prepared(group, i: int) -> torch.Tensor:
