@@ -138,10 +138,20 @@ def test_skip_existing_keeps_valid_and_recomputes_stale(data, tmp_path, tiny_sd1
 
     run_tool(folder, in_json, out_json, tiny_sd1_dir / "vae", "--skip_existing")  # the same VAE, alone
     assert "0 image(s) encoded, 3 already up to date" in capsys.readouterr().out
+    run_tool(folder, in_json, out_json, _single_file(tiny_sd1_dir, tmp_path), "--skip_existing")  # as a checkpoint
+    assert "0 image(s) encoded, 3 already up to date" in capsys.readouterr().out
 
     run_tool(folder, in_json, out_json, tiny_sd1_dir)  # without --skip_existing: everything again
     assert "3 image(s) encoded" in capsys.readouterr().out
     assert npzs["wide"].stat().st_mtime_ns != stamps["wide"]
+
+
+def _single_file(model_dir: Path, tmp_path: Path) -> Path:
+    from library.models.loading import load_sd_models
+    from library.models.saving import save_sd_model
+
+    models = load_sd_models(Namespace(pretrained_model_name_or_path=str(model_dir)))
+    return save_sd_model(tmp_path / "model.safetensors", models, fmt="safetensors")
 
 
 def test_broken_image_reported_and_in_place_update(data, tiny_sd1_dir, capsys):
