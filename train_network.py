@@ -8,10 +8,16 @@ See docs/train_network.md for every option.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+import os
 
-from library.config.arguments import SUPPORT_TRAIN_NETWORK, add_config_file_arguments, add_dataset_arguments
+# Intel MKL picks kernels by memory alignment unless told otherwise, so the same run could give different
+# weights; AUTO keeps the fast kernels and makes results reproducible (needed for bit-exact resume on CPU).
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from library.config.arguments import SUPPORT_TRAIN_NETWORK, add_config_file_arguments, add_dataset_arguments  # noqa: E402
 from library.errors import run_cli
 from library.models.arguments import add_model_arguments
 from library.training.arguments import add_training_arguments

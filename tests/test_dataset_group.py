@@ -342,3 +342,16 @@ def test_finetuning_wildcard_tags_on_every_line(tmp_path, image_factory):
     sub = ft_subset(tmp_path / "m.json", tmp_path / "ft", enable_wildcard=True)
     group = build_dataset_group(group_params(dataset([sub], kind="finetuning")), seed=0)
     assert group.train[0].images[0].record.caption == "one, x, y\ntwo, x, y"
+
+
+def test_split_never_overlaps():
+    from library.dataset.group import _split_validation
+
+    for n in range(0, 25):
+        records = list(range(n))
+        for split in (0.1, 0.25, 0.3, 0.5, 0.9):
+            train, val = _split_validation(records, split, seed=3, dataset_index=0, subset_index=0)
+            assert not set(train) & set(val) and sorted(train + val) == records
+            assert len(val) == int(n * split + 1e-9)
+    train, val = _split_validation([0, 1, 2], 0.5, seed=0, dataset_index=0, subset_index=0)
+    assert (len(train), len(val)) == (2, 1)  # sd-scripts overlaps here (train 2 + val 2 of 3)

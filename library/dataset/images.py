@@ -75,7 +75,8 @@ def read_image_sizes(
     """Sizes of ``paths`` read in parallel; returns ``(sizes, skipped)`` where ``skipped`` names each bad file."""
     sizes: dict[Path, tuple[int, int]] = {}
     skipped: list[str] = []
-    for p, (size, err) in zip(paths, parallel_map(try_read_size, paths, max_workers=max_workers, desc="reading image sizes")):
+    results = parallel_map(try_read_size, paths, max_workers=max_workers, desc="reading image sizes")
+    for p, (size, err) in zip(paths, results):
         if size is None:
             skipped.append(str(err))
         else:

@@ -230,7 +230,9 @@ def train(run: Run) -> Path:
                 recipe.on_epoch_start(progress.epoch)
                 recorder.start_epoch()
                 n_batches = len(run.loader)
-                for batch in run.loader:
+                with torch.random.fork_rng(devices=[]):  # DataLoader draws a seed from the global RNG
+                    batches = iter(run.loader)
+                for batch in batches:
                     b = progress.batches_done
                     group_start = (b // ga) * ga
                     group_len = min(ga, n_batches - group_start)

@@ -25,6 +25,7 @@ actually used (correct with ``--zero_terminal_snr``).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,8 @@ from diffusers import DDPMScheduler
 
 from library.errors import UserError
 from library.training.noise import compute_snr, noise_option_problems
+
+logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -110,6 +113,9 @@ def validate_noise_loss_args(args: Any) -> None:
         elif ztsnr:
             problems.append("--v_pred_like_loss divides by the SNR, which is 0 at the last timestep with "
                             "--zero_terminal_snr; remove one of them")
+    if ztsnr and not s.v_parameterization:
+        logger.warning("--zero_terminal_snr without --v_parameterization: an epsilon-prediction model cannot learn "
+                       "the last timestep (pure noise); zero terminal SNR is meant for v-prediction")
     if s.debiased_estimation_loss and ztsnr and not s.v_parameterization:
         problems.append("--debiased_estimation_loss weights epsilon-prediction by 1/sqrt(SNR), infinite at the "
                         "last timestep with --zero_terminal_snr; use --v_parameterization or drop one of them")
@@ -150,9 +156,9 @@ def huber_threshold(timesteps: torch.Tensor, scheduler: DDPMScheduler, schedule:
         alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
         c = torch.exp(-alpha * t)
     elif schedule == "snr":
-        a = scheduler.alphas_cumprod.to(timesteps.device, torch.float64)[timesteps.long()]
+        a = scheduler.alphas_cumprod.to(timesteps.device, torch.float32)[timesteps.long()]
         sigmas = torch.sqrt((1.0 - a) / a)
-        c = ((1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c).float()
+        c = (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
     else:
         raise ValueError(f"unknown huber schedule {schedule!r}; expected one of {HUBER_SCHEDULES}")
     return c * huber_scale

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from library.errors import UserError
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -91,10 +90,8 @@ def noise_option_problems(args: Any) -> list[str]:
     if s.adaptive_noise_scale is not None and s.noise_offset is None:
         problems.append("--adaptive_noise_scale only works together with --noise_offset; add --noise_offset "
                         "(e.g. 0.1) or remove --adaptive_noise_scale")
-    if s.noise_offset is not None and s.multires_noise_iterations is not None:
-        problems.append("--noise_offset and --multires_noise_iterations cannot be used together; pick one")
-    if s.multires_noise_iterations is not None and s.multires_noise_iterations < 1:
-        problems.append(f"--multires_noise_iterations must be at least 1, got {s.multires_noise_iterations}")
+    if s.multires_noise_iterations is not None and s.multires_noise_iterations < 0:
+        problems.append(f"--multires_noise_iterations must not be negative, got {s.multires_noise_iterations}")
     if s.noise_offset_random_strength and s.noise_offset is None:
         problems.append("--noise_offset_random_strength needs --noise_offset")
     if s.ip_noise_gamma_random_strength and s.ip_noise_gamma is None:
@@ -110,35 +107,20 @@ def noise_option_problems(args: Any) -> list[str]:
 
 def make_noise_scheduler(v_parameterization: bool = False, zero_terminal_snr: bool = False) -> DDPMScheduler:
     """The SD1/SD2 training schedule, rescaled to zero terminal SNR if asked (before anything reads it)."""
-    scheduler = DDPMScheduler(
+    # rescale_betas_zero_snr applies Algorithm 1 of Lin et al. (shift and scale sqrt(alpha_bar) so the last
+    # one is 0) to the betas in the constructor, before alphas_cumprod exists.
+    return DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         num_train_timesteps=NUM_TRAIN_TIMESTEPS, clip_sample=False,
         prediction_type="v_prediction" if v_parameterization else "epsilon",
+        rescale_betas_zero_snr=zero_terminal_snr,
     )
-    if zero_terminal_snr:
-        betas = rescale_zero_terminal_snr(scheduler.betas)
-        scheduler.betas = betas
-        scheduler.alphas = 1.0 - betas
-        scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
-        scheduler.register_to_config(rescale_betas_zero_snr=True)
-    return scheduler
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1 of Lin et al. (2305.08891): shift and scale sqrt(alpha_bar) so the last one is 0."""
-    alphas_bar_sqrt = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
-    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return (1.0 - alphas).to(betas.dtype)
 
 
 def compute_snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ``alpha_bar_t / (1 - alpha_bar_t)`` per timestep (float32, timesteps' device)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)
-    a = alphas_cumprod[timesteps.long()]
-    return (a / (1.0 - a)).float()
+    a = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps.long()]
+    return a / (1.0 - a)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:

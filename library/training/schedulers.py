@@ -213,8 +213,7 @@ def create_scheduler(optimizer: torch.optim.Optimizer, args: Any, max_train_step
     if name == "warmup_stable_decay":
         return tf_opt.get_wsd_schedule(
             optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=total,
-            num_stable_steps=max(0, total - warmup - decay), num_cycles=num_cycles / 2,
-            min_lr_ratio=min_lr_ratio or 0.0, **kwargs)
+            num_cycles=num_cycles / 2, min_lr_ratio=min_lr_ratio or 0.0, **kwargs)
     if name == "linear":
         return tf_opt.get_linear_schedule_with_warmup(optimizer, warmup, total, **kwargs)
     if name == "cosine":
