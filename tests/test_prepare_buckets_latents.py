@@ -200,7 +200,6 @@ def test_script_runs_from_repo_root(data, tmp_path):
 
 def test_train_network_uses_prepared_latents(data, tmp_path, tiny_sd1_dir):
     """The real trainer with --in_json and --cache_latents_to_disk reads the entries and rewrites none."""
-    pytest.importorskip("library.training.sampling", reason="train_network.py needs the sampling module")
     from tests.train_helpers import run_main
 
     folder, in_json = data
