@@ -154,16 +154,22 @@ def _single_file(model_dir: Path, tmp_path: Path) -> Path:
     return save_sd_model(tmp_path / "model.safetensors", models, fmt="safetensors")
 
 
-def test_broken_image_reported_and_in_place_update(data, tiny_sd1_dir, capsys):
+def test_broken_image_alpha_mask_and_in_place_update(data, tiny_sd1_dir, image_factory, capsys):
     folder, in_json = data
     (folder / "broken.png").write_bytes(b"not a png at all")
-    run_tool(folder, in_json, in_json, tiny_sd1_dir, "--mixed_precision", "bf16")
+    image_factory(folder / "sub" / "rgba.png", (64, 64), seed=5, mode="RGBA")
+    run_tool(folder, in_json, in_json, tiny_sd1_dir, "--mixed_precision", "bf16", "--alpha_mask", "--recursive")
     captured = capsys.readouterr()
     assert "broken.png" in captured.out and "broken.png" in captured.err
     out = json.loads(in_json.read_text(encoding="utf-8"))  # out_json == in_json: updated in place
     assert out["wide"]["train_resolution"] == [192, 64] and "broken" not in out
     with np.load(npz_path(folder / "wide.png", SIZES["wide"])) as f:
         assert '"vae": "vae-' in str(f["cache_meta"]) and '-bfloat16"' in str(f["cache_meta"])
+        assert f["alpha_mask"].shape == (64, 192) and np.all(f["alpha_mask"] == 1.0)  # opaque RGB image
+    assert out["sub/rgba"]["train_resolution"] == [128, 128]
+    with np.load(npz_path(folder / "sub" / "rgba.png", (64, 64))) as f:
+        assert f["latents"].shape == (4, 16, 16) and f["alpha_mask"].shape == (128, 128)
+        assert 0.0 <= f["alpha_mask"].min() < f["alpha_mask"].max() <= 1.0
 
 
 def test_input_errors_name_the_file(data, tmp_path, tiny_sd1_dir):
