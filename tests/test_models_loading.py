@@ -334,3 +334,32 @@ def test_hub_id_found_in_the_local_cache(tmp_path, monkeypatch, tiny_sd1_dir):
     (repo / "snapshots" / "rev1" / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         load_sd_models(_args("someone/tiny-sd"))
+
+
+def test_old_text_encoder_layout_and_extra_top_level_keys(sd1_ldm, tmp_path, tiny_sd1_dir):
+    models, tensors = sd1_ldm
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in tensors.items()}
+    old["model_ema.decay"] = torch.tensor(0.999)
+    old["model_ema.diffusion_modelout2weight"] = torch.zeros(1)
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in old.items()}
+    loaded = load_sd_models(_args(_write(tmp_path, half), tokenizer_cache_dir=str(tiny_sd1_dir)))
+    assert loaded.unet.dtype == torch.float32
+    te = models.text_encoders[0].state_dict()
+    for k, v in loaded.text_encoders[0].state_dict().items():
+        assert torch.equal(v, te[k].half().float()), k
+
+
+def test_sd2_file_without_the_unused_openclip_block(tmp_path, tiny_sd2_dir):
+    """Converters that drop the unused last block also drop text_projection; then every block is kept."""
+    from library.models.saving import ldm_state_dict
+
+    models = load_sd_models(_args(tiny_sd2_dir, v2=True))
+    tensors = ldm_state_dict(models)
+    full = load_sd_models(_args(_write(tmp_path, tensors, "full.safetensors"), v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    stripped = {k: v for k, v in tensors.items()
+                if not k.startswith(("cond_stage_model.model.transformer.resblocks.2.", "cond_stage_model.model.text_projection",
+                                     "cond_stage_model.model.logit_scale"))}
+    short = load_sd_models(_args(_write(tmp_path, stripped, "short.safetensors"), v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    for loaded in (full, short):
+        assert loaded.text_encoders[0].config.num_hidden_layers == 2
+        assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])

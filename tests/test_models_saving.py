@@ -103,7 +103,7 @@ def test_trained_unet_is_saved_and_existing_output_is_replaced_atomically(loaded
     trained = copy.deepcopy(models.unet)
     with torch.no_grad():
         trained.conv_in.weight.add_(1.0)
-    save_sd_model(out, models, fmt="diffusers", unet=trained)
+    save_sd_model(out, models, fmt="diffusers", unet=torch.compile(trained))  # compiled modules are unwrapped
     again = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(out)))
     assert_same_weights(again.unet, trained)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
@@ -114,3 +114,22 @@ def test_bad_format_and_suffix(loaded, tmp_path):
         save_sd_model(tmp_path / "m.pt", loaded[False], fmt="pt")
     with pytest.raises(ValueError, match="must end with .ckpt"):
         save_sd_model(tmp_path / "m.safetensors", loaded[False], fmt="ckpt")
+
+
+def test_argument_groups():
+    import argparse
+
+    from library.models.arguments import add_model_arguments, add_save_model_arguments
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_save_model_arguments(parser, choices=("ckpt", "pt", "safetensors"), default="safetensors")
+    args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--v2", "--max_token_length", "225", "--clip_skip", "2"])
+    assert (args.v2, args.v_parameterization, args.max_token_length, args.clip_skip) == (True, False, 225, 2)
+    assert args.save_model_as == "safetensors" and args.save_precision is None
+    for bad in (["--max_token_length", "100"], ["--clip_skip", "0"], ["--save_model_as", "diffusers"], ["--save_precision", "fp8"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    full = argparse.ArgumentParser()
+    add_save_model_arguments(full)
+    assert full.parse_args(["--save_model_as", "diffusers_safetensors"]).save_model_as == "diffusers_safetensors"

@@ -5,24 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train_helpers import dataset_toml, make_images, train_args
-
-
-def _prepare(argv):
-    import train_network
-    from library.config.arguments import SUPPORT_TRAIN_NETWORK
-    from library.config.run_config import load_run_config
-    from library.training.loop import prepare_training
-    from library.training.recipes import LoRARecipe
-
-    args = load_run_config(train_network.build_parser(), argv)
-    return prepare_training(args, LoRARecipe(args), SUPPORT_TRAIN_NETWORK)
+from tests.train_helpers import dataset_toml, make_images, prepare_run, train_args
 
 
 def _first_loss(argv) -> tuple[float, object]:
     from library.training.loop import batch_loss
 
-    run = _prepare(argv)
+    run = prepare_run(argv)
     batch = next(iter(run.loader))
     with torch.no_grad():
         return float(batch_loss(run, batch, 0)), run
@@ -44,8 +33,8 @@ def test_cached_latents_give_the_same_loss(tiny_sd1_dir, data, tmp_path):
 
 
 def test_cached_text_encoder_outputs_give_the_same_loss(tiny_sd1_dir, data, tmp_path):
-    uncached, run = _first_loss(train_args(tiny_sd1_dir, tmp_path / "a", config=data,
-                                           extra=["--network_train_unet_only", "--shuffle_caption"]))
+    # the text encoder's LoRA trains here, so its outputs are computed every step (its LoRA starts as a no-op)
+    uncached, run = _first_loss(train_args(tiny_sd1_dir, tmp_path / "a", config=data))
     assert not run.text.cache
     cached, run = _first_loss(train_args(tiny_sd1_dir, tmp_path / "b", config=data,
                                          extra=["--network_train_unet_only", "--cache_text_encoder_outputs_to_disk"]))
@@ -65,7 +54,7 @@ def test_cached_text_encoder_outputs_give_the_same_loss(tiny_sd1_dir, data, tmp_
 def test_frozen_text_encoder_is_not_rerun_without_the_option(tiny_sd1_dir, data, tmp_path):
     from library.training.loop import train
 
-    run = _prepare(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=5,
+    run = prepare_run(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=5,
                               extra=["--network_train_unet_only"]))
     train(run)
     assert run.text.cache and run.text.encoded == 2
@@ -75,8 +64,8 @@ def test_lora_learns_the_image(tiny_sd1_dir, tmp_path):
     from library.training.loop import batch_loss, train
 
     data = dataset_toml(tmp_path / "data.toml", make_images(tmp_path / "images", count=1), batch_size=1)
-    run = _prepare(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=40,
-                              extra=["--learning_rate", "3e-3", "--network_dim", "8", "--cache_latents",
+    run = prepare_run(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=40,
+                              extra=["--learning_rate", "1e-2", "--network_dim", "8", "--cache_latents",
                                      "--network_train_unet_only"]))
     batch = next(iter(run.loader))
 
@@ -93,4 +82,4 @@ def test_lora_learns_the_image(tiny_sd1_dir, tmp_path):
     train(run)
     trained, base = error(1.0), error(0.0)
     assert base == pytest.approx(untrained, rel=1e-4)  # lora_up starts at zero: untrained LoRA = base model
-    assert trained < 0.8 * untrained
+    assert trained < 0.75 * untrained

@@ -60,10 +60,28 @@ def train_args(model: Path, out: Path, *, data: Path | None = None, config: Path
 
 
 def run_main(argv: list[str]) -> Path | None:
-    """``train_network.main(argv)`` in this process."""
+    """``train_network.main(argv)`` in this process (one torch thread: much faster on the shared CPU)."""
+    import torch
+
     import train_network
 
+    torch.set_num_threads(1)
     return train_network.main(argv)
+
+
+def prepare_run(argv: list[str]) -> Any:
+    """A prepared :class:`library.training.preparation.Run` (models loaded, nothing trained yet)."""
+    import torch
+
+    import train_network
+    from library.config.arguments import SUPPORT_TRAIN_NETWORK
+    from library.config.run_config import load_run_config
+    from library.training.loop import prepare_training
+    from library.training.recipes import LoRARecipe
+
+    torch.set_num_threads(1)
+    args = load_run_config(train_network.build_parser(), argv)
+    return prepare_training(args, LoRARecipe(args), SUPPORT_TRAIN_NETWORK)
 
 
 def run_script(argv: list[str], *, processes: int = 0, timeout: float = 300,

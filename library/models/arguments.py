@@ -12,6 +12,13 @@ SAVE_PRECISIONS = ("float", "fp16", "bf16")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--pretrained_model_name_or_path``, ``--v2``, ``--v_parameterization``, ``--vae``, tokenizer and
     text-encoder options."""
@@ -50,7 +57,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--clip_skip",
-        type=int,
+        type=_positive_int,
         default=None,
         help="use the output of the k-th last text encoder layer (2 = penultimate)",
     )

@@ -244,13 +244,15 @@ def clip_bare_to_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def openclip_to_bare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD2 OpenCLIP text encoder -> transformers CLIP keys.
 
-    SD2 uses the penultimate layer, so the last residual block, ``text_projection`` and ``logit_scale``
-    are not part of the converted model and are dropped (as every SD2 converter does).
+    SD2 uses the penultimate layer, so in a complete OpenCLIP model (one with ``text_projection``) the
+    last residual block, ``text_projection`` and ``logit_scale`` are not part of the converted model and
+    are dropped. Files written by converters that already removed them (no ``text_projection``, e.g.
+    diffusers' script, 23 blocks for SD2) keep all their blocks.
     """
     layers = _indices(tensors, r"transformer\.resblocks\.(\d+)\.")
     if not layers:
         raise UserError("text encoder: no OpenCLIP residual blocks found (cond_stage_model.model.transformer.*)")
-    last = layers[-1]
+    last = layers[-1] if "text_projection" in tensors else layers[-1] + 1
     pairs = [
         _Pair("ln_final", "final_layer_norm"),
         _Pair("token_embedding", "embeddings.token_embedding"),

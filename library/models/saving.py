@@ -42,6 +42,11 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[s
     }
 
 
+def _unwrap(module):
+    """The module behind ``torch.compile`` (whose state-dict keys carry an ``_orig_mod.`` prefix)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def ldm_state_dict(models: SDModels, *, unet=None, text_encoder=None) -> dict[str, torch.Tensor]:
     """All weights in the original single-file layout (``model.diffusion_model.*`` etc.)."""
     unet = unet if unet is not None else models.unet
@@ -81,8 +86,8 @@ def save_sd_model(
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"unknown model format {fmt!r}; use one of {', '.join(SAVE_FORMATS)}")
     path = Path(path)
-    unet = unet if unet is not None else models.unet
-    text_encoder = text_encoder if text_encoder is not None else models.text_encoders[0]
+    unet = _unwrap(unet if unet is not None else models.unet)
+    text_encoder = _unwrap(text_encoder if text_encoder is not None else models.text_encoders[0])
     arch = architecture_metadata(unet.config, models.vae.config, text_encoder.config)
     if fmt in _SUFFIX:
         if path.suffix != _SUFFIX[fmt]:
@@ -130,7 +135,10 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
         te = {"text_model." + k: v for k, v in conv.strip_text_model_prefix(_cast(text_encoder.state_dict(), dtype)).items()}
         te.pop("text_model.embeddings.position_ids", None)
         _write_weights(tmp / "text_encoder", "model" if safetensors else "pytorch_model", te, safetensors)
-        models.noise_scheduler().save_config(str(tmp / "scheduler"))
+        # steps_offset 1 as in the original SD scheduler configs (inference pipelines warn otherwise)
+        scheduler = models.noise_scheduler()
+        scheduler.register_to_config(steps_offset=1)
+        scheduler.save_config(str(tmp / "scheduler"))
         _write_tokenizer(models.tokenizers[0], tmp / "tokenizer")
         index = {
             "_class_name": "StableDiffusionPipeline",

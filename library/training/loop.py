@@ -30,6 +30,7 @@ from library.training.logging_utils import LossRecorder, describe_lr_groups, log
 from library.training.outputs import prune
 from library.training.preparation import Run, build_run, check_run, make_accelerator, shared_seed, training_length
 from library.training.recipes import Recipe, SaveInfo
+from library.training.sampling import sampling_due
 from library.training.state import Progress, capture_rng, restore_rng, save_state
 
 VALIDATION_TIMESTEP_POINTS = 4
@@ -59,10 +60,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
                     num_epochs=num_epochs, tracker_name=tracker_name)
     if metadata is not None:
         run.metadata = metadata(run)
-    if args.sample_prompts:
-        from library.training.sampling import load_sample_prompts
-
-        run.sample_prompts = load_sample_prompts(args.sample_prompts)
+    run.sample_prompts = checked.sample_prompts
     if accelerator.log_with:
         accelerator.init_trackers(args.log_tracker_name or tracker_name,
                                   config=loggable_config(args) if args.log_config else None,
@@ -216,7 +214,7 @@ def train(run: Run) -> Path:
     recorder = LossRecorder()
     snapshot = _snapshot(run, progress)
     recipe.train_mode(True)
-    if args.sample_at_first and progress.global_step == 0:
+    if progress.global_step == 0 and sampling_due(args, step=0):
         _sample(run, progress, epoch_label=None)
 
     bar = tqdm(total=run.max_train_steps, initial=progress.global_step, disable=not acc.is_main_process,
@@ -298,7 +296,7 @@ def _after_step(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str
     args, step = run.args, progress.global_step
     if step >= run.max_train_steps:
         return
-    if args.sample_every_n_steps and step % args.sample_every_n_steps == 0 and not args.sample_every_n_epochs:
+    if sampling_due(args, step=step):
         _sample(run, progress, epoch_label=None)
     if args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
         value = _validate(run, step)
@@ -328,7 +326,7 @@ def _end_epoch(run: Run, progress: Progress, recorder: LossRecorder) -> None:
         acc.log(logs, step=progress.global_step)
     if done >= run.num_epochs:
         return
-    if args.sample_every_n_epochs and done % args.sample_every_n_epochs == 0:
+    if sampling_due(args, step=progress.global_step, epoch=done):
         _sample(run, progress, epoch_label=done)
     if args.save_every_n_epochs and done % args.save_every_n_epochs == 0:
         _save_weights(run, run.names.epoch(done), progress)
@@ -343,7 +341,7 @@ def _end_epoch(run: Run, progress: Progress, recorder: LossRecorder) -> None:
 
 def _finish(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, Any]]) -> Path:
     args, acc = run.args, run.accelerator
-    if args.sample_every_n_epochs or args.sample_every_n_steps:
+    if run.sample_prompts and (args.sample_every_n_epochs or args.sample_every_n_steps):
         _sample(run, progress, epoch_label=progress.epoch if args.sample_every_n_epochs else None)
     path = run.names.final()
     _save_weights(run, path, progress)
@@ -382,17 +380,21 @@ def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]
 
 
 def _sample(run: Run, progress: Progress, epoch_label: int | None) -> None:
-    from library.training.sampling import generate_samples
+    """Sample images with the current weights; each process renders its share of the prompts."""
+    from library.training.sampling import generate_samples, prompts_for_process, sample_tag
 
-    acc = run.accelerator
-    if not run.sample_prompts:
-        return
-    if acc.is_main_process:
+    acc, models, args = run.accelerator, run.models, run.args
+    prompts = prompts_for_process(run.sample_prompts, acc.process_index, acc.num_processes)
+    if prompts:
+        resolution = run.params.datasets[0].resolution
         with _side_work(run), torch.no_grad():
             generate_samples(
-                run.models, run.sample_prompts, output_dir=Path(run.args.output_dir) / "sample",
-                output_name=run.names.name, step=progress.global_step, epoch=epoch_label, device=acc.device,
-                dtype=run.weight_dtype, args=run.args, seed=run.seed,
+                unet=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
+                prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,
+                tag=sample_tag(step=progress.global_step, epoch=epoch_label), default_size=resolution,
+                device=acc.device, dtype=run.weight_dtype, v_parameterization=models.family.v_parameterization,
+                latent_scale=models.family.latent_scale, sampler=args.sample_sampler,
+                zero_terminal_snr=bool(args.zero_terminal_snr),
             )
     acc.wait_for_everyone()
 

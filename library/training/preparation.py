@@ -33,7 +33,7 @@ class Checked:
     params: DatasetGroupParams
     names: OutputNames
     cache_text: bool
-    notes: list[str] = field(default_factory=list)
+    sample_prompts: list[Any] = field(default_factory=list)
 
 
 def uses_cuda() -> bool:
@@ -45,6 +45,7 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     """Validate every option and the dataset configuration; one UserError for all problems found."""
     from library.training.losses import validate_noise_loss_args
     from library.training.optimizers import validate_optimizer_args
+    from library.training.sampling import validate_sampling_args
     from library.training.schedulers import validate_scheduler_args
 
     validate_training_args(args, cuda=uses_cuda())
@@ -82,13 +83,15 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
             verify_state(args.resume)
         except UserError as err:
             problems.append(err.message)
-    if args.sample_prompts and not Path(args.sample_prompts).is_file():
-        problems.append(f"--sample_prompts {args.sample_prompts}: no such file")
+    try:
+        sample_prompts = validate_sampling_args(args)
+    except UserError as err:
+        problems.append(err.message)
     if problems:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
         check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
-    return Checked(params=params, names=names, cache_text=cache_text)
+    return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts)
 
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
