@@ -182,6 +182,13 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return encoder_fingerprint(module)
 
 
+def vae_cache_key(vae: torch.nn.Module, dtype: torch.dtype) -> str:
+    """The latent cache's ``cache_key`` for ``vae`` (already cast to ``dtype``): its weights and dtype.
+
+    Shared with ``finetune/prepare_buckets_latents.py`` so that its latents are reused by training."""
+    return f"vae-{module_fingerprint(vae)[:16]}-{str(dtype).removeprefix('torch.')}"
+
+
 def make_vae_encoder(vae: torch.nn.Module, device: torch.device,
                      dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """``encode(images in [-1, 1]) -> unscaled latents`` (the distribution's mean: deterministic, so
@@ -269,9 +276,9 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
 
     vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
     if args.cache_latents or args.cache_latents_to_disk:
-        key = f"vae-{module_fingerprint(models.vae)[:16]}-{str(vae_dtype).removeprefix('torch.')}"
-        group.cache_latents(vae_encode, cache_key=key, to_disk=args.cache_latents_to_disk,
-                            batch_size=args.vae_batch_size, process_index=accelerator.process_index,
+        group.cache_latents(vae_encode, cache_key=vae_cache_key(models.vae, vae_dtype),
+                            to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                            process_index=accelerator.process_index,
                             num_processes=accelerator.num_processes)
         accelerator.wait_for_everyone()
 
