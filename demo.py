@@ -9,10 +9,10 @@ TensorBoard logs), and prints where everything is.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from library.cli import ArgumentParser
 from library.errors import run_cli
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
@@ -38,7 +38,7 @@ def make_images(folder: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="demo.py", description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default="demo_output", help="folder for everything (default demo_output)")
     parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     options = parser.parse_args(argv)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from library.cli import ArgumentParser
 from library.errors import UserError, run_cli
 from library.tools import post_hoc_ema as ema
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", nargs="+", help="checkpoint .safetensors files of one training run")
     p.add_argument("--beta", type=float, default=0.95, help="decay of the running average (default 0.95)")
     p.add_argument("--beta2", type=float, default=None, help="decay at the last merge; linear from --beta to this")

@@ -17,35 +17,15 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from library.config.arguments import (  # noqa: E402
-    SUPPORT_TRAIN_NETWORK,
-    add_config_file_arguments,
-    add_dataset_arguments,
-)
-from library.errors import run_cli
-from library.models.arguments import add_model_arguments
-from library.training.arguments import ArgumentParser, add_training_arguments
-from library.training.losses import add_loss_arguments
-from library.training.network_args import add_network_arguments
-from library.training.noise import add_noise_arguments
-from library.training.optimizers import add_optimizer_arguments
-from library.training.sampling import add_sampling_arguments
-from library.training.schedulers import add_scheduler_arguments
+from library.config.arguments import SUPPORT_TRAIN_NETWORK  # noqa: E402
+from library.errors import run_cli  # noqa: E402
+from library.training.network_args import add_network_arguments  # noqa: E402
+from library.training.parser import build_training_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="train_network.py", description="Train a LoRA network.")
-    add_config_file_arguments(parser)
-    add_model_arguments(parser)
-    add_dataset_arguments(parser, SUPPORT_TRAIN_NETWORK)
-    add_network_arguments(parser)
-    add_noise_arguments(parser)
-    add_loss_arguments(parser)
-    add_optimizer_arguments(parser)
-    add_scheduler_arguments(parser)
-    add_sampling_arguments(parser)
-    add_training_arguments(parser)
-    return parser
+    return build_training_parser(prog="train_network.py", description="Train a LoRA network.",
+                                 support=SUPPORT_TRAIN_NETWORK, add_recipe_arguments=add_network_arguments)
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.cli import ArgumentParser  # noqa: E402
 from library.errors import run_cli  # noqa: E402
 from library.tools.clean_captions import clean_metadata  # noqa: E402
 from library.tools.metadata_files import load_metadata, save_metadata  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="in_json out_json",
                    help="input and output metadata files (the old form 'train_data_dir in_json out_json' is accepted)")
     p.add_argument("--debug", action="store_true", help="print every cleaned entry")

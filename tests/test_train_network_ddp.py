@@ -3,7 +3,6 @@ training, saving from the main process only, and resume."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tests.train_helpers import dataset_toml, load_lora, make_images, run_script, train_args

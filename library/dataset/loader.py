@@ -83,6 +83,9 @@ class EpochLoader:
             persistent_workers=bool(persistent_workers) and workers > 0,
             collate_fn=_identity,
             pin_memory=torch.cuda.is_available(),
+            # its own generator: starting an epoch must not draw from the global RNG (exact resume); the
+            # samples' randomness comes from (seed, epoch, batch, sample), not from the worker seeds
+            generator=torch.Generator().manual_seed(seed),
         )
         self.set_epoch(0)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from library.errors import UserError
 from library.tools.caption_output import SidecarSink
-from library.tools.cli import ToolArgumentParser
+from library.cli import ArgumentParser
 from library.tools.hub_files import hub_offline
 from library.tools.image_batches import (BatchReader, check_positive, default_device, find_images, open_rgb,
                                          pending_images, summary)
@@ -27,8 +27,8 @@ DEFAULT_MODEL_ID = "Salesforce/blip-image-captioning-large"
 PROMPT = "a picture of "
 
 
-def build_parser() -> ToolArgumentParser:
-    p = ToolArgumentParser(description="Caption images with BLIP")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Caption images with BLIP")
     p.add_argument("train_data_dir", help="folder with the images")
     p.add_argument("--caption_weights", default=None,
                    help="folder of a transformers BLIP captioning model (takes precedence over --model_id)")

@@ -112,9 +112,9 @@ def merge_text_files(
 
 def merge_cli(argv: list[str] | None, *, field: str, default_extension: str, description: str) -> int:
     """Command line of ``merge_captions_to_metadata.py`` and ``merge_dd_tags_to_metadata.py``."""
-    import argparse
+    from library.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("train_data_dir", help=f"folder with the images and their {default_extension} files")
     p.add_argument("out_json", help="metadata file to write (updated in place if it exists and --in_json is not given)")
     p.add_argument("--in_json", default=None, help="metadata file to start from (it is not modified)")

@@ -21,6 +21,7 @@ import torch
 
 from library.dataset.image_files import IMAGE_EXTENSIONS, list_images
 from library.dataset.records import resolve_image_key
+from library.cli import ArgumentParser
 from library.errors import UserError
 from library.tools.metadata_files import image_keys, load_metadata, save_metadata
 
@@ -29,7 +30,7 @@ _MAX_LISTED = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="prepare_buckets_latents.py",
         description="Assign every image of a folder to an aspect-ratio bucket, write its latents (.npz beside "
                     "the image, the training latent cache) and its bucket as train_resolution into the metadata.",

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from library.errors import UserError
 from library.tools.caption_output import CaptionSink, JsonlSink, SidecarSink
-from library.tools.cli import ToolArgumentParser
+from library.cli import ArgumentParser
 from library.tools.image_batches import (BatchReader, check_positive, default_device, find_images, open_rgb,
                                          pending_images, summary)
 from library.tools.qwen_vl_model import QwenVL, load_qwen_vl
@@ -37,8 +37,8 @@ MIN_SIZE = 256
 IMAGE_TOKEN = "<|image_pad|>"
 
 
-def build_parser() -> ToolArgumentParser:
-    p = ToolArgumentParser(description="Caption images with Qwen2.5-VL")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Caption images with Qwen2.5-VL")
     p.add_argument("--image_dir", required=True, help="folder with the images")
     p.add_argument("--model_path", required=True,
                    help="Qwen2.5-VL .safetensors file (original/ComfyUI layout, or the first shard) or model folder")

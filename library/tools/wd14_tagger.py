@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.errors import UserError
-from library.tools.cli import ToolArgumentParser
+from library.cli import ArgumentParser
 from library.tools.caption_output import CaptionSink, JsonlSink, JsonMetadataSink, SidecarSink
 from library.tools.hub_files import download_files
 from library.tools.image_batches import (BatchReader, check_positive, find_images, open_rgb, pending_images,
@@ -26,8 +26,8 @@ MAPPING_FILES = ["model_optimized.onnx", "tag_mapping.json"]
 THRESHOLD_CATEGORIES = ("general", "character", "meta", "model", "copyright", "artist")
 
 
-def build_parser() -> ToolArgumentParser:
-    p = ToolArgumentParser(description="Tag images with a WD14 tagger (ONNX)")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Tag images with a WD14 tagger (ONNX)")
     p.add_argument("train_data_dir", help="folder with the images")
     p.add_argument("--repo_id", default=DEFAULT_REPO_ID,
                    help="Hugging Face repo of the tagger; owner/name/subfolder selects the tag_mapping layout")

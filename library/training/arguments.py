@@ -11,30 +11,11 @@ are added only when missing, so an option lives in exactly one place.
 from __future__ import annotations
 
 import argparse
-from typing import Any, NoReturn
+from typing import Any
 
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 LOG_WITH_CHOICES = ("tensorboard", "wandb", "all")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose "unrecognized arguments" error suggests the closest options."""
-
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        if message.startswith("unrecognized arguments:"):
-            from library.config.schema import did_you_mean
-
-            known = [o for o in self._option_string_actions if o.startswith("--")]
-            hints = []
-            for word in message.split(":", 1)[1].split():
-                if word.startswith("--"):
-                    hint = did_you_mean(word.split("=")[0], known)
-                    if hint:
-                        hints.append(f"{word}:{hint}")
-            if hints:
-                message += " (" + "; ".join(hints) + ")"
-        super().error(message)
 
 
 def _add(group: argparse._ArgumentGroup, parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:

@@ -356,29 +356,12 @@ def uses_prepared_latents(args: argparse.Namespace) -> bool:
 
 
 def build_full_parser(prog: str, description: str, support: Any, style: str) -> argparse.ArgumentParser:
-    """The parser of train_db.py / fine_tune.py: the groups of train_network.py without the network options,
-    plus the full-weight group."""
-    from library.config.arguments import add_config_file_arguments, add_dataset_arguments
-    from library.models.arguments import add_model_arguments
-    from library.training.arguments import add_training_arguments
-    from library.training.losses import add_loss_arguments
-    from library.training.noise import add_noise_arguments
-    from library.training.optimizers import add_optimizer_arguments
-    from library.training.sampling import add_sampling_arguments
-    from library.training.schedulers import add_scheduler_arguments
+    """The parser of train_db.py / fine_tune.py: the groups of train_network.py with the full-weight group in
+    place of the network options."""
+    from library.training.parser import build_training_parser
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_config_file_arguments(parser)
-    add_model_arguments(parser)
-    add_dataset_arguments(parser, support)
-    add_full_weight_arguments(parser, style)
-    add_noise_arguments(parser)
-    add_loss_arguments(parser)
-    add_optimizer_arguments(parser)
-    add_scheduler_arguments(parser)
-    add_sampling_arguments(parser)
-    add_training_arguments(parser)
-    return parser
+    return build_training_parser(prog=prog, description=description, support=support,
+                                 add_recipe_arguments=lambda parser: add_full_weight_arguments(parser, style))
 
 
 def run_full_training(parser: argparse.ArgumentParser, argv: list[str] | None, support: Any, style: str, *,

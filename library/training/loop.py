@@ -230,9 +230,7 @@ def train(run: Run) -> Path:
                 recipe.on_epoch_start(progress.epoch)
                 recorder.start_epoch()
                 n_batches = len(run.loader)
-                with torch.random.fork_rng(devices=[]):  # DataLoader draws a seed from the global RNG
-                    batches = iter(run.loader)
-                for batch in batches:
+                for batch in run.loader:
                     b = progress.batches_done
                     group_start = (b // ga) * ga
                     group_len = min(ga, n_batches - group_start)
