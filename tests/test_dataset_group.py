@@ -9,6 +9,7 @@ import os
 import pytest
 
 from library.dataset.group import balance_regularization, build_dataset_group
+from library.dataset.loader import make_train_loader
 from library.dataset.images import METADATA_CACHE_NAME, InfoCache
 from library.errors import UserError
 from tests.dataset_helpers import dataset, db_subset, ft_subset, group_params, make_folder
@@ -342,6 +343,17 @@ def test_finetuning_wildcard_tags_on_every_line(tmp_path, image_factory):
     sub = ft_subset(tmp_path / "m.json", tmp_path / "ft", enable_wildcard=True)
     group = build_dataset_group(group_params(dataset([sub], kind="finetuning")), seed=0)
     assert group.train[0].images[0].record.caption == "one, x, y\ntwo, x, y"
+
+
+def test_finetuning_multiline_caption_keeps_tags_without_wildcard(tmp_path, image_factory):
+    # merge_captions_to_metadata keeps multi-line captions; the first line is trained on and needs the tags
+    make_folder(image_factory, tmp_path / "ft", [(64, 64)])
+    (tmp_path / "m.json").write_text(json.dumps({"img00": {"caption": "one\ntwo", "tags": "x, y"}}))
+    sub = ft_subset(tmp_path / "m.json", tmp_path / "ft")
+    group = build_dataset_group(group_params(dataset([sub], kind="finetuning")), seed=0)
+    loader = make_train_loader(group, seed=0, num_workers=0, persistent_workers=False)
+    loader.set_epoch(0)
+    assert next(iter(loader))["captions"] == ["one, x, y"]
 
 
 def test_split_never_overlaps():

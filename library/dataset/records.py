@@ -169,6 +169,9 @@ def resolve_image_key(key: str, base: Path) -> Path | None:
 
 
 def _join_caption(entry: dict, subset: FineTuningSubsetParams) -> str | None:
+    """``caption<sep> tags``; the tags go on every line of a multi-line caption, so that the line trained on
+    (the first, or a random one with ``enable_wildcard``) has them. sd-scripts appends them to the last
+    line only without ``enable_wildcard``, so training on the first line silently loses the tags."""
     caption = entry.get("caption")
     tags = entry.get("tags")
     caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
@@ -178,9 +181,7 @@ def _join_caption(entry: dict, subset: FineTuningSubsetParams) -> str | None:
     if tags is None:
         return caption
     sep = subset.caption_separator
-    if subset.enable_wildcard:
-        return "\n".join(f"{line}{sep} {tags}" for line in caption.split("\n"))
-    return f"{caption}{sep} {tags}"
+    return "\n".join(f"{line}{sep} {tags}" for line in caption.split("\n"))
 
 
 def _metadata_size(entry: dict) -> tuple[int, int] | None:
