@@ -191,3 +191,35 @@ def test_crop_conditioning_center_and_flipped(tmp_path, image_factory):
 
     assert _crop_top_left((10, 5, 138, 133), 256, flipped=False) == (5, 10)
     assert _crop_top_left((10, 5, 138, 133), 256, flipped=True) == (5, 118)
+
+
+def test_image_damaged_after_scan_is_replaced_within_its_bucket(tmp_path, image_factory, caplog):
+    # the header reads fine at scan time but the pixel data is cut off: the run goes on with another image
+    make_folder(image_factory, tmp_path / "a", [(64, 64)] * 3, captions=["c0", "c1", "c2"])
+    broken = tmp_path / "a" / "img01.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    sub = db_subset(tmp_path / "a", class_tokens="x", num_repeats=1)
+    group = build_dataset_group(group_params(dataset([sub], batch_size=3)), seed=0)
+    assert group.train[0].num_samples() == 3
+    loader = make_train_loader(group, seed=0, num_workers=0, persistent_workers=False)
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (3, 3, 128, 128)
+    assert str(broken) not in batch["image_paths"]
+    assert sorted(batch["captions"]) == sorted(
+        {"img00.png": "c0", "img02.png": "c2"}[p.rsplit("/", 1)[-1]] for p in batch["image_paths"])
+    assert "img01.png" in caplog.text and "in its place" in caplog.text
+
+
+def test_bucket_of_only_damaged_images_is_an_error(tmp_path, image_factory):
+    from library.errors import UserError
+
+    make_folder(image_factory, tmp_path / "a", [(64, 64)] * 2)
+    for p in (tmp_path / "a").glob("*.png"):
+        p.write_bytes(p.read_bytes()[:200])
+    sub = db_subset(tmp_path / "a", class_tokens="x", num_repeats=1)
+    group = build_dataset_group(group_params(dataset([sub], batch_size=2)), seed=0)
+    loader = make_train_loader(group, seed=0, num_workers=0, persistent_workers=False)
+    loader.set_epoch(0)
+    with pytest.raises(UserError, match=r"img0[01]\.png.*no other image of bucket 128x128"):
+        next(iter(loader))

@@ -7,6 +7,7 @@ the latents are cached or not, and nothing depends on the worker that loads the 
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ from library.errors import UserError
 
 if TYPE_CHECKING:
     from library.dataset.group import BatchRef, DatasetGroup, DatasetImage, ImageDataset
+
+logger = logging.getLogger(__name__)
 
 
 def seed_words(*values: int) -> list[int]:
@@ -55,10 +58,7 @@ def prepare_image(img: "DatasetImage", ds: "ImageDataset", rng: random.Random | 
     """Load, fit to the bucket, augment (when ``rng`` is given) and convert one image."""
     sub = ds.subset_params[img.subset_index]
     interpolation = sub.resize_interpolation or ds.params.resize_interpolation
-    try:
-        array = load_image(img.record.path, with_alpha=sub.alpha_mask)
-    except ImageReadError as exc:
-        raise UserError(f"{exc.message} (while loading a batch)") from exc
+    array = load_image(img.record.path, with_alpha=sub.alpha_mask)
     face = parse_face_box(img.record.path) if rng is not None and sub.face_crop_aug_range else None
     if face is not None:
         array, crop_ltrb = face_crop(array, face, sub.face_crop_aug_range, img.choice.bucket,
@@ -77,7 +77,33 @@ def prepare_image(img: "DatasetImage", ds: "ImageDataset", rng: random.Random | 
 
 def prepare_for_cache(img: "DatasetImage", ds: "ImageDataset") -> PreparedImage:
     """The image as the latent cache encodes it: center crop, no augmentation, not flipped."""
-    return prepare_image(img, ds, None)
+    try:
+        return prepare_image(img, ds, None)
+    except ImageReadError as exc:
+        raise UserError(f"{exc.message} (while caching latents)") from exc
+
+
+def _prepare_or_substitute(ds: "ImageDataset", img_index: int, image_rng: random.Random) -> tuple[int, PreparedImage]:
+    """``(index, image)`` of ``img_index``, or, when that file cannot be decoded (its header was readable at
+    scan time, its data is not), of another image of the same bucket picked with ``image_rng``; a warning
+    names the broken file. A long run is not stopped by one damaged image; a bucket of only broken images is
+    an error."""
+    try:
+        return img_index, prepare_image(ds.images[img_index], ds, image_rng)
+    except ImageReadError as exc:
+        first = exc
+    bucket = ds.images[img_index].choice.bucket
+    candidates = sorted({i for i in ds.buckets.get(bucket, []) if i != img_index})
+    image_rng.shuffle(candidates)
+    for other in candidates:
+        try:
+            prepared = prepare_image(ds.images[other], ds, image_rng)
+        except ImageReadError:
+            continue
+        logger.warning("%s; using %s in its place in this batch", first.message, ds.images[other].record.path)
+        return other, prepared
+    raise UserError(f"{first.message}, and no other image of bucket {bucket[0]}x{bucket[1]} can be read either "
+                    "(while loading a batch)")
 
 
 def _crop_top_left(crop_ltrb: tuple[int, int, int, int], resized_w: int, flipped: bool) -> tuple[int, int]:
@@ -97,10 +123,15 @@ def load_batch(group: "DatasetGroup", ref: "BatchRef", *, seed: int) -> dict[str
     masks: list[torch.Tensor | None] = []
     captions, paths, flipped_list = [], [], []
     orig_hw, crop_tl, target_hw = [], [], []
+    used: list[int] = []
     for j, img_index in enumerate(ref.samples):
+        image_rng = sample_rng(seed, ref.epoch, ref.index, j, 0)
+        prep = None
+        if store is None:
+            img_index, prep = _prepare_or_substitute(ds, img_index, image_rng)
+        used.append(img_index)
         img = ds.images[img_index]
         sub = ds.subset_params[img.subset_index]
-        image_rng = sample_rng(seed, ref.epoch, ref.index, j, 0)
         caption_rng = sample_rng(seed, ref.epoch, ref.index, j, 1)
         bw, bh = img.choice.bucket
         if store is not None:
@@ -116,7 +147,6 @@ def load_batch(group: "DatasetGroup", ref: "BatchRef", *, seed: int) -> dict[str
             masks.append(mask)
             crop_ltrb = entry.crop_ltrb
         else:
-            prep = prepare_image(img, ds, image_rng)
             images.append(prep.image)
             masks.append(prep.alpha_mask)
             flipped, crop_ltrb = prep.flipped, prep.crop_ltrb
@@ -131,7 +161,7 @@ def load_batch(group: "DatasetGroup", ref: "BatchRef", *, seed: int) -> dict[str
     n = len(ref.samples)
     batch: dict[str, Any] = {
         "captions": captions,
-        "loss_weights": torch.tensor([ds.images[i].loss_weight for i in ref.samples], dtype=torch.float32),
+        "loss_weights": torch.tensor([ds.images[i].loss_weight for i in used], dtype=torch.float32),
         "network_multipliers": torch.full((n,), float(ds.params.network_multiplier), dtype=torch.float32),
         "alpha_masks": _stack_masks(masks, target_hw[0]),
         "original_sizes_hw": torch.tensor(orig_hw, dtype=torch.long),
