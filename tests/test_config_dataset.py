@@ -368,6 +368,16 @@ def test_toml_syntax_error_names_file_line_column(tmp_path):
     assert f"{cfg}: not valid TOML" in exc.value.message and "line 5, column" in exc.value.message
 
 
+def test_non_utf8_config_is_named_and_bom_is_accepted(tmp_path, dirs):
+    cfg = tmp_path / "cp932.toml"
+    cfg.write_bytes("[general]\ncaption_prefix = '犬'\n".encode("cp932"))
+    with pytest.raises(UserError, match=r"cp932.toml: not UTF-8 text .*save the file with UTF-8"):
+        resolve(cfg)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{dirs['hoge']}'\n".encode())
+    assert len(resolve(bom).datasets) == 1
+
+
 def test_structure_problems(tmp_path, dirs):
     cfg = write(tmp_path / "st.toml", "[general]\nflip_aug = true\n[dataset]\nresolution = 512\n")
     msg = error_of(cfg)

@@ -120,6 +120,10 @@ def test_missing_file_and_toml_syntax_error(tmp_path):
     with pytest.raises(UserError) as exc:
         load_run_config(make_parser(), ["--config_file", str(cfg)])
     assert "broken.toml" in exc.value.message and "line 2" in exc.value.message
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_text("learning_rate = 1e-4\n", encoding="utf-16")
+    with pytest.raises(UserError, match=r"utf16.toml: not UTF-8 text"):
+        load_run_config(make_parser(), ["--config_file", str(utf16)])
 
 
 def test_output_config_round_trip_without_secrets(tmp_path):

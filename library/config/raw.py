@@ -40,13 +40,24 @@ class RawConfig:
         return f"{self.source}: {place}" if self.from_file else place
 
 
+def read_config_text(path: Path) -> str:
+    """A config file's text: UTF-8, with or without the BOM that some Windows editors write."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
+                        "save the file with UTF-8 encoding") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a dataset config (JSON for ``.json``, TOML otherwise); syntax errors name file, line and column."""
     path = Path(path)
     if not path.is_file():
         hint = " (it is a folder; give the .toml file)" if path.is_dir() else ""
         raise UserError(f"dataset config not found: {path}{hint}")
-    text = path.read_text(encoding="utf-8")
+    text = read_config_text(path)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

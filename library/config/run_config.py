@@ -16,6 +16,7 @@ import tomli_w
 import tomllib
 
 from library.config.arguments import float_range_arg, resolution_arg
+from library.config.raw import read_config_text
 from library.config.schema import describe_value, did_you_mean
 from library.errors import UserError
 from library.io_utils import atomic_write_text
@@ -140,7 +141,7 @@ def read_run_config(parser: argparse.ArgumentParser, path: Path) -> dict[str, An
     if not path.is_file():
         raise UserError(f"--config_file: {path} not found")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_config_text(path))
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: not valid TOML: {err}") from None
     problems: list[str] = []
