@@ -278,7 +278,7 @@ resolution = 'big'
 """, **dirs)
     msg = error_of(cfg)
     lines = msg.splitlines()
-    assert lines[0].startswith(f"dataset config {cfg} is invalid: 10 problems")
+    assert lines[0].startswith("invalid dataset config: 10 problems")
     assert all(str(cfg) in line for line in lines[1:])
     expected = [
         "[general]: `caption_extention` is not a dataset config key: did you mean 'caption_extension'?",

@@ -309,7 +309,8 @@ def resolve_dataset_params(args: argparse.Namespace, support: DatasetSupport) ->
     datasets, found = _resolve(raw, kinds, args, notes)
     problems += found
     if problems:
-        title = f"dataset config {config} is invalid" if config else "the training data options are invalid"
+        # every problem of a config file starts with the file name, so the title does not repeat it
+        title = "invalid dataset config" if config else "the training data options are invalid"
         raise UserError.from_problems(title, problems)
     for note in notes:
         logger.warning(note)
