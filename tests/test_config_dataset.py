@@ -508,9 +508,16 @@ def test_old_style_missing_and_empty_dirs(tmp_path, image_factory):
         resolve_dataset_params(parse(["--train_data_dir", str(tmp_path / "empty")]), SUPPORT_TRAIN_NETWORK)
     image_factory(tmp_path / "t" / "2_x" / "a.png", (16, 16))
     image_factory(tmp_path / "r" / "a.png", (16, 16))
-    with pytest.raises(UserError, match="No training data found in --reg_data_dir"):
+    with pytest.raises(UserError, match="No regularization images found in --reg_data_dir") as exc:
         resolve_dataset_params(parse(["--train_data_dir", str(tmp_path / "t"), "--reg_data_dir",
                                       str(tmp_path / "r")]), SUPPORT_TRAIN_NETWORK)
+    assert f"'{tmp_path / 'r' / '1_dog'}'" in exc.value.message
+    image_factory(tmp_path / "z" / "0_dog" / "a.png", (16, 16))
+    with pytest.raises(UserError) as exc:
+        resolve_dataset_params(parse(["--train_data_dir", str(tmp_path / "t"), "--reg_data_dir",
+                                      str(tmp_path / "z")]), SUPPORT_TRAIN_NETWORK)
+    assert "only '<repeats>_<name>' folders ('0_dog') have 0 repeats" in exc.value.message
+    assert "holds no" not in exc.value.message
     with pytest.raises(UserError, match="needs training data: give --dataset_config"):
         resolve_dataset_params(parse([]), SUPPORT_TRAIN_NETWORK)
 

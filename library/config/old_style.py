@@ -40,6 +40,7 @@ def _folder_subsets(option: str, root: Path, is_reg: bool, notes: list[str]) -> 
                         f"{LAYOUT_EXAMPLE}")
     subsets: list[RawSubset] = []
     ignored: list[str] = []
+    zero_repeats: list[str] = []
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
             continue
@@ -50,6 +51,7 @@ def _folder_subsets(option: str, root: Path, is_reg: bool, notes: list[str]) -> 
         repeats, tokens = int(match.group(1)), match.group(2).strip()
         if repeats < 1:
             notes.append(f"{option}: folder '{entry.name}' skipped: its repeat count is 0")
+            zero_repeats.append(entry.name)
             continue
         values = {"image_dir": str(entry), "num_repeats": repeats, "is_reg": is_reg}
         if tokens:
@@ -57,14 +59,21 @@ def _folder_subsets(option: str, root: Path, is_reg: bool, notes: list[str]) -> 
         subsets.append(RawSubset(values=values, place=f"{option} {entry.name}"))
     loose_images = list_images(root)
     if not subsets:
+        what = "regularization images" if is_reg else "training data"
+        example = root / ("1_dog" if is_reg else "10_sks dog")
+        if zero_repeats:
+            names = ", ".join(repr(n) for n in zero_repeats)
+            raise UserError(
+                f"No {what} found in {option} {root}: its only '<repeats>_<name>' folders ({names}) have 0 "
+                f"repeats, so they are skipped. Rename them with a repeat count of 1 or more, e.g. '{example}'.")
         found = (f"It holds {len(loose_images)} image(s) directly (e.g. '{loose_images[0].name}') but no "
                  "'<repeats>_<name>' folders" if loose_images else "It holds no '<repeats>_<name>' folders")
         others = f" (folders found: {', '.join(repr(n) for n in ignored)})" if ignored else ""
         raise UserError(
-            f"No training data found in {option} {root}. {found}{others}.\n"
+            f"No {what} found in {option} {root}. {found}{others}.\n"
             f"{option} must be the PARENT of folders named '<repeats>_<identifier> <class>', "
             f"the images go inside those folders:\n{LAYOUT_EXAMPLE}\n"
-            f"Fix: move the images into e.g. '{root / '10_sks dog'}', or use --dataset_config with "
+            f"Fix: move the images into e.g. '{example}', or use --dataset_config with "
             f"image_dir = '{root}' (see docs/dataset_config.md).")
     for name in ignored:
         notes.append(f"{option}: folder '{name}' ignored: its name does not start with a repeat count "
