@@ -69,6 +69,13 @@ def test_full_path_and_recursive_keys(folder, tmp_path):
     assert set(load_metadata(rel)) == {"a", "b", "sub/d"}
 
 
+def test_full_path_keys_are_absolute_for_a_relative_folder(folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(folder.parent)
+    out = tmp_path / "full.json"
+    merge_text_files(Path("imgs"), out, field="caption", extension=".caption", full_path=True)
+    assert set(load_metadata(out)) == {str(folder / "a.png"), str(folder / "b.JPG")}
+
+
 def test_existing_full_path_keys_are_reused(folder, tmp_path):
     start = tmp_path / "start.json"
     start.write_text(json.dumps({str(folder / "a.png"): {"tags": "x"}}), encoding="utf-8")

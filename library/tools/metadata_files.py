@@ -40,9 +40,11 @@ def save_metadata(path: str | Path, metadata: dict[str, dict[str, Any]]) -> None
 
 
 def image_keys(images: list[Path], root: Path, full_path: bool) -> dict[Path, str]:
-    """The metadata key of each image. Relative keys drop the extension unless two images would collide."""
+    """The metadata key of each image. Full-path keys are absolute (a relative folder given on the command
+    line would tie the file to the working directory); relative keys drop the extension unless two images
+    would collide."""
     if full_path:
-        return {p: str(p) for p in images}
+        return {p: str(p.resolve()) for p in images}
     stems: dict[str, int] = {}
     for p in images:
         rel = p.relative_to(root).with_suffix("").as_posix()
