@@ -91,6 +91,19 @@ def test_caption_files_and_missing_captions_error(tmp_path, image_factory):
     assert "img00.png" not in err.value.message
 
 
+def test_captions_with_another_extension_are_pointed_out(tmp_path, image_factory):
+    # taggers write .txt while the default caption_extension is .caption: the classic silent mistake
+    folder = tmp_path / "imgs"
+    make_folder(image_factory, folder, [(64, 64)] * 2, captions=["a cat", "b cat"], caption_ext=".txt")
+    group = build_dataset_group(group_params(dataset([db_subset(folder, class_tokens="sks")])), seed=0)
+    assert {i.record.caption for i in group.train[0].images} == {"sks"}
+    assert any("have '<name>.txt' files; set caption_extension = '.txt'" in n for n in group.notes)
+    with pytest.raises(UserError, match=r"set caption_extension = '\.txt' if those are their captions"):
+        build_dataset_group(group_params(dataset([db_subset(folder)])), seed=0)
+    right = build_dataset_group(group_params(dataset([db_subset(folder, caption_extension=".txt")])), seed=0)
+    assert not any("caption_extension" in n for n in right.notes)
+
+
 def test_corrupt_image_is_skipped_and_named(tmp_path, image_factory, capsys):
     folder = tmp_path / "imgs"
     make_folder(image_factory, folder, [(64, 64)] * 2)

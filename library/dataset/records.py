@@ -53,6 +53,15 @@ def _require_dir(path: str | None, origin: str, what: str) -> Path:
     return p
 
 
+def _other_caption_extension(uncaptioned: list[Path], ext: str) -> str | None:
+    """``.txt`` or ``.caption`` (the other common caption extension) when every image without a caption file
+    has one of those instead: the usual sign of a wrong ``caption_extension``."""
+    for other in (".txt", ".caption"):
+        if other != ext and uncaptioned and all(p.with_name(p.stem + other).is_file() for p in uncaptioned):
+            return other
+    return None
+
+
 def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int | None = None) -> SubsetScan:
     """Images of a DreamBooth folder with captions from ``<stem><caption_extension>`` or ``class_tokens``."""
     image_dir = _require_dir(subset.image_dir, subset.origin, "image_dir")
@@ -93,23 +102,33 @@ def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int |
 
     records: list[ImageRecord] = []
     missing: list[str] = []
+    uncaptioned: list[Path] = []
     for p in paths:
         if p not in sizes:
             continue
         caption = captions.get(p)
         if caption is None:
+            uncaptioned.append(p)
             if subset.class_tokens is None:
                 missing.append(p.name)
                 continue
             caption = subset.class_tokens
         records.append(ImageRecord(path=p, size=sizes[p], caption=caption))
+    other_ext = _other_caption_extension(uncaptioned, ext)
     if missing:
+        hint = (f" (they have '<name>{other_ext}' files: set caption_extension = '{other_ext}' if those are "
+                "their captions)" if other_ext else "")
         raise UserError(
             f"{subset.origin}: {len(missing)} image(s) in '{image_dir}' have no caption file "
             f"('<name>{ext}') and the subset has no class_tokens:\n{_listing(missing)}\n"
-            f"  Add caption files, set class_tokens, or fix caption_extension."
+            f"  Add caption files, set class_tokens, or fix caption_extension{hint}."
         )
     scan = SubsetScan(records=records, skipped=skipped)
+    if other_ext:
+        scan.notes.append(
+            f"{subset.origin}: {len(uncaptioned)} image(s) without a '<name>{ext}' caption file are trained with "
+            f"class_tokens {subset.class_tokens!r}, but they have '<name>{other_ext}' files; set "
+            f"caption_extension = '{other_ext}' (--caption_extension {other_ext}) if those are their captions")
     if not paths:
         subdirs = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
         hint = (f"; it has sub-folders ({', '.join(subdirs[:3])}): give the folder that holds the images"
