@@ -386,6 +386,11 @@ def test_structure_problems(tmp_path, dirs):
     assert "must be written [[datasets]] (double brackets" in error_of(cfg)
     cfg = write(tmp_path / "st3.toml", "[[datasets]]\nresolution = 512\n")
     assert "datasets[0]: has no [[datasets.subsets]]" in error_of(cfg)
+    cfg = write(tmp_path / "st4.toml", "[[datasets.subsets]]\nimage_dir = '{hoge}'\n", **dirs)
+    assert "[[datasets.subsets]] must follow a [[datasets]] line" in error_of(cfg)
+    cfg = write(tmp_path / "st5.toml", "[[general]]\nflip_aug = true\n[[datasets]]\n[[datasets.subsets]]\n"
+                "image_dir = '{hoge}'\n", **dirs)
+    assert "write [general] with single brackets (there is one general table), found [[general]]" in error_of(cfg)
 
 
 def test_dataset_style_is_per_dataset_and_checked_against_script(tmp_path, dirs):

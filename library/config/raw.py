@@ -86,12 +86,19 @@ def structure(data: dict[str, Any], source: str) -> tuple[RawConfig, list[str]]:
     general = data.get("general", {})
     if isinstance(general, dict):
         raw.general = dict(general)
+    elif isinstance(general, list) and all(isinstance(g, dict) for g in general):
+        problems.append(f"{source}: top level: write [general] with single brackets (there is one general "
+                        "table), found [[general]]")
     else:
         problems.append(f"{source}: top level: `general` must be a table ([general]), found {describe_value(general)}")
     datasets = data.get("datasets")
     if datasets is None:
         problems.append(f"{source}: no [[datasets]]: add at least one [[datasets]] with a [[datasets.subsets]] "
                         "that names image_dir")
+        return raw, problems
+    if isinstance(datasets, dict) and "subsets" in datasets:
+        problems.append(f"{source}: [[datasets.subsets]] must follow a [[datasets]] line: add [[datasets]] "
+                        "above the first [[datasets.subsets]] (and above each group of subsets that forms a dataset)")
         return raw, problems
     if isinstance(datasets, dict):
         problems.append(f"{source}: `datasets` must be written [[datasets]] (double brackets: a list of datasets), "
