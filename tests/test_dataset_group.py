@@ -123,7 +123,8 @@ def test_no_images_is_a_clear_error(tmp_path, image_factory):
     # pointing image_dir at the parent folder (the classic mistake) finds no images
     with pytest.raises(UserError) as err:
         build_dataset_group(group_params(dataset([db_subset(tmp_path / "parent", class_tokens="x")])), seed=0)
-    assert "parent folder" in err.value.message and "sub-folders (10_sks)" in err.value.message
+    assert "sub-folders (10_sks): give the folder that holds the images" in err.value.message
+    assert "metadata keys" not in err.value.message
     with pytest.raises(UserError) as err:
         build_dataset_group(group_params(dataset([db_subset(tmp_path / "nope", class_tokens="x")])), seed=0)
     assert "nope" in err.value.message and "not a folder" in err.value.message
@@ -199,6 +200,17 @@ def test_finetuning_json_with_stems_and_jsonl(tmp_path, image_factory):
     group = build_dataset_group(group_params(dataset([sub], kind="finetuning")), seed=0)
     caps = sorted(i.record.caption for i in group.train[0].images)
     assert caps == ["line one", "line two; x"]
+
+
+def test_finetuning_without_matching_images_explains_the_keys(tmp_path, image_factory):
+    make_folder(image_factory, tmp_path / "ft", [(64, 64)])
+    (tmp_path / "m.json").write_text(json.dumps({"other": {"caption": "x"}}))
+    with pytest.raises(UserError) as err:
+        build_dataset_group(group_params(dataset([ft_subset(tmp_path / "m.json", tmp_path / "ft")],
+                                                 kind="finetuning")), seed=0)
+    assert "'other': image not found" in err.value.message
+    assert "metadata keys must name the images" in err.value.message
+    assert "<repeats>_" not in err.value.message
 
 
 def test_finetuning_bad_metadata_is_user_error(tmp_path):

@@ -374,10 +374,14 @@ def build_dataset_group(params: DatasetGroupParams, *, seed: int, max_train_step
     if group.total_batches() == 0:
         where = ", ".join(str(_source(s)) for d in params.datasets for s in d.subsets) or params.source
         details = "".join(f"\n  - {n}" for n in notes + skipped)
-        raise UserError(
-            f"no training images found in {where}{details}\n  With --train_data_dir give the parent folder of "
-            f"'<repeats>_<token>' folders (e.g. train/10_sks dog/img.png), not the image folder itself"
-        )
+        kinds = {d.kind for d in params.datasets}
+        hints = []
+        if "dreambooth" in kinds:
+            hints.append("put the images (.png .jpg .jpeg .webp .bmp) directly in each image folder")
+        if "finetuning" in kinds:
+            hints.append("the metadata keys must name the images: absolute paths, or paths relative to image_dir "
+                         "(--train_data_dir) with or without the extension")
+        raise UserError(f"no training images found in {where}{details}\n  Fix: {'; '.join(hints)}")
     return group
 
 
