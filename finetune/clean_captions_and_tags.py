@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.paths) != 2:
         p.error("expected: in_json out_json")
     in_json, out_json = args.paths
-    cleaned, notes = clean_metadata(load_metadata(in_json))
+    cleaned, notes = clean_metadata(load_metadata(in_json), source=in_json)
     for note in notes:
         print(f"warning: {note}")
     if args.debug:

@@ -187,3 +187,15 @@ def test_clean_script_round_trip(tmp_path):
     assert src.read_bytes() == before
     cleaned, notes = clean_metadata({"k": {"caption": "a woman"}})
     assert cleaned == {"k": {"caption": "a girl"}} and notes == []
+
+
+def test_clean_refuses_non_text_values_naming_file_and_entries(tmp_path):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"a": {"tags": ["x_y"], "caption": 5}, "b": {"tags": "ok"}}), encoding="utf-8")
+    out = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, "finetune/clean_captions_and_tags.py", str(src), str(out)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"{src}: cannot clean it: 2 problems" in run.stderr
+    assert "'a': `tags` must be text, found list" in run.stderr and "'a': `caption` must be text" in run.stderr
+    assert not out.exists()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from library.errors import UserError
+
 PERSON_ATTRIBUTE_PATTERNS = [
     r"^(long|short|medium|very long|very short) hair$",
     r"^(bob|hime) cut$",
@@ -83,8 +85,15 @@ def clean_caption(text: str) -> str:
     return text.strip()
 
 
-def clean_metadata(metadata: dict[str, dict]) -> tuple[dict[str, dict], list[str]]:
-    """Cleaned copy of ``metadata`` and notes about entries without tags or caption."""
+def clean_metadata(metadata: dict[str, dict], source: str = "metadata") -> tuple[dict[str, dict], list[str]]:
+    """Cleaned copy of ``metadata`` and notes about entries without tags or caption.
+
+    A ``tags`` or ``caption`` that is not text is a :class:`UserError` naming ``source`` and every such entry."""
+    bad = [f"'{key}': `{field}` must be text, found {type(entry[field]).__name__}"
+           for key, entry in metadata.items() for field in ("tags", "caption")
+           if field in entry and not isinstance(entry[field], str)]
+    if bad:
+        raise UserError.from_problems(f"{source}: cannot clean it", bad)
     notes = []
     cleaned = {}
     for key, entry in metadata.items():
