@@ -266,3 +266,25 @@ def test_load_full_file_into_unet_only_network_explains(network, tmp_path):
     unet_only.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
     with pytest.raises(UserError, match="drop --network_train_unet_only"):
         unet_only.load_weights(str(path))
+
+
+def test_pickle_lora_that_would_run_code_is_refused_with_an_explanation(network, tmp_path):
+    marker = tmp_path / "pwned.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('pwned')",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({**network.state_dict(), "payload": Payload()}, evil)
+    te, unet = tiny_models()
+    for load in (lambda: lora.create_network_from_weights(1.0, str(evil), None, te, unet),
+                 lambda: network.load_weights(str(evil))):
+        with pytest.raises(UserError) as err:
+            load()
+        assert "evil.pt: refused to load this pickle file" in err.value.message
+        assert "weights_only" not in err.value.message and "\x1b[" not in err.value.message
+    assert not marker.exists()
+    (tmp_path / "cut.ckpt").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cut.ckpt: cannot read"):
+        lora.load_lora_file(tmp_path / "cut.ckpt")
