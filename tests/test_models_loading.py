@@ -377,3 +377,25 @@ def test_sd2_file_without_the_unused_openclip_block(tmp_path, tiny_sd2_dir):
     for loaded in (full, short):
         assert loaded.text_encoders[0].config.num_hidden_layers == 2
         assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])
+
+
+def test_vae_folder_with_old_diffusers_attention_names(tmp_path, tiny_sd1_dir):
+    """Old diffusers VAE folders (e.g. sd-vae-ft-mse) name the attention query/key/value/proj_attn, some as 1x1
+    convs; they load with the same values."""
+    from safetensors.torch import save_file
+
+    other = build_tiny_components(TinyConfig(), seed=2)["vae"]
+    folder = tmp_path / "old_vae"
+    other.save_pretrained(folder)
+    renamed = {}
+    for key, value in other.state_dict().items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if f".attentions.0.{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+                value = value[:, :, None, None] if key.endswith("weight") and "encoder" in key else value
+        renamed[key] = value.contiguous()
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in renamed
+    assert renamed["encoder.mid_block.attentions.0.query.weight"].ndim == 4
+    save_file(renamed, str(folder / "diffusion_pytorch_model.safetensors"))
+    models = load_sd_models(_args(tiny_sd1_dir, vae=str(folder)))
+    assert_same_weights(models.vae, other)
