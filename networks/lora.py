@@ -353,6 +353,13 @@ class LoRANetwork(nn.Module):
                 f"{len(mismatched)} shapes differ (use --dim_from_weights or the file's --network_dim/--network_args): "
                 + _listing(mismatched, 4)
             )
+        dropped_prefixes = tuple({"text encoder": "lora_te", "UNet": "lora_unet"}[part] for part in self.dropped)
+        if [k for k in unexpected if not k.startswith(dropped_prefixes)] or missing:
+            problems.append(
+                "the file has other modules than this network (trained with other --network_args such as conv_dim "
+                "or block_dims, or for only the UNet or text encoder): add --dim_from_weights to build the network "
+                "from the file"
+            )
         if problems:
             raise UserError.from_problems(f"{file} does not fit this LoRA network", problems)
         for key in own:
