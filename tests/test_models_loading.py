@@ -399,3 +399,22 @@ def test_vae_folder_with_old_diffusers_attention_names(tmp_path, tiny_sd1_dir):
     save_file(renamed, str(folder / "diffusion_pytorch_model.safetensors"))
     models = load_sd_models(_args(tiny_sd1_dir, vae=str(folder)))
     assert_same_weights(models.vae, other)
+
+
+def test_ckpt_family_mismatch_is_reported_before_the_tokenizer(tmp_path, monkeypatch, tiny_sd2_dir):
+    """A .ckpt has no cheap header, but a missing --v2 must still be the first message, not 'no SD1 tokenizer'."""
+    import huggingface_hub.constants
+
+    from library.models.saving import ldm_state_dict
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    models = load_sd_models(_args(tiny_sd2_dir, v2=True))
+    ckpt = tmp_path / "sd2.ckpt"
+    torch.save({"state_dict": ldm_state_dict(models)}, ckpt)
+    with pytest.raises(UserError, match="sd2.ckpt: this is a Stable Diffusion 2.x model.*Add --v2"):
+        load_sd_models(_args(ckpt))
+    with pytest.raises(UserError, match="no SD2 tokenizer found offline"):
+        load_sd_models(_args(ckpt, v2=True))
+    loaded = load_sd_models(_args(ckpt, v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    assert_same_weights(loaded.unet, models.unet)
+    assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])
