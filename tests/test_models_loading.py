@@ -69,6 +69,11 @@ def test_dtype_and_v_parameterization(tiny_sd2_dir, caplog):
     assert models.family.base_model_version == "sd_v2_v"
     assert models.family.modelspec_architecture == "stable-diffusion-v2-768-v"
     assert models.noise_scheduler().config.prediction_type == "v_prediction"
+    # ss_base_model_version as sd-scripts writes it: sd_v1 / sd_v2, "_v" added for v-prediction
+    from library.models.family import sd_family
+
+    versions = [sd_family(v2, v).base_model_version for v2 in (False, True) for v in (False, True)]
+    assert versions == ["sd_v1", "sd_v1_v", "sd_v2", "sd_v2_v"]
 
 
 def test_v2_flag_mismatch_is_an_error(tiny_sd1_dir, tiny_sd2_dir):
