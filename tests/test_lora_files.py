@@ -289,3 +289,29 @@ def test_pickle_lora_that_would_run_code_is_refused_with_an_explanation(network,
     (tmp_path / "cut.ckpt").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cut.ckpt: cannot read"):
         lora.load_lora_file(tmp_path / "cut.ckpt")
+
+
+def test_model_names_in_metadata(tmp_path):
+    from library.config.params import DatasetGroupParams
+    from library.training.lora_metadata import DatasetStats, RunFacts, build_lora_metadata
+
+    model = tmp_path / "models" / "my-model.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(b"x")
+    folder = tmp_path / "models" / "sd15-diffusers"
+    folder.mkdir()
+    args = argparse.Namespace(dataset_config="datasets.toml", network_dim=8, network_alpha=4.0,
+                              network_args=["conv_dim=2"])
+    names = {}
+    for given in (str(model), str(folder) + "/", "someone/tiny-sd"):
+        facts = RunFacts(session_id=1, started_at=0.0, num_train_images=1, num_validation_images=0, num_reg_images=0,
+                         num_batches_per_epoch=1, num_epochs=1, max_train_steps=1, seed=1, optimizer="AdamW",
+                         base_model_version="sd_v1", v2=False, model_name=given)
+        meta = build_lora_metadata(args, DatasetGroupParams(datasets=[], source="x"), DatasetStats(), facts,
+                                   num_processes=1)
+        names[given] = meta["ss_sd_model_name"]
+        assert all(isinstance(v, str) for v in meta.values())
+    # a local file or folder by its name (no private paths in shared files), a Hub id as given
+    assert list(names.values()) == ["my-model.safetensors", "sd15-diffusers", "someone/tiny-sd"]
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("8", "4.0")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2"}
