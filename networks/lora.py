@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
+from library.models.weights import load_pickle
 from networks.lora_options import SHAPE_ARGS, LoRAOptions, block_index, parse_network_kwargs
 
 logger = logging.getLogger(__name__)
@@ -216,14 +217,14 @@ def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(file)
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign file: say which one
-        raise UserError(f"cannot read LoRA file {path}: {err}") from None
+        except Exception as err:  # corrupt or foreign file: say which one
+            raise UserError(f"cannot read LoRA file {path}: {err}") from None
+    sd = load_pickle(path)  # weights_only: a pickle that would run code is refused with an explanation
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path} is not a LoRA weights file (expected a flat dict of tensors)")
     return sd
@@ -351,6 +352,13 @@ class LoRANetwork(nn.Module):
             problems.append(
                 f"{len(mismatched)} shapes differ (use --dim_from_weights or the file's --network_dim/--network_args): "
                 + _listing(mismatched, 4)
+            )
+        dropped_prefixes = tuple({"text encoder": "lora_te", "UNet": "lora_unet"}[part] for part in self.dropped)
+        if [k for k in unexpected if not k.startswith(dropped_prefixes)] or missing:
+            problems.append(
+                "the file has other modules than this network (trained with other --network_args such as conv_dim "
+                "or block_dims, or for only the UNet or text encoder): add --dim_from_weights to build the network "
+                "from the file"
             )
         if problems:
             raise UserError.from_problems(f"{file} does not fit this LoRA network", problems)

@@ -67,6 +67,7 @@ def test_unet_only_by_default_from_in_json(tiny_sd1_dir, data, tmp_path, capsys)
     with safe_open(str(final), "pt") as f:
         meta = f.metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert meta["ss_steps"] == "2" and meta["ss_text_encoder_trained"] == "False"
 
     from diffusers import StableDiffusionPipeline

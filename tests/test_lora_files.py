@@ -162,7 +162,7 @@ def test_load_weights_roundtrip_and_errors(network, tmp_path):
     sd = load_file(str(path))
     extra = dict(sd, **{"lora_unet_foo_bar.lora_down.weight": torch.zeros(4, 8)})
     save_file(extra, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(UserError, match="lora_unet_foo_bar.lora_down.weight"):
+    with pytest.raises(UserError, match="lora_unet_foo_bar.lora_down.weight(.|\n)*add --dim_from_weights"):
         fresh.load_weights(str(tmp_path / "extra.safetensors"))
     missing = {k: v for k, v in sd.items() if not k.startswith("lora_te_text_model_encoder_layers_1_mlp_fc2")}
     save_file(missing, str(tmp_path / "missing.safetensors"))
@@ -264,5 +264,54 @@ def test_load_full_file_into_unet_only_network_explains(network, tmp_path):
     te, unet = tiny_models()
     unet_only = lora.create_network(1.0, 4, 1, None, te, unet)
     unet_only.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
-    with pytest.raises(UserError, match="drop --network_train_unet_only"):
+    with pytest.raises(UserError, match="drop --network_train_unet_only") as err:
         unet_only.load_weights(str(path))
+    assert "--dim_from_weights" not in err.value.message  # the one cause is named, no other guess
+
+
+def test_pickle_lora_that_would_run_code_is_refused_with_an_explanation(network, tmp_path):
+    marker = tmp_path / "pwned.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('pwned')",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({**network.state_dict(), "payload": Payload()}, evil)
+    te, unet = tiny_models()
+    for load in (lambda: lora.create_network_from_weights(1.0, str(evil), None, te, unet),
+                 lambda: network.load_weights(str(evil))):
+        with pytest.raises(UserError) as err:
+            load()
+        assert "evil.pt: refused to load this pickle file" in err.value.message
+        assert "weights_only" not in err.value.message and "\x1b[" not in err.value.message
+    assert not marker.exists()
+    (tmp_path / "cut.ckpt").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cut.ckpt: cannot read"):
+        lora.load_lora_file(tmp_path / "cut.ckpt")
+
+
+def test_model_names_in_metadata(tmp_path):
+    from library.config.params import DatasetGroupParams
+    from library.training.lora_metadata import DatasetStats, RunFacts, build_lora_metadata
+
+    model = tmp_path / "models" / "my-model.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(b"x")
+    folder = tmp_path / "models" / "sd15-diffusers"
+    folder.mkdir()
+    args = argparse.Namespace(dataset_config="datasets.toml", network_dim=8, network_alpha=4.0,
+                              network_args=["conv_dim=2"])
+    names = {}
+    for given in (str(model), str(folder) + "/", "someone/tiny-sd"):
+        facts = RunFacts(session_id=1, started_at=0.0, num_train_images=1, num_validation_images=0, num_reg_images=0,
+                         num_batches_per_epoch=1, num_epochs=1, max_train_steps=1, seed=1, optimizer="AdamW",
+                         base_model_version="sd_v1", v2=False, model_name=given)
+        meta = build_lora_metadata(args, DatasetGroupParams(datasets=[], source="x"), DatasetStats(), facts,
+                                   num_processes=1)
+        names[given] = meta["ss_sd_model_name"]
+        assert all(isinstance(v, str) for v in meta.values())
+    # a local file or folder by its name (no private paths in shared files), a Hub id as given
+    assert list(names.values()) == ["my-model.safetensors", "sd15-diffusers", "someone/tiny-sd"]
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("8", "4.0")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2"}

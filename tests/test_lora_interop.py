@@ -11,15 +11,15 @@ from safetensors.torch import save_file
 
 import networks.lora as lora
 from library.errors import UserError
-from library.models.tiny import build_tiny_components
+from library.models.tiny import TinyConfig, build_tiny_components
 from tests.test_lora_network import randomize_up, rel, run_models, tiny_models
 
 
-@pytest.mark.parametrize("conv_dim", [None, "2"])
-def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, conv_dim):
+@pytest.mark.parametrize("sd2,conv_dim", [(False, None), (False, "2"), (True, None), (True, "2")])
+def test_diffusers_load_lora_weights_matches_our_merge(tmp_path, sd2, conv_dim):
     from diffusers import StableDiffusionPipeline
 
-    parts = build_tiny_components()
+    parts = build_tiny_components(TinyConfig(sd2=sd2))  # SD2: linear proj_in/proj_out, OpenCLIP-shaped TE
     te, unet = parts["text_encoder"], parts["unet"]
     te_ours, unet_ours = copy.deepcopy(te), copy.deepcopy(unet)
     hidden_base, out_base = run_models(te, unet)

@@ -232,14 +232,15 @@ def test_block_dims_and_alphas():
     dims = [str(i % 5) for i in range(25)]  # slot 1 -> 1, 4 -> 4, 7 -> 2, 12 -> 2, 16 -> 1, 20 -> 0 ...
     alphas = [str(i / 2) for i in range(25)]
     conv_dims = ["3"] * 25
+    conv_alphas = [str(i / 4) for i in range(25)]
     network = lora.create_network(
         1.0, 8, 1, None, te, unet, block_dims=",".join(dims), block_alphas=",".join(alphas),
-        conv_block_dims=",".join(conv_dims),
+        conv_block_dims=",".join(conv_dims), conv_block_alphas=",".join(conv_alphas),
     )
     for m in network.unet_loras:
         idx = lora.block_index(m.lora_name)
         if m.lora_down.weight.shape[2:] == (3, 3):
-            assert m.lora_dim == 3 and float(m.alpha) == 1.0
+            assert m.lora_dim == 3 and float(m.alpha) == idx / 4
         else:
             assert m.lora_dim == idx % 5 and float(m.alpha) == idx / 2
     # slot 20 (up_blocks_2 attentions_1 / resnets_1) has rank 0: only its 3x3 convs (conv_block_dims) remain
@@ -292,6 +293,10 @@ def test_loraplus_and_text_encoder_lrs():
         "textencoder1", "textencoder1 plus", "textencoder2", "textencoder2 plus", "unet", "unet plus"
     ]
     assert [g["lr"] for g in groups] == pytest.approx([1e-4, 16e-4, 2e-4, 32e-4, 1e-3, 4e-3])
+    network = lora.create_network(1.0, 4, 1, None, te, unet, loraplus_lr_ratio="16", loraplus_text_encoder_lr_ratio="2")
+    groups, descriptions = network.prepare_optimizer_params(1e-4, 1e-3, 1e-5)
+    assert dict(zip(descriptions, (g["lr"] for g in groups))) == pytest.approx(
+        {"textencoder": 1e-4, "textencoder plus": 2e-4, "unet": 1e-3, "unet plus": 16e-3})
     up_ids = {id(m.lora_up.weight) for m in network.all_loras()}
     for group, description in zip(groups, descriptions):
         assert all((id(p) in up_ids) == description.endswith("plus") for p in group["params"])
@@ -412,3 +417,56 @@ def test_network_from_weights_keeps_training_options():
     assert blocks == {1, 3, 4, 6, 7, 9, 10, 12}  # up blocks have LR weight 0: no groups
     assert lrs["unet_block4"] == pytest.approx(1e-3) and lrs["unet_block4 plus"] == pytest.approx(4e-3)
     assert lrs["textencoder plus"] == pytest.approx(4e-4)
+
+
+def _dropout_module(**dropouts) -> tuple[lora.LoRAModule, torch.nn.Linear]:
+    torch.manual_seed(0)
+    org = torch.nn.Linear(8, 6)
+    module = lora.LoRAModule("lora_unet_x", org, lora_dim=4, alpha=2, **dropouts)
+    torch.nn.init.normal_(module.lora_up.weight)
+    module.apply_to()
+    return module, org
+
+
+def test_dropout_kinds_follow_the_reference_math():
+    x = torch.randn(3, 5, 8)
+    # rank_dropout: a [batch, rank] mask on the down output, and the scale divided by (1 - p)
+    module, org = _dropout_module(rank_dropout=0.5)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = org(x)
+        torch.manual_seed(3)
+        mask = (torch.rand(3, 4) > 0.5).unsqueeze(1)
+        expected = module.org_forward(x) + module.lora_up(module.lora_down(x) * mask) * (0.5 / 0.5)
+    assert torch.allclose(out, expected, atol=1e-6)
+    # neuron dropout (--network_dropout): F.dropout on the down output, scale unchanged
+    module, org = _dropout_module(dropout=0.25)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        out = org(x)
+        torch.manual_seed(4)
+        expected = module.org_forward(x) + module.lora_up(torch.nn.functional.dropout(module.lora_down(x), 0.25)) * 0.5
+    assert torch.allclose(out, expected, atol=1e-6)
+    # module_dropout: the whole LoRA is skipped for some calls, fully applied for the others
+    module, org = _dropout_module(module_dropout=0.5)
+    with torch.no_grad():
+        plain = module.org_forward(x)
+        full = plain + module.lora_up(module.lora_down(x)) * 0.5
+        outs = [org(x) for _ in range(24)]
+    skipped = [torch.equal(o, plain) for o in outs]
+    assert all(s or torch.allclose(o, full, atol=1e-6) for s, o in zip(skipped, outs))
+    assert 0 < sum(skipped) < len(outs)
+
+
+def test_real_sd_sizes_have_the_reference_module_counts():
+    """SD1.5: 72 text encoder and 192 UNet modules (278 with conv_dim), as sd-scripts logs; SD2.1: 23 layers."""
+    from tests.test_models_conversion import _real_components
+
+    for sd2, te_count in ((False, 72), (True, 138)):
+        parts = _real_components(sd2)  # meta device: shapes only
+        network = lora.create_network(1.0, 4, 1, None, parts["text_encoder"], parts["unet"])
+        assert (len(network.text_encoder_loras), len(network.unet_loras)) == (te_count, 192)
+        down = network.state_dict()["lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2.lora_down.weight"]
+        assert down.shape == (4, 1280)
+        locon = lora.create_network(1.0, 4, 1, None, None, parts["unet"], conv_dim="4")
+        assert len(locon.unet_loras) == 278

@@ -142,3 +142,31 @@ def test_our_single_files_read_with_diffusers_from_single_file(tmp_path, sd2, ti
     assert_same_weights(pipe.unet, models.unet)
     assert_same_weights(pipe.vae, models.vae)
     assert_same_weights(pipe.text_encoder, models.text_encoders[0])
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_two_layers_per_block_values_match_diffusers_converter(linear):
+    """Real SD models have 2 ResNets per level (3 per up level): indices that only exist there (input_blocks.2,
+    output_blocks.2/5/8, decoder.up.*.block.2) must carry the right values, not only the right shapes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+                                cross_attention_dim=32, attention_head_dim=8, use_linear_projection=linear)
+    vae = AutoencoderKL(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    ldm = {conv.UNET_PREFIX + k: v for k, v in conv.unet_diffusers_to_ldm(unet_sd, unet.config).items()}
+    ldm.update({conv.VAE_PREFIX + k: v for k, v in conv.vae_diffusers_to_ldm(vae_sd).items()})
+    assert f"{conv.UNET_PREFIX}output_blocks.8.2.conv.weight" in ldm
+    assert f"{conv.VAE_PREFIX}decoder.up.0.block.2.conv1.weight" in ldm
+    theirs = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert theirs.keys() == unet_sd.keys() and all(torch.equal(theirs[k], v) for k, v in unet_sd.items())
+    theirs_vae = convert_ldm_vae_checkpoint({k: v for k, v in ldm.items() if k.startswith(conv.VAE_PREFIX)},
+                                            dict(vae.config))
+    assert theirs_vae.keys() == vae_sd.keys()
+    assert all(torch.equal(theirs_vae[k].reshape(v.shape), v) for k, v in vae_sd.items())
+    ours = conv.unet_ldm_to_diffusers(_part(ldm, conv.UNET_PREFIX))
+    assert all(torch.equal(ours[k], v) for k, v in unet_sd.items())
+    assert infer_unet_config(ours, sd_family(), {})["layers_per_block"] == 2

@@ -69,6 +69,11 @@ def test_dtype_and_v_parameterization(tiny_sd2_dir, caplog):
     assert models.family.base_model_version == "sd_v2_v"
     assert models.family.modelspec_architecture == "stable-diffusion-v2-768-v"
     assert models.noise_scheduler().config.prediction_type == "v_prediction"
+    # ss_base_model_version as sd-scripts writes it: sd_v1 / sd_v2, "_v" added for v-prediction
+    from library.models.family import sd_family
+
+    versions = [sd_family(v2, v).base_model_version for v2 in (False, True) for v in (False, True)]
+    assert versions == ["sd_v1", "sd_v1_v", "sd_v2", "sd_v2_v"]
 
 
 def test_v2_flag_mismatch_is_an_error(tiny_sd1_dir, tiny_sd2_dir):
@@ -377,3 +382,44 @@ def test_sd2_file_without_the_unused_openclip_block(tmp_path, tiny_sd2_dir):
     for loaded in (full, short):
         assert loaded.text_encoders[0].config.num_hidden_layers == 2
         assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])
+
+
+def test_vae_folder_with_old_diffusers_attention_names(tmp_path, tiny_sd1_dir):
+    """Old diffusers VAE folders (e.g. sd-vae-ft-mse) name the attention query/key/value/proj_attn, some as 1x1
+    convs; they load with the same values."""
+    from safetensors.torch import save_file
+
+    other = build_tiny_components(TinyConfig(), seed=2)["vae"]
+    folder = tmp_path / "old_vae"
+    other.save_pretrained(folder)
+    renamed = {}
+    for key, value in other.state_dict().items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if f".attentions.0.{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+                value = value[:, :, None, None] if key.endswith("weight") and "encoder" in key else value
+        renamed[key] = value.contiguous()
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in renamed
+    assert renamed["encoder.mid_block.attentions.0.query.weight"].ndim == 4
+    save_file(renamed, str(folder / "diffusion_pytorch_model.safetensors"))
+    models = load_sd_models(_args(tiny_sd1_dir, vae=str(folder)))
+    assert_same_weights(models.vae, other)
+
+
+def test_ckpt_family_mismatch_is_reported_before_the_tokenizer(tmp_path, monkeypatch, tiny_sd2_dir):
+    """A .ckpt has no cheap header, but a missing --v2 must still be the first message, not 'no SD1 tokenizer'."""
+    import huggingface_hub.constants
+
+    from library.models.saving import ldm_state_dict
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    models = load_sd_models(_args(tiny_sd2_dir, v2=True))
+    ckpt = tmp_path / "sd2.ckpt"
+    torch.save({"state_dict": ldm_state_dict(models)}, ckpt)
+    with pytest.raises(UserError, match="sd2.ckpt: this is a Stable Diffusion 2.x model.*Add --v2"):
+        load_sd_models(_args(ckpt))
+    with pytest.raises(UserError, match="no SD2 tokenizer found offline"):
+        load_sd_models(_args(ckpt, v2=True))
+    loaded = load_sd_models(_args(ckpt, v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
+    assert_same_weights(loaded.unet, models.unet)
+    assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])

@@ -278,3 +278,37 @@ def test_full_bf16_weights_and_save_precision(tiny_sd1_dir, data, tmp_path):
     tensors, meta = load_lora(final)
     assert {v.dtype for v in tensors.values()} == {torch.float16}
     assert meta["ss_mixed_precision"] == "bf16"
+
+
+def test_sd2_v_single_file_lora_is_a_standard_sd2_file(tiny_sd2_dir, data, tmp_path):
+    """SD2 768-v from a single .safetensors: the LoRA file names the SD2 text encoder layers the standard way, its
+    metadata says v2 / v-prediction, and diffusers applies it."""
+    import argparse
+
+    from diffusers import StableDiffusionPipeline
+
+    from library.models.loading import load_sd_models
+    from library.models.saving import save_sd_model
+
+    base = load_sd_models(argparse.Namespace(pretrained_model_name_or_path=str(tiny_sd2_dir), v2=True))
+    single = save_sd_model(tmp_path / "sd2-v.safetensors", base, fmt="safetensors")
+    final = run_main(train_args(single, tmp_path / "out", config=data, steps=2, name="sd2lora", extra=[
+        "--v2", "--v_parameterization", "--tokenizer_cache_dir", str(tiny_sd2_dir), "--clip_skip", "2",
+        "--unet_lr", "1e-3", "--text_encoder_lr", "5e-4"]))
+    tensors, meta = load_lora(final)
+    te_modules = {k.split(".")[0] for k in tensors if k.startswith("lora_te_")}
+    assert te_modules == {f"lora_te_text_model_encoder_layers_{i}_{m}" for i in (0, 1) for m in
+                          ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj",
+                           "mlp_fc1", "mlp_fc2")}
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 32)  # linear
+    assert (meta["ss_v2"], meta["ss_base_model_version"], meta["ss_clip_skip"]) == ("True", "sd_v2_v", "2")
+    assert meta["ss_sd_model_name"] == "sd2-v.safetensors" and len(meta["ss_new_sd_model_hash"]) == 64
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert (meta["modelspec.prediction_type"], meta["modelspec.encoder_layer"]) == ("v", "2")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd2_dir), safety_checker=None, local_files_only=True)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = pipe.unet(x, t, ctx).sample
+        pipe.load_lora_weights(str(final))
+        after = pipe.unet(x, t, ctx).sample
+    assert not torch.equal(before, after)  # the trained LoRA is applied (its up weights left zero)

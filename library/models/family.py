@@ -32,7 +32,7 @@ def sd_family(v2: bool = False, v_parameterization: bool = False) -> ModelFamily
     """The SD1.x / SD2.x family for the ``--v2`` / ``--v_parameterization`` flags.
 
     ``--v_parameterization`` without ``--v2`` (v-prediction fine-tunes of SD1.x) keeps the SD1 numbers
-    and only changes the prediction type.
+    and changes the prediction type (and, as in sd-scripts, ``ss_base_model_version`` to ``sd_v1_v``).
     """
     if not v2:
         return ModelFamily(
@@ -42,7 +42,7 @@ def sd_family(v2: bool = False, v_parameterization: bool = False) -> ModelFamily
             latent_scale=0.18215,
             bucket_step=64,
             default_resolution=512,
-            base_model_version="sd_v1",
+            base_model_version="sd_v1_v" if v_parameterization else "sd_v1",
             modelspec_architecture="stable-diffusion-v1",
         )
     return ModelFamily(

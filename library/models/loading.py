@@ -317,8 +317,10 @@ def _infer(infer, sd: dict[str, torch.Tensor], family: ModelFamily, meta: dict[s
         ) from err
 
 
-def _load_single_file(path: Path, family: ModelFamily, dtype, device, with_vae: bool) -> tuple[Any, Any, Any]:
-    tensors, metadata = read_weights(path)
+def _load_single_file(
+    path: Path, family: ModelFamily, dtype, device, with_vae: bool, weights: tuple[dict, dict] | None = None
+) -> tuple[Any, Any, Any]:
+    tensors, metadata = weights if weights is not None else read_weights(path)
     _check_family(family, _single_file_is_v2(tensors, path), path)
     meta = parse_architecture_metadata(metadata.get(ARCHITECTURE_METADATA_KEY), str(path))
     for prefix, part in ((conv.UNET_PREFIX, "UNet"), (conv.VAE_PREFIX, "VAE")):
@@ -330,7 +332,7 @@ def _load_single_file(path: Path, family: ModelFamily, dtype, device, with_vae: 
         te_sd = conv.openclip_to_bare(_split_prefix(tensors, conv.OPENCLIP_PREFIX))
     else:
         te_sd = conv.clip_ldm_to_bare(_split_prefix(tensors, conv.CLIP_PREFIX))
-    del tensors
+    tensors.clear()  # also the caller's copy: unused weights (EMA copies, a replaced VAE) are freed now
     what = {"unet": f"{path} (UNet)", "vae": f"{path} (VAE)", "text_encoder": f"{path} (text encoder)"}
     unet_config = _infer(infer_unet_config, unet_sd, family, meta.get("unet", {}), what["unet"])
     vae_config = _infer(infer_vae_config, vae_sd, family, meta.get("vae", {}), what["vae"]) if with_vae else None
@@ -381,13 +383,20 @@ def load_sd_models(args, *, device: str | torch.device = "cpu", dtype: torch.dty
         raise UserError(f"--vae {vae_name}: file or folder not found")
     cache_dir = getattr(args, "tokenizer_cache_dir", None)
     model_dir = source if source.is_dir() else None
+    pickled = None
     if source.is_dir():
         _check_family(family, _folder_is_v2(source), source)
-    elif source.suffix == ".safetensors":
+    elif source.suffix.lower() == ".safetensors":
         _check_family(family, _single_file_is_v2(dict.fromkeys(safetensors_keys(source)), source), source)
+    else:
+        # a pickle has no cheap header: read it once, here, so that a wrong --v2 is reported before the tokenizer
+        pickled = read_weights(source)
+        _check_family(family, _single_file_is_v2(pickled[0], source), source)
     tokenizer = load_tokenizer(family, model_dir=model_dir, cache_dir=cache_dir)
-    load = _load_folder if source.is_dir() else _load_single_file
-    unet, vae, text_encoder = load(source, family, dtype, device, with_vae=not vae_name)
+    if source.is_dir():
+        unet, vae, text_encoder = _load_folder(source, family, dtype, device, with_vae=not vae_name)
+    else:
+        unet, vae, text_encoder = _load_single_file(source, family, dtype, device, not vae_name, pickled)
     if vae_name:
         vae = load_vae(vae_name, family, dtype=dtype, device=device)
     return SDModels(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,21 +33,15 @@ def safetensors_keys(path: Path) -> list[str]:
         raise UserError(f"{path}: cannot read this .safetensors file's header ({err}); is it complete?") from err
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) file.
+def load_pickle(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors a user can act on.
 
-    Pickles are read with ``torch.load(weights_only=True)``: a file that needs arbitrary code to load is
-    refused, never executed. A ``state_dict`` entry (Lightning checkpoints) is unwrapped; non-tensor
-    entries other than strings are dropped.
+    A pickle that needs anything but tensors and plain containers is refused (its code is never run) with an
+    explanation, instead of torch's advice to retry with ``weights_only=False``.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path)), read_safetensors_metadata(path)
-        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
-            raise UserError(f"{path}: cannot read this .safetensors file ({err}); is it complete?") from err
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         marker = "WeightsUnpickler error:"
@@ -64,6 +58,22 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         ) from err
     except (RuntimeError, OSError, EOFError) as err:
         raise UserError(f"{path}: cannot read this checkpoint ({err}); is it complete?") from err
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) file.
+
+    Pickles are read with ``torch.load(weights_only=True)``: a file that needs arbitrary code to load is
+    refused, never executed. A ``state_dict`` entry (Lightning checkpoints) is unwrapped; non-tensor
+    entries other than strings are dropped.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        try:
+            return load_file(str(path)), read_safetensors_metadata(path)
+        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: cannot read this .safetensors file ({err}); is it complete?") from err
+    obj = load_pickle(path)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a dictionary of tensors, found {type(obj).__name__}")
     if isinstance(obj.get("state_dict"), dict):

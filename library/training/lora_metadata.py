@@ -210,7 +210,7 @@ def build_lora_metadata(args: argparse.Namespace, params: DatasetGroupParams, st
         "ss_validate_every_n_steps": _s(g("validate_every_n_steps")),
         "ss_resize_interpolation": _s(params.datasets[0].resize_interpolation if params.datasets else None),
         "ss_network_args": json.dumps(_network_args_dict(g("network_args"))),
-        "ss_sd_model_name": os.path.basename(str(facts.model_name)),
+        "ss_sd_model_name": _model_name(str(facts.model_name)),
     }
     meta.update(_dataset_keys(args, params, stats, num_processes))
     if facts.model_hashes:
@@ -232,6 +232,12 @@ def per_save_metadata(base: dict[str, str], *, global_step: int, epoch: int, min
     if not minimal:
         meta.update(ss_training_finished_at=_s(time.time()), ss_steps=_s(global_step), ss_epoch=_s(epoch))
     return meta
+
+
+def _model_name(name: str) -> str:
+    """The file or folder name of a local model; a Hub id as given (``owner/name``), as sd-scripts writes it."""
+    local = os.path.expanduser(name)
+    return os.path.basename(local.rstrip("/\\")) if os.path.exists(local) else name
 
 
 def _network_args_dict(network_args: list[str] | None) -> dict[str, str]:
@@ -281,7 +287,8 @@ def lora_metadata_for_run(run: Any) -> dict[str, str]:
         num_batches_per_epoch=group.batches_per_epoch(run.accelerator.num_processes),
         num_epochs=run.num_epochs, max_train_steps=run.max_train_steps, seed=run.seed,
         optimizer=run.optimizer_name, base_model_version=family.base_model_version, v2=family.v2,
-        model_name=models.source, model_hashes=models.model_hashes,
+        model_name=getattr(args, "pretrained_model_name_or_path", None) or models.source,
+        model_hashes=models.model_hashes,
         vae_name=models.vae_source, vae_hashes=models.vae_hashes if models.vae_source else {},
     )
     meta = build_lora_metadata(args, run.params, dataset_stats(group), facts,
