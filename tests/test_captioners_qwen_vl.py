@@ -275,6 +275,8 @@ def test_user_errors(images, qwen, tmp_path):
         caption(tmp_path, qwen["folder"], "--output_file", str(tmp_path / "x.jsonl"))
     with pytest.raises(UserError, match="did you mean --max_new_tokens"):
         caption(images, qwen["folder"], "--max_new_tokns", "3")
+    with pytest.raises(UserError, match="--output_file .* is a folder"):
+        caption(images, qwen["folder"], "--output_file", str(tmp_path))
     assert not (tmp_path / "x.jsonl").exists() or (tmp_path / "x.jsonl").read_text() == ""
 
 

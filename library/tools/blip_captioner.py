@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
         seed_everything(args.seed)
         model, tokenizer, image_processor = load_blip(source, default_device())
         with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
-            for batch in reader.batches(todo):
+            for batch in reader.batches(todo, bar):
                 pixels = image_processor(images=[item.data for item in batch], return_tensors="pt")["pixel_values"]
                 for item, caption in zip(batch, caption_batch(model, tokenizer, pixels, args)):
                     sink.write(item.path, caption)

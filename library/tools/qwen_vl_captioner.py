@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
         if todo:
             vl = load_qwen_vl(args.model_path, args.processor_path, default_device(), args.fp8_vl)
             with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
-                for batch in reader.batches(todo):
+                for batch in reader.batches(todo, bar):
                     captions = caption_batch(vl, [item.data for item in batch], prompt, args.max_size,
                                              args.max_new_tokens, args.fp8_vl)
                     for item, caption in zip(batch, captions):
