@@ -223,3 +223,40 @@ def test_two_processes_stop_the_text_encoder_everywhere(tiny_sd1_dir, data, tmp_
     assert not same(part(w[0], TE), part(w[1], TE))
     assert same(part(w[1], TE), part(w[2], TE))
     assert not same(part(w[1], UNET), part(w[2], UNET))
+
+
+def test_text_encoder_checkpointing_without_deprecation_warning():
+    """transformers 5's gradient_checkpointing_enable warns (FutureWarning) on every run; the new name is used."""
+    import warnings
+
+    from library.models.tiny import build_tiny_components
+    from library.training.preparation import enable_text_encoder_checkpointing
+
+    te = build_tiny_components()["text_encoder"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enable_text_encoder_checkpointing(te)
+    assert te.is_gradient_checkpointing
+
+
+def test_dtype_moves_do_not_log_the_empty_float32_warning():
+    """diffusers' ModelMixin.to warns "should be kept in float32: []" on every dtype cast; the loop's moves don't."""
+    import logging
+
+    from library.models.tiny import build_tiny_components
+    from library.models.weights import move_module
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        unet = build_tiny_components()["unet"]
+        assert move_module(unet, "cpu", torch.bfloat16) is unet
+        assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+        assert not [r for r in records if "kept in float32" in r.getMessage()]
+        unet.to(torch.float32)  # the diffusers override, for comparison: the test sees its warning
+        assert [r for r in records if "kept in float32" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)
