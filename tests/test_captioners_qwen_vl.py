@@ -162,6 +162,15 @@ def test_single_file_in_original_layout_matches_folder(images, qwen, tmp_path):
     assert read_jsonl(tmp_path / "folder.jsonl") == read_jsonl(tmp_path / "file.jsonl")
 
 
+def test_processor_path_for_a_file_alone_in_its_folder(images, qwen, tmp_path):
+    """A weights file alone in its folder (as ComfyUI users have it) with --processor_path to the tokenizer,
+    image processor and config: the same captions as the transformers folder."""
+    caption(images, qwen["folder"], "--output_file", str(tmp_path / "folder.jsonl"))
+    caption(images, qwen["bare"], "--output_file", str(tmp_path / "bare.jsonl"), "--processor_path",
+            str(qwen["processor"]))
+    assert read_jsonl(tmp_path / "bare.jsonl") == read_jsonl(tmp_path / "folder.jsonl")
+
+
 def test_original_key_names_are_renamed():
     assert to_transformers_key("model.layers.0.mlp.up_proj.weight") == \
         "model.language_model.layers.0.mlp.up_proj.weight"
