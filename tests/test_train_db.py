@@ -108,6 +108,23 @@ def test_prior_loss_weight_zero_makes_reg_samples_contribute_nothing(tiny_sd1_di
     assert all(not same(part(w1[i], UNET), part(w1[i + 1], UNET)) for i in range(2))
 
 
+def test_prior_loss_weight_scales_the_regularization_step(tiny_sd1_dir, data, tmp_path):
+    """Plain SGD without clipping, batch 1, from the same weights: the regularization sample's step moves the
+    weights by prior_loss_weight times what it does with weight 1."""
+    steps = {}
+    for weight in ("1", "0.25"):
+        out = tmp_path / weight
+        run_db(db_args(tiny_sd1_dir, out, data["one"], steps=2, reg=data["one_reg"], batch=1, extra=[
+            "--prior_loss_weight", weight, "--optimizer_type", "SGD", "--max_grad_norm", "0",
+            "--save_every_n_steps", "1", "--save_model_as", "safetensors"]))
+        w = [part(ldm_weights(p), UNET) for p in (tiny_sd1_dir, out / "db-step00000001.safetensors",
+                                                   out / "db.safetensors")]
+        steps[weight] = [{k: w[i + 1][k] - w[i][k] for k in w[0]} for i in range(2)]
+    norms = {wt: [sum(float(d.norm()) ** 2 for d in step.values()) ** 0.5 for step in s] for wt, s in steps.items()}
+    ratios = [b / a for a, b in zip(norms["1"], norms["0.25"])]
+    assert sum(r == pytest.approx(0.25, rel=1e-4) for r in ratios) == 1, ratios
+
+
 def test_diffusers_resume_is_bit_exact(tiny_sd1_dir, data, tmp_path):
     """Stop after step 2 and resume: the same model (and EMA) as the uninterrupted run; the folders load with
     diffusers offline."""
