@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.full_weight_helpers import TE, UNET, ldm_weights, part, same
+from tests.full_weight_helpers import TE, UNET, assert_diffusers_loads_the_same, ldm_weights, part, same
 from tests.train_helpers import make_images
 
 
@@ -106,6 +106,7 @@ def test_prior_loss_weight_zero_makes_reg_samples_contribute_nothing(tiny_sd1_di
         "--optimizer_type", "SGD", "--save_every_n_steps", "1", "--save_model_as", "ckpt"]))
     w1 = [w[0], ldm_weights(out1 / "db-step00000001.ckpt"), ldm_weights(out1 / "db.ckpt")]
     assert all(not same(part(w1[i], UNET), part(w1[i + 1], UNET)) for i in range(2))
+    assert_diffusers_loads_the_same(out1 / "db.ckpt", tiny_sd1_dir)
 
 
 def test_prior_loss_weight_scales_the_regularization_step(tiny_sd1_dir, data, tmp_path):
