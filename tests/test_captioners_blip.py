@@ -75,9 +75,10 @@ def test_beam_search_deterministic_and_batch_independent(images, blip_dir):
     assert len(set(first.values())) > 1
 
 
-def test_sampling_repeatable_with_the_seed(images, blip_dir):
+def test_sampling_repeatable_with_the_seed(images, blip_dir, capsys):
     caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s1")
-    caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s2")
+    caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s2", "--num_beams", "3")
+    assert "--num_beams 3 is not used" in capsys.readouterr().out  # sampling, as without it
     caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s3", "--seed", "7", "--top_p", "1.0")
     one, two, three = captions(images, ".s1"), captions(images, ".s2"), captions(images, ".s3")
     assert list(one.values()) == list(two.values())

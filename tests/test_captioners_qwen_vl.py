@@ -179,9 +179,11 @@ def test_original_key_names_are_renamed():
     assert to_transformers_key("model.visual.merger.mlp.0.bias") == "model.visual.merger.mlp.0.bias"
 
 
-def test_text_output_skip_and_overwrite(images, qwen, tmp_path):
+def test_text_output_skip_and_overwrite(images, qwen, tmp_path, capsys):
     (images / "b.txt").write_text("my own caption", encoding="utf-8")
-    caption(images, qwen["folder"], "--output_format", "text")
+    caption(images, qwen["folder"], "--output_format", "text", "--output_file", str(tmp_path / "unused.jsonl"))
+    assert "unused.jsonl is not used" in capsys.readouterr().out
+    assert not (tmp_path / "unused.jsonl").exists()
     assert (images / "b.txt").read_text(encoding="utf-8") == "my own caption"
     caption(images, qwen["folder"], "--output_file", str(tmp_path / "ref.jsonl"))
     expected = read_jsonl(tmp_path / "ref.jsonl")

@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--min_length {args.min_length} is longer than --max_length {args.max_length}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if args.num_beams > 1 and not args.beam_search:
+        print(f"--num_beams {args.num_beams} is not used: captions are sampled (top_p {args.top_p}); add "
+              "--beam_search to use beams")
     source = model_source(args)
     images = find_images(args.train_data_dir, args.recursive)
     sink = SidecarSink(args.caption_extention or args.caption_extension)

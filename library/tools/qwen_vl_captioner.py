@@ -153,6 +153,8 @@ def _sink(args: argparse.Namespace) -> CaptionSink:
         if not args.output_file:
             raise UserError("--output_format jsonl needs --output_file (or use --output_format text)")
         return JsonlSink(args.output_file, text_key="caption")
+    if args.output_file:
+        print(f"--output_file {args.output_file} is not used: --output_format text writes a .txt next to each image")
     return SidecarSink(".txt", trailing_newline=False)
 
 
