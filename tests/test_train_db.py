@@ -172,12 +172,14 @@ def test_fused_backward_pass_matches_the_plain_adafactor_step(tiny_sd1_dir, data
     (["--ema_decay", "0.9", "--ema_sigma_rel", "0.1"], "give only one"),
     (["--learning_rate_te", "1e-5", "--stop_text_encoder_training", "-1"], "does not train"),
     (["--no_token_padding", "--max_token_length", "150"], "--no_token_padding"),
+    (["--cache_text_encoder_outputs"], r"^cannot start training: 1 problem\n.*--stop_text_encoder_training -1"),
 ])
 def test_refused_options(tiny_sd1_dir, data, tmp_path, extra, message):
     from library.errors import UserError
 
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as raised:
         run_db(db_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=extra))
+    assert "--network_" not in str(raised.value)  # no advice from train_network.py
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
