@@ -128,6 +128,7 @@ def test_unreadable_image_reported(images, blip_dir, capsys):
     (["--min_length", "20"], "longer than --max_length"),
     (["--top_p", "0"], "--top_p"),
     (["--num_beam", "x"], None),
+    (["--model_id", "."], "not a complete transformers BLIP captioning model folder"),
 ])
 def test_user_errors(images, blip_dir, monkeypatch, extra, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -288,6 +288,16 @@ def test_user_errors(images, qwen, tmp_path):
         caption(images, qwen["folder"], "--max_new_tokns", "3")
     with pytest.raises(UserError, match="--output_file .* is a folder"):
         caption(images, qwen["folder"], "--output_file", str(tmp_path))
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for f in qwen["folder"].iterdir():
+        if not f.name.endswith(".safetensors"):
+            (no_weights / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UserError, match="cannot load the Qwen2.5-VL model folder.*model.safetensors"):
+        caption(images, no_weights, "--output_file", str(tmp_path / "y.jsonl"))
+    (no_weights / "tokenizer.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match="cannot load the Qwen2.5-VL tokenizer"):
+        caption(images, no_weights, "--output_file", str(tmp_path / "y.jsonl"))
     assert not (tmp_path / "x.jsonl").exists() or (tmp_path / "x.jsonl").read_text() == ""
 
 
