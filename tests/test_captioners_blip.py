@@ -129,10 +129,18 @@ def test_unreadable_image_reported(images, blip_dir, capsys):
     (["--top_p", "0"], "--top_p"),
     (["--num_beam", "x"], None),
     (["--model_id", "."], "not a complete transformers BLIP captioning model folder"),
+    (["--model_id", "{truncated}"], "not a complete transformers BLIP captioning model folder"),
 ])
-def test_user_errors(images, blip_dir, monkeypatch, extra, message):
+def test_user_errors(images, blip_dir, monkeypatch, extra, message, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(images / "empty_hf_home"))
+    if "{truncated}" in extra:  # the model folder with its weights file cut short
+        truncated = tmp_path / "truncated"
+        truncated.mkdir()
+        for f in blip_dir.iterdir():
+            data = f.read_bytes()
+            (truncated / f.name).write_bytes(data[:1000] if f.suffix == ".safetensors" else data)
+        extra = [str(truncated) if e == "{truncated}" else e for e in extra]
     argv = [str(images), "--model_id", str(blip_dir), "--max_length", "12", *extra]
     if message is None:  # argparse abbreviations stay accepted, bad values are a parser error
         with pytest.raises(UserError, match="see --help"):

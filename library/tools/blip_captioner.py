@@ -64,10 +64,12 @@ def model_source(args: argparse.Namespace) -> str:
 
 def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
     """Local folder or local cache first; the hub only when it is reachable; never a silent fallback."""
+    from safetensors import SafetensorError
+
     if Path(source).is_dir():
         try:
             return cls.from_pretrained(source, local_files_only=True, **kwargs)
-        except (OSError, ValueError) as err:  # missing or unusable files of a local folder
+        except (OSError, ValueError, SafetensorError) as err:  # missing or unusable files of a local folder
             raise UserError(f"{source}: not a complete transformers BLIP captioning model folder (it needs "
                             "config.json, model.safetensors, the tokenizer files and preprocessor_config.json): "
                             f"{' '.join(str(err).split())[:400]}") from err

@@ -138,6 +138,7 @@ def load_single_file(model_path: Path, processor_dir: Path, dtype: torch.dtype, 
 
 
 def load_folder(model_path: Path, dtype: torch.dtype):
+    from safetensors import SafetensorError
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if not (model_path / "config.json").is_file():
@@ -145,7 +146,7 @@ def load_folder(model_path: Path, dtype: torch.dtype):
     try:
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=dtype,
                                                                   local_files_only=True)
-    except (OSError, ValueError) as err:  # missing or unusable weight files
+    except (OSError, ValueError, SafetensorError) as err:  # missing or unusable weight files
         reason = " ".join(str(err).split())[:400]
         raise UserError(f"{model_path}: cannot load the Qwen2.5-VL model folder: {reason}") from err
 
