@@ -75,9 +75,10 @@ def test_beam_search_deterministic_and_batch_independent(images, blip_dir):
     assert len(set(first.values())) > 1
 
 
-def test_sampling_repeatable_with_the_seed(images, blip_dir):
+def test_sampling_repeatable_with_the_seed(images, blip_dir, capsys):
     caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s1")
-    caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s2")
+    caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s2", "--num_beams", "3")
+    assert "--num_beams 3 is not used" in capsys.readouterr().out  # sampling, as without it
     caption(images, blip_dir, "--batch_size", "2", "--caption_extension", ".s3", "--seed", "7", "--top_p", "1.0")
     one, two, three = captions(images, ".s1"), captions(images, ".s2"), captions(images, ".s3")
     assert list(one.values()) == list(two.values())
@@ -127,10 +128,19 @@ def test_unreadable_image_reported(images, blip_dir, capsys):
     (["--min_length", "20"], "longer than --max_length"),
     (["--top_p", "0"], "--top_p"),
     (["--num_beam", "x"], None),
+    (["--model_id", "."], "not a complete transformers BLIP captioning model folder"),
+    (["--model_id", "{truncated}"], "not a complete transformers BLIP captioning model folder"),
 ])
-def test_user_errors(images, blip_dir, monkeypatch, extra, message):
+def test_user_errors(images, blip_dir, monkeypatch, extra, message, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(images / "empty_hf_home"))
+    if "{truncated}" in extra:  # the model folder with its weights file cut short
+        truncated = tmp_path / "truncated"
+        truncated.mkdir()
+        for f in blip_dir.iterdir():
+            data = f.read_bytes()
+            (truncated / f.name).write_bytes(data[:1000] if f.suffix == ".safetensors" else data)
+        extra = [str(truncated) if e == "{truncated}" else e for e in extra]
     argv = [str(images), "--model_id", str(blip_dir), "--max_length", "12", *extra]
     if message is None:  # argparse abbreviations stay accepted, bad values are a parser error
         with pytest.raises(UserError, match="see --help"):

@@ -162,6 +162,15 @@ def test_single_file_in_original_layout_matches_folder(images, qwen, tmp_path):
     assert read_jsonl(tmp_path / "folder.jsonl") == read_jsonl(tmp_path / "file.jsonl")
 
 
+def test_processor_path_for_a_file_alone_in_its_folder(images, qwen, tmp_path):
+    """A weights file alone in its folder (as ComfyUI users have it) with --processor_path to the tokenizer,
+    image processor and config: the same captions as the transformers folder."""
+    caption(images, qwen["folder"], "--output_file", str(tmp_path / "folder.jsonl"))
+    caption(images, qwen["bare"], "--output_file", str(tmp_path / "bare.jsonl"), "--processor_path",
+            str(qwen["processor"]))
+    assert read_jsonl(tmp_path / "bare.jsonl") == read_jsonl(tmp_path / "folder.jsonl")
+
+
 def test_original_key_names_are_renamed():
     assert to_transformers_key("model.layers.0.mlp.up_proj.weight") == \
         "model.language_model.layers.0.mlp.up_proj.weight"
@@ -170,9 +179,11 @@ def test_original_key_names_are_renamed():
     assert to_transformers_key("model.visual.merger.mlp.0.bias") == "model.visual.merger.mlp.0.bias"
 
 
-def test_text_output_skip_and_overwrite(images, qwen, tmp_path):
+def test_text_output_skip_and_overwrite(images, qwen, tmp_path, capsys):
     (images / "b.txt").write_text("my own caption", encoding="utf-8")
-    caption(images, qwen["folder"], "--output_format", "text")
+    caption(images, qwen["folder"], "--output_format", "text", "--output_file", str(tmp_path / "unused.jsonl"))
+    assert "unused.jsonl is not used" in capsys.readouterr().out
+    assert not (tmp_path / "unused.jsonl").exists()
     assert (images / "b.txt").read_text(encoding="utf-8") == "my own caption"
     caption(images, qwen["folder"], "--output_file", str(tmp_path / "ref.jsonl"))
     expected = read_jsonl(tmp_path / "ref.jsonl")
@@ -275,6 +286,18 @@ def test_user_errors(images, qwen, tmp_path):
         caption(tmp_path, qwen["folder"], "--output_file", str(tmp_path / "x.jsonl"))
     with pytest.raises(UserError, match="did you mean --max_new_tokens"):
         caption(images, qwen["folder"], "--max_new_tokns", "3")
+    with pytest.raises(UserError, match="--output_file .* is a folder"):
+        caption(images, qwen["folder"], "--output_file", str(tmp_path))
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for f in qwen["folder"].iterdir():
+        if not f.name.endswith(".safetensors"):
+            (no_weights / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UserError, match="cannot load the Qwen2.5-VL model folder.*model.safetensors"):
+        caption(images, no_weights, "--output_file", str(tmp_path / "y.jsonl"))
+    (no_weights / "tokenizer.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match="cannot load the Qwen2.5-VL tokenizer"):
+        caption(images, no_weights, "--output_file", str(tmp_path / "y.jsonl"))
     assert not (tmp_path / "x.jsonl").exists() or (tmp_path / "x.jsonl").read_text() == ""
 
 

@@ -144,10 +144,25 @@ def test_existing_files_skipped_overwritten_or_appended(images, tagger_dir):
 def test_unreadable_image_reported_and_skipped(images, tagger_dir, capsys):
     (images / "c_broken.png").write_bytes(b"not a png at all")
     tag(images, tagger_dir)
-    out = capsys.readouterr().out
-    assert "c_broken.png" in out and "cannot read" in out
+    captured = capsys.readouterr()
+    assert "c_broken.png" in captured.out and "cannot read" in captured.out
     assert not (images / "c_broken.txt").exists()
     assert read(images / "b_red.txt") == DEFAULT_RED
+    assert "3/3" in captured.err  # the progress bar counts the skipped image and ends full
+
+
+def test_output_path_folder_or_binary_file_is_a_clear_error(images, tagger_dir, tmp_path):
+    folder = tmp_path / "out.jsonl"
+    folder.mkdir()
+    with pytest.raises(UserError, match="is a folder; give a file name"):
+        tag(images, tagger_dir, "--output_path", str(folder))
+    binary = tmp_path / "meta.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="not a UTF-8 text file"):
+        tag(images, tagger_dir, "--output_path", str(binary))
+    (images / "a_blue.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="a_blue.txt: not a UTF-8 text file"):
+        tag(images, tagger_dir)
 
 
 def test_json_and_jsonl_outputs(images, tagger_dir, tmp_path):
@@ -232,7 +247,7 @@ def test_missing_model_offline_is_a_clear_error(images, tmp_path, tagger_dir, mo
         tag(images, tmp_path / "nothing_here")
     with pytest.raises(UserError, match="model_optimized.onnx, tag_mapping.json.*HF_HUB_OFFLINE"):
         tag(images, tmp_path / "nothing_here", "--repo_id", "someone/cl_tagger/v1")
-    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):  # --force_download never uses the local files
+    with pytest.raises(UserError, match="--force_download needs the Hugging Face Hub.*HF_HUB_OFFLINE"):
         tag(images, tagger_dir.parent, "--force_download")
     assert not list(images.glob("*.txt"))
 

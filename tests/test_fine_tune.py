@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.full_weight_helpers import TE, UNET, ldm_weights, part, same
+from tests.full_weight_helpers import TE, UNET, assert_diffusers_loads_the_same, ldm_weights, part, same
 from tests.train_helpers import ROOT, make_images
 
 
@@ -93,6 +93,7 @@ def test_train_text_encoder_with_its_own_rate(tiny_sd1_dir, data, tmp_path):
         "--train_text_encoder", "--learning_rate_te", "1e-2", "--save_model_as", "diffusers_safetensors",
         "--optimizer_type", "SGD"]))
     assert not same(part(base, TE), part(ldm_weights(trained), TE))
+    assert_diffusers_loads_the_same(trained, tiny_sd1_dir)
 
 
 def test_full_bf16_and_save_precision_with_sigma_rel_ema(tiny_sd1_dir, data, tmp_path):

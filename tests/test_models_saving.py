@@ -49,6 +49,10 @@ def test_load_save_load_is_bit_exact(loaded, tmp_path, sd2, fmt, tiny_sd1_dir, t
         assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in (out / "tokenizer").iterdir()}
         scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
         assert scheduler["prediction_type"] == "epsilon" and scheduler["beta_schedule"] == "scaled_linear"
+        probe = tmp_path / "probe"
+        probe.mkdir()  # the mode any folder the user makes gets (umask applied), not mkdtemp's private 0700
+        assert out.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
+        probe.rmdir()
     else:
         assert again.model_hashes["legacy"] and len(again.model_hashes["sha256"]) == 64
 

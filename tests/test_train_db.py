@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.full_weight_helpers import TE, UNET, ldm_weights, part, same
+from tests.full_weight_helpers import TE, UNET, assert_diffusers_loads_the_same, ldm_weights, part, same
 from tests.train_helpers import make_images
 
 
@@ -106,6 +106,24 @@ def test_prior_loss_weight_zero_makes_reg_samples_contribute_nothing(tiny_sd1_di
         "--optimizer_type", "SGD", "--save_every_n_steps", "1", "--save_model_as", "ckpt"]))
     w1 = [w[0], ldm_weights(out1 / "db-step00000001.ckpt"), ldm_weights(out1 / "db.ckpt")]
     assert all(not same(part(w1[i], UNET), part(w1[i + 1], UNET)) for i in range(2))
+    assert_diffusers_loads_the_same(out1 / "db.ckpt", tiny_sd1_dir)
+
+
+def test_prior_loss_weight_scales_the_regularization_step(tiny_sd1_dir, data, tmp_path):
+    """Plain SGD without clipping, batch 1, from the same weights: the regularization sample's step moves the
+    weights by prior_loss_weight times what it does with weight 1."""
+    steps = {}
+    for weight in ("1", "0.25"):
+        out = tmp_path / weight
+        run_db(db_args(tiny_sd1_dir, out, data["one"], steps=2, reg=data["one_reg"], batch=1, extra=[
+            "--prior_loss_weight", weight, "--optimizer_type", "SGD", "--max_grad_norm", "0",
+            "--save_every_n_steps", "1", "--save_model_as", "safetensors"]))
+        w = [part(ldm_weights(p), UNET) for p in (tiny_sd1_dir, out / "db-step00000001.safetensors",
+                                                   out / "db.safetensors")]
+        steps[weight] = [{k: w[i + 1][k] - w[i][k] for k in w[0]} for i in range(2)]
+    norms = {wt: [sum(float(d.norm()) ** 2 for d in step.values()) ** 0.5 for step in s] for wt, s in steps.items()}
+    ratios = [b / a for a, b in zip(norms["1"], norms["0.25"])]
+    assert sum(r == pytest.approx(0.25, rel=1e-4) for r in ratios) == 1, ratios
 
 
 def test_diffusers_resume_is_bit_exact(tiny_sd1_dir, data, tmp_path):
@@ -154,12 +172,14 @@ def test_fused_backward_pass_matches_the_plain_adafactor_step(tiny_sd1_dir, data
     (["--ema_decay", "0.9", "--ema_sigma_rel", "0.1"], "give only one"),
     (["--learning_rate_te", "1e-5", "--stop_text_encoder_training", "-1"], "does not train"),
     (["--no_token_padding", "--max_token_length", "150"], "--no_token_padding"),
+    (["--cache_text_encoder_outputs"], r"^cannot start training: 1 problem\n.*--stop_text_encoder_training -1"),
 ])
 def test_refused_options(tiny_sd1_dir, data, tmp_path, extra, message):
     from library.errors import UserError
 
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as raised:
         run_db(db_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=extra))
+    assert "--network_" not in str(raised.value)  # no advice from train_network.py
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -223,3 +243,40 @@ def test_two_processes_stop_the_text_encoder_everywhere(tiny_sd1_dir, data, tmp_
     assert not same(part(w[0], TE), part(w[1], TE))
     assert same(part(w[1], TE), part(w[2], TE))
     assert not same(part(w[1], UNET), part(w[2], UNET))
+
+
+def test_text_encoder_checkpointing_without_deprecation_warning():
+    """transformers 5's gradient_checkpointing_enable warns (FutureWarning) on every run; the new name is used."""
+    import warnings
+
+    from library.models.tiny import build_tiny_components
+    from library.training.preparation import enable_text_encoder_checkpointing
+
+    te = build_tiny_components()["text_encoder"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enable_text_encoder_checkpointing(te)
+    assert te.is_gradient_checkpointing
+
+
+def test_dtype_moves_do_not_log_the_empty_float32_warning():
+    """diffusers' ModelMixin.to warns "should be kept in float32: []" on every dtype cast; the loop's moves don't."""
+    import logging
+
+    from library.models.tiny import build_tiny_components
+    from library.models.weights import move_module
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        unet = build_tiny_components()["unet"]
+        assert move_module(unet, "cpu", torch.bfloat16) is unet
+        assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+        assert not [r for r in records if "kept in float32" in r.getMessage()]
+        unet.to(torch.float32)  # the diffusers override, for comparison: the test sees its warning
+        assert [r for r in records if "kept in float32" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)

@@ -9,6 +9,7 @@ are written from what was loaded.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -131,6 +132,7 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the model folder is the user's like any
         for name, module in (("unet", unet), ("vae", models.vae)):
             (tmp / name).mkdir()
             module.save_config(str(tmp / name))
@@ -162,6 +164,12 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_folder(new: Path, target: Path) -> None:

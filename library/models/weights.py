@@ -167,3 +167,9 @@ def build_with_weights(
     if meta:
         raise RuntimeError(f"{what}: parameters left uninitialised: {meta[:5]}")
     return module.eval()
+
+
+def move_module(module: M, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> M:
+    """``module.to(device, dtype)`` without diffusers' override, which warns on every dtype cast that modules
+    "should be kept in float32: []" even when that list is empty (no diffusers model here keeps any)."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)

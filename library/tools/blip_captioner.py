@@ -64,8 +64,15 @@ def model_source(args: argparse.Namespace) -> str:
 
 def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
     """Local folder or local cache first; the hub only when it is reachable; never a silent fallback."""
+    from safetensors import SafetensorError
+
     if Path(source).is_dir():
-        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+        try:
+            return cls.from_pretrained(source, local_files_only=True, **kwargs)
+        except (OSError, ValueError, SafetensorError) as err:  # missing or unusable files of a local folder
+            raise UserError(f"{source}: not a complete transformers BLIP captioning model folder (it needs "
+                            "config.json, model.safetensors, the tokenizer files and preprocessor_config.json): "
+                            f"{' '.join(str(err).split())[:400]}") from err
     if Path(source).exists() or source.count("/") != 1:
         raise UserError(f"--model_id {source}: neither a model folder nor a Hugging Face id (owner/name)")
     try:
@@ -118,6 +125,9 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--min_length {args.min_length} is longer than --max_length {args.max_length}")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if args.num_beams > 1 and not args.beam_search:
+        print(f"--num_beams {args.num_beams} is not used: captions are sampled (top_p {args.top_p}); add "
+              "--beam_search to use beams")
     source = model_source(args)
     images = find_images(args.train_data_dir, args.recursive)
     sink = SidecarSink(args.caption_extention or args.caption_extension)
@@ -128,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
         seed_everything(args.seed)
         model, tokenizer, image_processor = load_blip(source, default_device())
         with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
-            for batch in reader.batches(todo):
+            for batch in reader.batches(todo, bar):
                 pixels = image_processor(images=[item.data for item in batch], return_tensors="pt")["pixel_values"]
                 for item, caption in zip(batch, caption_batch(model, tokenizer, pixels, args)):
                     sink.write(item.path, caption)

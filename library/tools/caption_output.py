@@ -45,7 +45,7 @@ class SidecarSink:
         path = self.path_for(image)
         if not path.is_file():
             return None
-        return path.read_text(encoding="utf-8").strip()
+        return _read_text(path).strip()
 
     def write(self, image: Path, text: str, extra: dict[str, Any] | None = None) -> None:
         atomic_write_text(self.path_for(image), text + ("\n" if self.trailing_newline else ""))
@@ -54,9 +54,25 @@ class SidecarSink:
         pass
 
 
+def _check_output_file(path: Path, option: str) -> None:
+    """An output file the tools can read and append to: not a folder, and text when it exists."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name (e.g. {path / 'captions.jsonl'})")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); choose another "
+                        "output file") from err
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from err
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """The valid entries of a JSONL file and whether a cut-off or broken last line was dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
     entries: list[dict[str, Any]] = []
     dropped = False
     for number, line in enumerate(lines, 1):
@@ -78,11 +94,12 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
 class JsonlSink:
     """One ``{"image_path": ..., "<text_key>": ..., **extra}`` line per image, appended as it is produced."""
 
-    def __init__(self, path: str | Path, text_key: str = "caption"):
+    def __init__(self, path: str | Path, text_key: str = "caption", option: str = "--output_file"):
         self.path = Path(path)
         self.text_key = text_key
         self.entries: dict[str, dict[str, Any]] = {}
         self.replaced = False
+        _check_output_file(self.path, option)
         if self.path.is_file():
             entries, dropped = _read_jsonl(self.path)
             for entry in entries:
@@ -90,8 +107,11 @@ class JsonlSink:
             if dropped:
                 print(f"{self.path}: dropped an incomplete last line (an interrupted run); that image is redone")
                 self._rewrite()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"{option} {self.path}: cannot be written ({err.strerror})") from err
 
     def existing(self, image: Path) -> str | None:
         entry = self.entries.get(_key(image))
@@ -121,15 +141,17 @@ class JsonlSink:
 class JsonMetadataSink:
     """sd-scripts metadata JSON ``{image_path: {"<text_key>": ..., **extra}}``, merged into an existing file."""
 
-    def __init__(self, path: str | Path, text_key: str = "tags", save_every: int = 100):
+    def __init__(self, path: str | Path, text_key: str = "tags", save_every: int = 100,
+                 option: str = "--output_path"):
         self.path = Path(path)
         self.text_key = text_key
         self.save_every = save_every
         self.pending = 0
         self.metadata: dict[str, dict[str, Any]] = {}
+        _check_output_file(self.path, option)
         if self.path.is_file():
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
+                data = json.loads(_read_text(self.path))
             except json.JSONDecodeError as err:
                 raise UserError(f"{self.path}: not valid JSON ({err.msg} at line {err.lineno}); fix it or choose "
                                 "another --output_path") from err

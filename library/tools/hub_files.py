@@ -19,8 +19,9 @@ def download_files(repo_id: str, filenames: list[str], folder: Path, subfolder: 
     manual = (f"download {', '.join(filenames)} from https://huggingface.co/{repo_id}"
               f"{'/tree/main/' + subfolder if subfolder else ''} into {folder}")
     if hub_offline():
-        raise UserError(f"{folder} lacks {', '.join(filenames)} and the Hugging Face Hub is disabled "
-                        f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); {manual}")
+        need = "--force_download needs" if force else f"{folder} lacks {', '.join(filenames)} and needs"
+        raise UserError(f"{need} the Hugging Face Hub, which is disabled (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); "
+                        f"{manual}")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as err:

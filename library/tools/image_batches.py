@@ -77,8 +77,9 @@ class BatchReader(Generic[T]):
             return f"{type(err).__name__}: {err}"
         return Loaded(path, data, size)
 
-    def batches(self, paths: Iterable[Path]) -> Iterator[list[Loaded[T]]]:
-        """Yield lists of up to ``batch_size`` loaded images, reading a bounded window ahead."""
+    def batches(self, paths: Iterable[Path], progress: tqdm | None = None) -> Iterator[list[Loaded[T]]]:
+        """Yield lists of up to ``batch_size`` loaded images, reading a bounded window ahead. A skipped image
+        advances ``progress`` (the caller advances it for the images it processes)."""
         batch: list[Loaded[T]] = []
         window = max(2 * self.batch_size, 2 * self.workers)
         queue: deque[tuple[Path, Future]] = deque()
@@ -94,6 +95,8 @@ class BatchReader(Generic[T]):
                 if isinstance(item, str):
                     self.failed.append((path, item))
                     tqdm.write(f"skipping {path}: cannot read the image ({item})")
+                    if progress is not None:
+                        progress.update(1)
                     continue
                 batch.append(item)
                 if len(batch) == self.batch_size:

@@ -153,6 +153,8 @@ def _sink(args: argparse.Namespace) -> CaptionSink:
         if not args.output_file:
             raise UserError("--output_format jsonl needs --output_file (or use --output_format text)")
         return JsonlSink(args.output_file, text_key="caption")
+    if args.output_file:
+        print(f"--output_file {args.output_file} is not used: --output_format text writes a .txt next to each image")
     return SidecarSink(".txt", trailing_newline=False)
 
 
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
         if todo:
             vl = load_qwen_vl(args.model_path, args.processor_path, default_device(), args.fp8_vl)
             with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
-                for batch in reader.batches(todo):
+                for batch in reader.batches(todo, bar):
                     captions = caption_batch(vl, [item.data for item in batch], prompt, args.max_size,
                                              args.max_new_tokens, args.fp8_vl)
                     for item, caption in zip(batch, captions):

@@ -138,11 +138,17 @@ def load_single_file(model_path: Path, processor_dir: Path, dtype: torch.dtype, 
 
 
 def load_folder(model_path: Path, dtype: torch.dtype):
+    from safetensors import SafetensorError
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if not (model_path / "config.json").is_file():
         raise UserError(f"{model_path}: a model folder needs config.json and its safetensors weights")
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=dtype, local_files_only=True)
+    try:
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=dtype,
+                                                                  local_files_only=True)
+    except (OSError, ValueError, SafetensorError) as err:  # missing or unusable weight files
+        reason = " ".join(str(err).split())[:400]
+        raise UserError(f"{model_path}: cannot load the Qwen2.5-VL model folder: {reason}") from err
 
 
 class Fp8Linear(torch.nn.Linear):
@@ -188,8 +194,12 @@ def load_qwen_vl(model_path: str, processor_path: str | None, device: torch.devi
         raise UserError(f"--model_path {path}: give a .safetensors file or a transformers model folder")
     folder = processor_folder(path, processor_path)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    image_processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:  # incomplete or foreign tokenizer / processor files
+        raise UserError(f"{folder}: cannot load the Qwen2.5-VL tokenizer / image processor "
+                        f"({' '.join(str(err).split())[:400]}); it needs the {PROCESSOR_FILES_HINT}") from err
     processor = _try_processor(folder)
     if path.is_dir():
         model = load_folder(path, dtype)

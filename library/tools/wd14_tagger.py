@@ -173,7 +173,7 @@ def _sink(args: argparse.Namespace) -> CaptionSink:
     if suffix == ".json":
         return JsonMetadataSink(args.output_path, text_key="tags")
     if suffix == ".jsonl":
-        return JsonlSink(args.output_path, text_key="caption")
+        return JsonlSink(args.output_path, text_key="caption", option="--output_path")
     raise UserError(f"--output_path {args.output_path}: the name must end in .json or .jsonl")
 
 
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> None:
     sep = args.caption_separator
     try:
         with tqdm(total=len(todo), desc="tagging", unit="img") as bar:
-            for batch in reader.batches(todo):
+            for batch in reader.batches(todo, bar):
                 arrays = np.stack([item.data for item in batch])
                 if tagger.fixed_batch is not None and len(batch) < tagger.fixed_batch:
                     pad = np.repeat(arrays[-1:], tagger.fixed_batch - len(batch), axis=0)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from library.models.arguments import FULL_MODEL_FORMATS, add_save_model_arguments
+from library.models.weights import move_module
 from library.training.recipes import Recipe, SaveInfo
 
 DREAMBOOTH = "dreambooth"
@@ -179,7 +180,7 @@ class FullWeightRecipe(Recipe):
 
     def cast_trained(self, dtype: torch.dtype) -> None:
         for _, module in self._modules():
-            module.to(dtype)
+            move_module(module, dtype=dtype)
 
     # ------------------------------------------------------------------ EMA
 

@@ -18,6 +18,7 @@ from library.config.dataset_config import resolve_dataset_params
 from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
 from library.models.loading import resolve_model_path
+from library.models.weights import move_module
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
 from library.training.outputs import OutputNames, check_output_dir
@@ -80,10 +81,7 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
 
     variation = caption_variation_reasons(params)
     want_text_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
-    if want_text_cache:
-        if recipe.trains_text_encoder():
-            problems.append("--cache_text_encoder_outputs needs a frozen text encoder: add --network_train_unet_only "
-                            "(or remove the caching option)")
+    if want_text_cache:  # a text encoder that trains is each recipe's own problem (its fix differs)
         for reason in variation:
             problems.append(f"--cache_text_encoder_outputs: captions change every step ({reason}); remove the "
                             "option or the caption randomization")
@@ -235,6 +233,12 @@ class Run:
     fused_backward: bool = False  # the optimizer steps inside backward (--fused_backward_pass)
 
 
+def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
+    """transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias that warns on every run)."""
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+    (enable or text_encoder.gradient_checkpointing_enable)()
+
+
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
               seed: int, max_train_steps: int, num_epochs: int) -> Run:
     """Load the models and build the trained modules, caches, optimizer and scheduler; read ``--resume``."""
@@ -262,16 +266,16 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     recipe.setup(models, args, device)
     trained = recipe.trained_base_modules()
     vae_dtype = torch.float32 if args.no_half_vae else dtype
-    models.vae.to(device, vae_dtype)
-    models.unet.to(device, torch.float32 if "unet" in trained else dtype)
+    move_module(models.vae, device, vae_dtype)
+    move_module(models.unet, device, torch.float32 if "unet" in trained else dtype)
     for te in models.text_encoders:
-        te.to(device, torch.float32 if "text_encoder" in trained else dtype)
+        move_module(te, device, torch.float32 if "text_encoder" in trained else dtype)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()
         if recipe.trains_text_encoder():
             for te in models.text_encoders:
-                te.gradient_checkpointing_enable()
+                enable_text_encoder_checkpointing(te)
                 te.train()
 
     vae_encode = make_vae_encoder(models.vae, device, vae_dtype)

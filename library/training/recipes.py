@@ -125,6 +125,9 @@ class LoRARecipe(Recipe):
         from library.training.network_args import network_option_problems, parse_network_args
 
         problems = network_option_problems(args)
+        if self.train_te and (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
+            problems.append("--cache_text_encoder_outputs needs a frozen text encoder: add --network_train_unet_only "
+                            "(or remove the caching option)")
         try:
             importlib.import_module(self.module_name)
         except ImportError as err:
