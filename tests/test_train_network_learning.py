@@ -83,3 +83,35 @@ def test_lora_learns_the_image(tiny_sd1_dir, tmp_path):
     trained, base = error(1.0), error(0.0)
     assert base == pytest.approx(untrained, rel=1e-4)  # lora_up starts at zero: untrained LoRA = base model
     assert trained < 0.75 * untrained
+
+
+def test_alpha_mask_weights_the_loss_by_the_mask_area(tiny_sd1_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from library.training.loop import batch_loss
+
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        pixels = rng.integers(0, 255, (64, 64, 4)).astype("uint8")
+        pixels[..., 3] = 0
+        pixels[:, 32:, 3] = 255  # only the right half counts
+        Image.fromarray(pixels, "RGBA").save(folder / f"m{i}.png")
+        (folder / f"m{i}.caption").write_text("sks masked", encoding="utf-8")
+    data = dataset_toml(tmp_path / "data.toml", folder, extra_subset="alpha_mask = true")
+    run = prepare_run(train_args(tiny_sd1_dir, tmp_path / "out", config=data, extra=["--masked_loss"]))
+    batch = next(iter(run.loader))
+    masks = batch["alpha_masks"]
+    assert masks is not None and masks[:, :, :32].max() == 0 and masks[:, :, 32:].min() == 1
+
+    def loss(mask):
+        with torch.no_grad():
+            return float(batch_loss(run, dict(batch, alpha_masks=mask), 0, timesteps=torch.tensor([500, 500]),
+                                    generator=torch.Generator().manual_seed(5)))
+
+    masked, unmasked = loss(masks), loss(None)
+    assert masked != pytest.approx(unmasked, rel=1e-3)
+    assert loss(torch.ones_like(masks)) == pytest.approx(unmasked, rel=1e-5)
+    assert loss(masks * 0.5) == pytest.approx(masked, rel=1e-5)  # normalized by the mask's area

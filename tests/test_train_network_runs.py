@@ -118,6 +118,7 @@ def test_config_file_and_refusal_to_overwrite(tiny_sd1_dir, data, tmp_path):
     (["--cache_latents", "--random_crop"], "random_crop"),
     (["--full_bf16"], "--full_bf16 requires"),
     (["--network_train_unet_only", "--network_train_text_encoder_only"], "exclude each other"),
+    (["--masked_loss"], "no subset has masks"),
 ])
 def test_bad_combinations_fail_before_any_model_loads(tmp_path, extra, message):
     from library.errors import UserError

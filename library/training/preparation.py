@@ -78,6 +78,12 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
                     problems.append(f"--cache_latents: {sub.origin} has {', '.join(bad)}, which change the image "
                                     "every step, so latents cannot be computed once; remove one or the other")
 
+    if getattr(args, "masked_loss", False) and not any(sub.alpha_mask for ds in params.datasets
+                                                         for sub in ds.subsets):
+        problems.append("--masked_loss: no subset has masks, so the loss would not be masked; set alpha_mask = true "
+                        "on the subsets whose images have a transparency mask (or --alpha_mask), or remove "
+                        "--masked_loss")
+
     variation = caption_variation_reasons(params)
     want_text_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
     if want_text_cache:
