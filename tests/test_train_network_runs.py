@@ -279,3 +279,12 @@ def test_full_bf16_weights_and_save_precision(tiny_sd1_dir, data, tmp_path):
     tensors, meta = load_lora(final)
     assert {v.dtype for v in tensors.values()} == {torch.float16}
     assert meta["ss_mixed_precision"] == "bf16"
+
+
+def test_schedule_free_optimizer_trains_and_saves(tiny_sd1_dir, data, tmp_path):
+    final = run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=2,
+                                extra=["--optimizer_type", "AdamWScheduleFree", "--save_every_n_steps", "1"]))
+    tensors, meta = load_lora(final)
+    assert "schedulefree" in meta["ss_optimizer"]
+    assert (tmp_path / "out" / "lora-step00000001.safetensors").exists()
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())

@@ -216,6 +216,7 @@ def train(run: Run) -> Path:
     keep_snapshots = bool(args.save_state)  # states at any step (and on Ctrl-C) need the step's RNG streams
     snapshot = _snapshot(run, progress)
     recipe.train_mode(True)
+    _optimizer_mode(run, train=True)  # schedule-free optimizers start in eval mode
     if progress.global_step == 0 and sampling_due(args, step=0):
         _sample(run, progress, epoch_label=None)
 
