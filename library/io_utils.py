@@ -9,12 +9,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _new_file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file (0666 less the umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600 files; the result should be like any new file
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
