@@ -288,3 +288,25 @@ def test_schedule_free_optimizer_trains_and_saves(tiny_sd1_dir, data, tmp_path):
     assert "schedulefree" in meta["ss_optimizer"]
     assert (tmp_path / "out" / "lora-step00000001.safetensors").exists()
     assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())
+
+
+def test_last_epoch_ends_like_the_others(tiny_sd1_dir, data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks --w 64 --h 64 --s 1\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = train_args(tiny_sd1_dir, out, config=data, steps=100,
+                      extra=["--max_train_epochs", "2", "--sample_prompts", str(prompts), "--sample_every_n_epochs",
+                             "1", "--logging_dir", str(tmp_path / "logs"), "--save_state"])
+    final = run_main(argv)
+    _, meta = load_lora(final)
+    assert meta["ss_epoch"] == "2" and meta["ss_steps"] == "2"
+    tags = sorted(p.name.split("_")[1] for p in (out / "sample").glob("*.png"))
+    assert tags == ["e000001", "e000002"]
+    acc = EventAccumulator(str(next((tmp_path / "logs").glob("**/events.out.tfevents.*")).parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/epoch")] == [1, 2]
+    from library.training.state import verify_state
+
+    assert verify_state(out / "lora-state")["epoch"] == 2

@@ -256,6 +256,8 @@ def train(run: Run) -> Path:
                     if acc.log_with:
                         acc.log(logs, step=progress.global_step)
                     if progress.global_step >= run.max_train_steps:
+                        if progress.batches_done == n_batches:  # the last step also ended the epoch
+                            _end_epoch(run, progress, recorder)
                         break
                 else:  # the epoch ran to its end
                     _end_epoch(run, progress, recorder)
