@@ -250,8 +250,8 @@ def train(run: Run) -> Path:
 
                     recorder.add(group_start // ga, step_loss)
                     logs = {"loss/current": step_loss, "loss/average": recorder.average, **_current_lrs(run), **extra}
+                    bar.set_postfix(loss=f"{recorder.average:.4f}", refresh=False)  # shown by the update
                     bar.update(1)
-                    bar.set_postfix(loss=f"{recorder.average:.4f}", refresh=False)
                     _after_step(run, progress, snapshot, logs)
                     if acc.log_with:
                         acc.log(logs, step=progress.global_step)
