@@ -69,3 +69,17 @@ def test_damaged_or_partial_state_is_refused(tiny_sd1_dir, data, tmp_path):
     with pytest.raises(UserError, match="incomplete"):
         run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=3, extra=["--resume", str(partial)]))
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+
+
+def test_state_of_another_network_or_optimizer_is_refused(tiny_sd1_dir, data, tmp_path):
+    from library.errors import UserError
+
+    run_main(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=1, extra=["--save_state_on_train_end"]))
+    state = str(tmp_path / "a" / "lora-state")
+    with pytest.raises(UserError, match="does not fit this run.*size mismatch"):
+        run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=3,
+                            extra=["--resume", state, "--network_dim", "8"]))
+    with pytest.raises(UserError, match="saved with the optimizer torch.optim.adamw.AdamW, this run uses "
+                                        "lion_pytorch"):
+        run_main(train_args(tiny_sd1_dir, tmp_path / "c", config=data, steps=3,
+                            extra=["--resume", state, "--optimizer_type", "Lion"]))

@@ -28,7 +28,8 @@ from library.config.params import DatasetSupport
 from library.errors import UserError
 from library.training.logging_utils import LossRecorder, describe_lr_groups, loggable_config
 from library.training.outputs import prune
-from library.training.preparation import Run, build_run, check_run, make_accelerator, shared_seed, training_length
+from library.training.preparation import (Run, build_run, check_run, make_accelerator, optimizer_class_name,
+                                          shared_seed, training_length)
 from library.training.recipes import Recipe, SaveInfo
 from library.training.sampling import sampling_due
 from library.training.state import Progress, capture_rng, restore_rng, save_state
@@ -395,7 +396,7 @@ def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]
                scheduler=run.lr_scheduler.state_dict(),
                scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng,
                info={"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
-                     "saved_at": time.time()})
+                     "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()})
 
 
 def _sample(run: Run, progress: Progress, epoch_label: int | None) -> None:

@@ -195,6 +195,12 @@ def vae_cache_key(vae: torch.nn.Module, dtype: torch.dtype) -> str:
     return f"vae-{module_fingerprint(vae)[:16]}-{str(dtype).removeprefix('torch.')}"
 
 
+def optimizer_class_name(optimizer: Any) -> str:
+    """``module.Class`` of the optimizer (inside accelerate's wrapper), as recorded in a state."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return f"{type(inner).__module__}.{type(inner).__qualname__}"
+
+
 def make_vae_encoder(vae: torch.nn.Module, device: torch.device,
                      dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """``encode(images in [-1, 1]) -> unscaled latents`` (the distribution's mean: deterministic, so
@@ -322,9 +328,18 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     if args.resume:
         resumed = load_state(args.resume, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes)
-        recipe.load_state_dict(resumed.weights)
-        optimizer.load_state_dict(resumed.optimizer)
-        lr_scheduler.load_state_dict(resumed.scheduler)
+        saved, current = resumed.info.get("optimizer"), optimizer_class_name(optimizer)
+        if saved is not None and saved != current:
+            raise UserError(f"--resume {args.resume}: the state was saved with the optimizer {saved}, this run uses "
+                            f"{current}; resume with the saved run's --optimizer_type")
+        try:
+            recipe.load_state_dict(resumed.weights)
+            optimizer.load_state_dict(resumed.optimizer)
+            lr_scheduler.load_state_dict(resumed.scheduler)
+        except (RuntimeError, ValueError, KeyError) as err:
+            detail = " ".join(str(err).split("\n")[:2]).replace("\t", "")
+            raise UserError(f"--resume {args.resume}: the state does not fit this run ({detail}); resume with the "
+                            "saved run's network, optimizer and scheduler options") from None
         if resumed.scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(resumed.scaler)
     if getattr(args, "fused_backward_pass", False):
