@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -76,6 +78,10 @@ def test_state_of_another_network_or_optimizer_is_refused(tiny_sd1_dir, data, tm
 
     run_main(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=1, extra=["--save_state_on_train_end"]))
     state = str(tmp_path / "a" / "lora-state")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a" / "lora-state").iterdir()}
+    assert modes == {0o666 & ~umask}  # not the 0600 of temporary files
     with pytest.raises(UserError, match="does not fit this run.*size mismatch"):
         run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=3,
                             extra=["--resume", state, "--network_dim", "8"]))

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
-from library.io_utils import atomic_write_json
+from library.io_utils import atomic_write_json, match_umask
 
 STATE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -122,6 +122,7 @@ def save_state(
             torch.save(scaler, tmp / SCALER)
         meta = {"format": STATE_FORMAT, "num_processes": accelerator.num_processes, **asdict(progress), **info}
         (tmp / PROGRESS).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        match_umask(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         atomic_write_json(tmp / MANIFEST, {"format": STATE_FORMAT, "files": files})
         if folder.exists():
