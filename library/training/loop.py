@@ -32,7 +32,7 @@ from library.training.preparation import (Run, build_run, check_run, make_accele
                                           shared_seed, training_length)
 from library.training.recipes import Recipe, SaveInfo
 from library.training.sampling import sampling_due
-from library.training.state import Progress, capture_rng, restore_rng, save_state
+from library.training.state import Progress, capture_rng, check_process_count, restore_rng, save_state
 
 VALIDATION_TIMESTEP_POINTS = 4
 
@@ -46,6 +46,8 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
 
     checked = check_run(args, recipe, support)
     accelerator = make_accelerator(args, tracker_name)
+    if checked.resume_processes is not None:  # before any model loads
+        check_process_count(args.resume, checked.resume_processes, accelerator.num_processes)
     seed = shared_seed(args, accelerator, checked.resume_seed)
     group = build_dataset_group(checked.params, seed=seed)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps

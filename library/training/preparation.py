@@ -35,6 +35,7 @@ class Checked:
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
     resume_seed: int | None = None
+    resume_processes: int | None = None
 
 
 def uses_cuda() -> bool:
@@ -103,7 +104,8 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     if args.output_dir is not None:
         check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
     return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts,
-                   resume_seed=resume_info["seed"] if resume_info else None)
+                   resume_seed=resume_info["seed"] if resume_info else None,
+                   resume_processes=resume_info["num_processes"] if resume_info else None)
 
 
 def _items(message: str) -> list[str]:
