@@ -9,6 +9,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def match_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions of a new file or folder
+    under the umask: temporary files and folders (``mkstemp``, ``mkdtemp``, safetensors' own writer) are
+    private (0600/0700), which a finished output must not stay."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = Path(path)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~umask)
+        for folder, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -16,6 +34,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
     os.close(fd)
     try:
         write(tmp)
+        match_umask(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -69,6 +71,10 @@ def test_saved_folder_reads_with_the_libraries_own_loaders(loaded, tmp_path):
     assert CLIPTokenizer.from_pretrained(out / "tokenizer")("a photo of a cat").input_ids == [
         49406, 320, 1125, 539, 320, 2368, 49407,
     ]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not the temporary folder's 0700
+    assert stat.S_IMODE((out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode) == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "diffusers_safetensors"])

@@ -187,3 +187,11 @@ def test_validate_reports_all_problems():
     with pytest.raises(UserError) as err:
         validate_optimizer_args(parse("--optimizer_type", "Nope", "--optimizer_args", "x", "--max_grad_norm", "-1"))
     assert "3 problems" in err.value.message
+
+
+def test_unknown_argument_is_refused_before_creation():
+    with pytest.raises(UserError, match="did you mean weight_decay") as err:
+        validate_optimizer_args(parse("--optimizer_args", "weight_decayy=0.1", "betas=0.9,0.99"))
+    assert "no argument 'betas'" not in err.value.message
+    validate_optimizer_args(parse("--optimizer_type", "Prodigy", "--optimizer_args", "d_coef=2",
+                                  "safeguard_warmup=True"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -69,3 +71,39 @@ def test_damaged_or_partial_state_is_refused(tiny_sd1_dir, data, tmp_path):
     with pytest.raises(UserError, match="incomplete"):
         run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=3, extra=["--resume", str(partial)]))
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+
+
+def test_state_of_another_network_or_optimizer_is_refused(tiny_sd1_dir, data, tmp_path):
+    from library.errors import UserError
+
+    run_main(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=1, extra=["--save_state_on_train_end"]))
+    state = str(tmp_path / "a" / "lora-state")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a" / "lora-state").iterdir()}
+    assert modes == {0o666 & ~umask}  # not the 0600 of temporary files
+    with pytest.raises(UserError, match="does not fit this run.*size mismatch"):
+        run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=3,
+                            extra=["--resume", state, "--network_dim", "8"]))
+    with pytest.raises(UserError, match="saved with the optimizer torch.optim.adamw.AdamW, this run uses "
+                                        "lion_pytorch"):
+        run_main(train_args(tiny_sd1_dir, tmp_path / "c", config=data, steps=3,
+                            extra=["--resume", state, "--optimizer_type", "Lion"]))
+
+
+def test_state_of_another_process_count_is_refused_before_models_load(tiny_sd1_dir, data, tmp_path):
+    import hashlib
+
+    from library.errors import UserError
+
+    run_main(train_args(tiny_sd1_dir, tmp_path / "a", config=data, steps=1, extra=["--save_state_on_train_end"]))
+    state = tmp_path / "a" / "lora-state"
+    info = json.loads((state / "train_state.json").read_text())
+    (state / "train_state.json").write_text(json.dumps({**info, "num_processes": 2}))
+    manifest = json.loads((state / "manifest.json").read_text())
+    manifest["files"]["train_state.json"] = hashlib.sha256((state / "train_state.json").read_bytes()).hexdigest()
+    (state / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="saved by 2 process.*resume with --num_processes 2"):
+        run_main(train_args(tiny_sd1_dir, tmp_path / "b", config=data, steps=3,
+                            extra=["--resume", str(state), "--cache_latents_to_disk"]))
+    assert not list((tmp_path / "images").glob("*.npz"))  # refused before the VAE ran

@@ -118,6 +118,7 @@ def test_config_file_and_refusal_to_overwrite(tiny_sd1_dir, data, tmp_path):
     (["--cache_latents", "--random_crop"], "random_crop"),
     (["--full_bf16"], "--full_bf16 requires"),
     (["--network_train_unet_only", "--network_train_text_encoder_only"], "exclude each other"),
+    (["--masked_loss"], "no subset has masks"),
 ])
 def test_bad_combinations_fail_before_any_model_loads(tmp_path, extra, message):
     from library.errors import UserError
@@ -312,3 +313,34 @@ def test_sd2_v_single_file_lora_is_a_standard_sd2_file(tiny_sd2_dir, data, tmp_p
         pipe.load_lora_weights(str(final))
         after = pipe.unet(x, t, ctx).sample
     assert not torch.equal(before, after)  # the trained LoRA is applied (its up weights left zero)
+
+
+def test_schedule_free_optimizer_trains_and_saves(tiny_sd1_dir, data, tmp_path):
+    final = run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=2,
+                                extra=["--optimizer_type", "AdamWScheduleFree", "--save_every_n_steps", "1"]))
+    tensors, meta = load_lora(final)
+    assert "schedulefree" in meta["ss_optimizer"]
+    assert (tmp_path / "out" / "lora-step00000001.safetensors").exists()
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())
+
+
+def test_last_epoch_ends_like_the_others(tiny_sd1_dir, data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks --w 64 --h 64 --s 1\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = train_args(tiny_sd1_dir, out, config=data, steps=100,
+                      extra=["--max_train_epochs", "2", "--sample_prompts", str(prompts), "--sample_every_n_epochs",
+                             "1", "--logging_dir", str(tmp_path / "logs"), "--save_state"])
+    final = run_main(argv)
+    _, meta = load_lora(final)
+    assert meta["ss_epoch"] == "2" and meta["ss_steps"] == "2"
+    tags = sorted(p.name.split("_")[1] for p in (out / "sample").glob("*.png"))
+    assert tags == ["e000001", "e000002"]
+    acc = EventAccumulator(str(next((tmp_path / "logs").glob("**/events.out.tfevents.*")).parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/epoch")] == [1, 2]
+    from library.training.state import verify_state
+
+    assert verify_state(out / "lora-state")["epoch"] == 2

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from library.io_utils import atomic_save_file
+from library.io_utils import atomic_save_file, match_umask
 from library.models import ldm_conversion as conv
 from library.models.architecture import ARCHITECTURE_METADATA_KEY, architecture_metadata
 from library.models.loading import SDModels
@@ -160,6 +160,7 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
             "vae": ["diffusers", "AutoencoderKL"],
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        match_umask(tmp)
         _replace_folder(tmp, path)
     finally:
         if tmp.exists():

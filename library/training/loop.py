@@ -28,10 +28,11 @@ from library.config.params import DatasetSupport
 from library.errors import UserError
 from library.training.logging_utils import LossRecorder, describe_lr_groups, loggable_config
 from library.training.outputs import prune
-from library.training.preparation import Run, build_run, check_run, make_accelerator, shared_seed, training_length
+from library.training.preparation import (Run, build_run, check_run, make_accelerator, optimizer_class_name,
+                                          shared_seed, training_length)
 from library.training.recipes import Recipe, SaveInfo
 from library.training.sampling import sampling_due
-from library.training.state import Progress, capture_rng, restore_rng, save_state
+from library.training.state import Progress, capture_rng, check_process_count, restore_rng, save_state
 
 VALIDATION_TIMESTEP_POINTS = 4
 
@@ -45,6 +46,8 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
 
     checked = check_run(args, recipe, support)
     accelerator = make_accelerator(args, tracker_name)
+    if checked.resume_processes is not None:  # before any model loads
+        check_process_count(args.resume, checked.resume_processes, accelerator.num_processes)
     seed = shared_seed(args, accelerator, checked.resume_seed)
     group = build_dataset_group(checked.params, seed=seed)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
@@ -216,6 +219,7 @@ def train(run: Run) -> Path:
     keep_snapshots = bool(args.save_state)  # states at any step (and on Ctrl-C) need the step's RNG streams
     snapshot = _snapshot(run, progress)
     recipe.train_mode(True)
+    _optimizer_mode(run, train=True)  # schedule-free optimizers start in eval mode
     if progress.global_step == 0 and sampling_due(args, step=0):
         _sample(run, progress, epoch_label=None)
 
@@ -249,12 +253,14 @@ def train(run: Run) -> Path:
 
                     recorder.add(group_start // ga, step_loss)
                     logs = {"loss/current": step_loss, "loss/average": recorder.average, **_current_lrs(run), **extra}
+                    bar.set_postfix(loss=f"{recorder.average:.4f}", refresh=False)  # shown by the update
                     bar.update(1)
-                    bar.set_postfix(loss=f"{recorder.average:.4f}", refresh=False)
                     _after_step(run, progress, snapshot, logs)
                     if acc.log_with:
                         acc.log(logs, step=progress.global_step)
                     if progress.global_step >= run.max_train_steps:
+                        if progress.batches_done == n_batches:  # the last step also ended the epoch
+                            _end_epoch(run, progress, recorder)
                         break
                 else:  # the epoch ran to its end
                     _end_epoch(run, progress, recorder)
@@ -392,7 +398,7 @@ def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]
                scheduler=run.lr_scheduler.state_dict(),
                scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng,
                info={"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
-                     "saved_at": time.time()})
+                     "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()})
 
 
 def _sample(run: Run, progress: Progress, epoch_label: int | None) -> None:

@@ -191,14 +191,17 @@ def optimizer_class(name: str) -> tuple[type, dict[str, Any]]:
 def validate_optimizer_args(args: Any) -> None:
     """Check the optimizer options (name, package, items, fused backward) without creating anything."""
     problems = []
+    cls = None
     try:
         name = resolve_optimizer_type(args)
-        optimizer_class(name)
+        cls, _ = optimizer_class(name)
     except UserError as err:
         problems.append(err.message)
         name = ""
     try:
-        parse_optimizer_args(getattr(args, "optimizer_args", None))
+        items = parse_optimizer_args(getattr(args, "optimizer_args", None))
+        if cls is not None:
+            problems += _unknown_keyword_problems(name, cls, items)
     except UserError as err:
         problems.append(err.message)
     if getattr(args, "fused_backward_pass", False):
@@ -213,6 +216,25 @@ def validate_optimizer_args(args: Any) -> None:
         problems.append(f"--max_grad_norm must not be negative (0 disables clipping), got {args.max_grad_norm}")
     if problems:
         raise UserError.from_problems("invalid optimizer options", problems)
+
+
+def _unknown_keyword_problems(name: str, cls: type, items: dict[str, Any]) -> list[str]:
+    """``--optimizer_args`` keys the optimizer's constructor does not take (none when it takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    accepted = [n for n in parameters if n not in ("self", "params")]
+    problems = []
+    for key in items:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"--optimizer_args {key}=...: {name} takes no argument {key!r}{hint}; it takes "
+                            f"{', '.join(accepted)}")
+    return problems
 
 
 def _group_lrs(params: list[Any]) -> set[float]:

@@ -36,6 +36,7 @@ class Checked:
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
     resume_seed: int | None = None
+    resume_processes: int | None = None
 
 
 def uses_cuda() -> bool:
@@ -79,6 +80,12 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
                     problems.append(f"--cache_latents: {sub.origin} has {', '.join(bad)}, which change the image "
                                     "every step, so latents cannot be computed once; remove one or the other")
 
+    if getattr(args, "masked_loss", False) and not any(sub.alpha_mask for ds in params.datasets
+                                                         for sub in ds.subsets):
+        problems.append("--masked_loss: no subset has masks, so the loss would not be masked; set alpha_mask = true "
+                        "on the subsets whose images have a transparency mask (or --alpha_mask), or remove "
+                        "--masked_loss")
+
     variation = caption_variation_reasons(params)
     want_text_cache = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
     if want_text_cache:  # a text encoder that trains is each recipe's own problem (its fix differs)
@@ -95,7 +102,8 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     if args.output_dir is not None:
         check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
     return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts,
-                   resume_seed=resume_info["seed"] if resume_info else None)
+                   resume_seed=resume_info["seed"] if resume_info else None,
+                   resume_processes=resume_info["num_processes"] if resume_info else None)
 
 
 def _items(message: str) -> list[str]:
@@ -185,6 +193,12 @@ def vae_cache_key(vae: torch.nn.Module, dtype: torch.dtype) -> str:
 
     Shared with ``finetune/prepare_buckets_latents.py`` so that its latents are reused by training."""
     return f"vae-{module_fingerprint(vae)[:16]}-{str(dtype).removeprefix('torch.')}"
+
+
+def optimizer_class_name(optimizer: Any) -> str:
+    """``module.Class`` of the optimizer (inside accelerate's wrapper), as recorded in a state."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return f"{type(inner).__module__}.{type(inner).__qualname__}"
 
 
 def make_vae_encoder(vae: torch.nn.Module, device: torch.device,
@@ -320,9 +334,18 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     if args.resume:
         resumed = load_state(args.resume, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes)
-        recipe.load_state_dict(resumed.weights)
-        optimizer.load_state_dict(resumed.optimizer)
-        lr_scheduler.load_state_dict(resumed.scheduler)
+        saved, current = resumed.info.get("optimizer"), optimizer_class_name(optimizer)
+        if saved is not None and saved != current:
+            raise UserError(f"--resume {args.resume}: the state was saved with the optimizer {saved}, this run uses "
+                            f"{current}; resume with the saved run's --optimizer_type")
+        try:
+            recipe.load_state_dict(resumed.weights)
+            optimizer.load_state_dict(resumed.optimizer)
+            lr_scheduler.load_state_dict(resumed.scheduler)
+        except (RuntimeError, ValueError, KeyError) as err:
+            detail = " ".join(str(err).split("\n")[:2]).replace("\t", "")
+            raise UserError(f"--resume {args.resume}: the state does not fit this run ({detail}); resume with the "
+                            "saved run's network, optimizer and scheduler options") from None
         if resumed.scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(resumed.scaler)
     if getattr(args, "fused_backward_pass", False):

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
-from library.io_utils import atomic_write_json
+from library.io_utils import atomic_write_json, match_umask
 
 STATE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -122,6 +122,7 @@ def save_state(
             torch.save(scaler, tmp / SCALER)
         meta = {"format": STATE_FORMAT, "num_processes": accelerator.num_processes, **asdict(progress), **info}
         (tmp / PROGRESS).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        match_umask(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         atomic_write_json(tmp / MANIFEST, {"format": STATE_FORMAT, "files": files})
         if folder.exists():
@@ -163,6 +164,14 @@ def verify_state(folder: str | Path) -> dict[str, Any]:
     return json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
 
 
+def check_process_count(folder: str | Path, saved: int, current: int) -> None:
+    """A state resumes only with the number of processes that saved it (UserError otherwise)."""
+    if saved != current:
+        raise UserError(f"--resume {folder}: the state was saved by {saved} process(es) but this run has {current}; "
+                        "each process's data position and random streams are stored, so resume with "
+                        f"--num_processes {saved}")
+
+
 def load_state(folder: str | Path, *, process_index: int, num_processes: int) -> LoadedState:
     """Read a verified state folder for this process. Raises UserError when it cannot be used."""
     folder = Path(folder)
@@ -170,10 +179,7 @@ def load_state(folder: str | Path, *, process_index: int, num_processes: int) ->
     if info.get("format") != STATE_FORMAT:
         raise UserError(f"--resume {folder}: state format {info.get('format')} is not supported "
                         f"(this version writes {STATE_FORMAT})")
-    if info["num_processes"] != num_processes:
-        raise UserError(f"--resume {folder}: the state was saved by {info['num_processes']} process(es) but this run "
-                        f"has {num_processes}; each process's data position and random streams are stored, so "
-                        f"resume with --num_processes {info['num_processes']}")
+    check_process_count(folder, info["num_processes"], num_processes)
     scaler_path = folder / SCALER
     return LoadedState(
         progress=Progress(info["epoch"], info["global_step"], info["batches_done"]),
