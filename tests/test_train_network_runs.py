@@ -88,6 +88,16 @@ def test_debug_dataset_shows_batches_and_trains_nothing(tiny_sd1_dir, data, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_debug_dataset_with_a_token_warmup_ratio_shows_the_run_totals(tiny_sd1_dir, tmp_path, capsys):
+    data = dreambooth_dir(tmp_path / "train", count=2, repeats=2)
+    argv = train_args(tiny_sd1_dir, tmp_path / "out", data=data, steps=6,
+                      extra=["--debug_dataset", "--shuffle_caption", "--token_warmup_step", "0.5"])
+    assert run_main(argv) is None
+    shown = capsys.readouterr().out
+    assert "6 optimizer steps" in shown or "6 steps" in shown
+    assert "caption:" in shown
+
+
 def test_config_file_and_refusal_to_overwrite(tiny_sd1_dir, data, tmp_path):
     from library.errors import UserError
 

@@ -51,12 +51,12 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     seed = shared_seed(args, accelerator, checked.resume_seed)
     group = build_dataset_group(checked.params, seed=seed)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
+    max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
+    group.set_max_train_steps(max_train_steps)  # before any loader: token warmup may be a ratio of it
     if args.debug_dataset:
         debug_dataset(group, make_train_loader(group, seed=seed, num_workers=0, persistent_workers=False,
-                                               grad_accum=ga))
+                                               grad_accum=ga), epochs=num_epochs, steps=max_train_steps)
         return None
-    max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
-    group.set_max_train_steps(max_train_steps)
     if accelerator.is_main_process:
         print(group.plan(num_processes=n, grad_accum=ga, epochs=num_epochs, steps=max_train_steps), flush=True)
     run = build_run(args, recipe, checked, accelerator, group, seed=seed, max_train_steps=max_train_steps,

@@ -134,6 +134,9 @@ class LoRARecipe(Recipe):
             problems.append(f"--network_module {self.module_name}: cannot import it ({err})")
         if not problems:
             self.network_kwargs = parse_network_args(args.network_args, self.module_name)
+            if self.module_name != "networks.lora" and args.network_dropout is not None:
+                # modules such as lycoris.kohya read the neuron dropout from the network args, as with sd-scripts
+                self.network_kwargs.setdefault("dropout", args.network_dropout)
         return problems
 
     def trains_text_encoder(self) -> bool:
