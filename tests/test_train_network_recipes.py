@@ -84,3 +84,22 @@ def test_full_weight_recipe_runs_through_the_same_loop(tiny_sd1_dir, tmp_path):
     assert torch.equal(step1[te_key], last[te_key])  # ... and frozen from step 2 on
     assert not torch.equal(step2[unet_key], last[unet_key])  # the UNet kept training
     assert all(v.dtype == torch.float32 for v in last.values())
+
+
+def test_network_dropout_reaches_other_network_modules_as_dropout():
+    """sd-scripts passes --network_dropout to every --network_module as the 'dropout' network arg (LyCORIS
+    reads it there); networks.lora takes it as neuron_dropout only."""
+    import train_network
+    from library.training.recipes import LoRARecipe
+
+    parser = train_network.build_parser()
+    base = ["--pretrained_model_name_or_path", "m", "--network_dropout", "0.1"]
+    # any importable module stands in for a third-party network module: only the options are checked here
+    other = parser.parse_args(base + ["--network_module", "json", "--network_args", "preset=full"])
+    recipe = LoRARecipe(other)
+    assert recipe.option_problems(other) == []
+    assert recipe.network_kwargs == {"preset": "full", "dropout": 0.1}
+    own = parser.parse_args(base)
+    recipe = LoRARecipe(own)
+    assert recipe.option_problems(own) == []
+    assert "dropout" not in recipe.network_kwargs
