@@ -17,12 +17,6 @@ from tests.full_weight_helpers import TE, UNET, assert_diffusers_loads_the_same,
 from tests.train_helpers import ROOT, make_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -141,13 +141,6 @@ def test_sampler_names():
     assert z.alphas_cumprod[-1].item() < 1e-6 and z.config.timestep_spacing == "trailing"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions gain nothing from threads; on a shared 2-core machine they lose 10-50x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,6 @@ from tests.full_weight_helpers import TE, UNET, assert_diffusers_loads_the_same,
 from tests.train_helpers import make_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Full-weight steps on a shared 2-core machine are many times faster without thread oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from library.dataset.samples import prepare_for_cache
 from library.errors import UserError
-from library.io_utils import atomic_write_bytes
+from library.io_utils import atomic_write_bytes, file_sha256
 
 if TYPE_CHECKING:
     from library.dataset.group import DatasetGroup, DatasetImage, ImageDataset
@@ -54,14 +54,6 @@ def npz_path(image_path: Path, original_size: tuple[int, int], variant: str | No
     w, h = original_size
     extra = f"_{variant}" if variant else ""
     return image_path.with_name(f"{image_path.stem}_{w:04d}x{h:04d}{extra}{_NPZ_SUFFIX}")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def content_stamp(path: Path, known: dict | None = None) -> dict:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from library.training.outputs import remove_save
 from library.models.arguments import FULL_MODEL_FORMATS, add_save_model_arguments
 from library.models.weights import move_module
 from library.training.recipes import Recipe, SaveInfo
@@ -301,10 +301,7 @@ def remove_orphaned_ema_files(folder: Path, name: str, ext: str) -> list[Path]:
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         m = pattern.match(path.name)
         if m and not (folder / f"{name}-{m.group(1)}{suffix}").exists():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            remove_save(path)
             removed.append(path)
     return removed
 

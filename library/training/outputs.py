@@ -88,14 +88,19 @@ def check_output_dir(names: OutputNames, *, resume: bool, overwrite: bool) -> No
                         "that run, or --overwrite to replace its files")
 
 
+def remove_save(path: Path) -> None:
+    """Delete a saved file or folder (diffusers folders and state folders are folders)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def prune(names: OutputNames, kind: str, *, state: bool, keep_after: int) -> list[Path]:
     """Delete epoch/step saves numbered ``<= keep_after``; returns what was deleted."""
     removed = []
     for number, path in sorted(names.numbered(kind, state).items()):
         if number <= keep_after:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            remove_save(path)
             removed.append(path)
     return removed

@@ -9,7 +9,6 @@ half a state.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
-from library.io_utils import atomic_write_json, match_umask
+from library.io_utils import atomic_write_json, file_sha256, match_umask
 
 STATE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -83,14 +82,6 @@ def _python_state_to_list(state: tuple) -> list:
     return [version, list(internal), gauss]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_state(
     folder: str | Path,
     accelerator: Any,
@@ -123,7 +114,7 @@ def save_state(
         meta = {"format": STATE_FORMAT, "num_processes": accelerator.num_processes, **asdict(progress), **info}
         (tmp / PROGRESS).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         match_umask(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         atomic_write_json(tmp / MANIFEST, {"format": STATE_FORMAT, "files": files})
         if folder.exists():
             old = folder.parent / f".{folder.name}.old"
@@ -156,7 +147,7 @@ def verify_state(folder: str | Path) -> dict[str, Any]:
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif _sha256(path) != digest:
+        elif file_sha256(path) != digest:
             problems.append(f"{name} does not match its checksum (corrupt or modified)")
     if problems:
         raise UserError.from_problems(f"--resume {folder}: the state is damaged; resume from another state",
