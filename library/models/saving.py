@@ -27,6 +27,21 @@ _SUFFIX = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 _PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def write_model_index(folder: Path) -> None:
+    """``model_index.json`` of an SD1/SD2 diffusers folder (no safety checker), so ``from_pretrained`` reads it."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
 def save_dtype(precision: str | None) -> torch.dtype | None:
     """``--save_precision`` (float | fp16 | bf16) as a dtype; ``None`` keeps the weights' own dtype."""
     if precision is None:
@@ -148,18 +163,7 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
         scheduler.register_to_config(steps_offset=1)
         scheduler.save_config(str(tmp / "scheduler"))
         _write_tokenizer(models.tokenizers[0], tmp / "tokenizer")
-        index = {
-            "_class_name": "StableDiffusionPipeline",
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        write_model_index(tmp)
         match_umask(tmp)
         _replace_folder(tmp, path)
     finally:

@@ -149,18 +149,7 @@ def save_tiny_diffusers_model(folder: str | Path, config: TinyConfig = TinyConfi
         parts[name].save_pretrained(folder / name, safe_serialization=True)
     parts["scheduler"].save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder / "tokenizer", sd2=config.sd2)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    from library.models.saving import write_model_index
+
+    write_model_index(folder)
     return folder
