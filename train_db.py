@@ -10,12 +10,17 @@ See docs/train_db_and_fine_tune.md for every option.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+import os
 
-from library.config.arguments import SUPPORT_TRAIN_DB
-from library.errors import run_cli
-from library.training.full_recipe import DREAMBOOTH, build_full_parser, run_full_training
+# Reproducible CPU results (exact resume), as in train_network.py: set before torch loads.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from library.config.arguments import SUPPORT_TRAIN_DB  # noqa: E402
+from library.errors import run_cli  # noqa: E402
+from library.training.full_recipe import DREAMBOOTH, build_full_parser, run_full_training  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,8 @@ def write_clip_tokenizer(folder: str | Path, sd2: bool = False) -> Path:
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split(" ")) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    vocab_json = json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False)
+    (folder / "vocab.json").write_text(vocab_json, encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",

@@ -42,7 +42,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return float(real.max())
 
 
-def merge_betas(num_files: int, beta: float = 0.95, beta2: float | None = None, sigma_rel: float | None = None) -> list[float]:
+def merge_betas(
+    num_files: int, beta: float = 0.95, beta2: float | None = None, sigma_rel: float | None = None
+) -> list[float]:
     """The decay used when merging each checkpoint after the first (``num_files - 1`` values)."""
     merges = num_files - 1
     if sigma_rel is not None:

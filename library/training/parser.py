@@ -37,7 +37,8 @@ def _other_script_hints(support: DatasetSupport) -> dict[str, str]:
 
 
 def build_training_parser(
-    *, prog: str, description: str, support: DatasetSupport, add_recipe_arguments: Callable[[argparse.ArgumentParser], None]
+    *, prog: str, description: str, support: DatasetSupport,
+    add_recipe_arguments: Callable[[argparse.ArgumentParser], None],
 ) -> ArgumentParser:
     """Config file, model, dataset, recipe, noise, loss, optimizer, scheduler, sampling and loop options."""
     parser = ArgumentParser(prog=prog, description=description, hints=_other_script_hints(support))
