@@ -133,10 +133,7 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
     acc, models = run.accelerator, run.models
     device = acc.device
     run.recipe.before_forward(batch)  # before the text encoder, which may carry part of the network
-    if "latents" in batch:
-        latents = batch["latents"].to(device, torch.float32)
-    else:
-        latents = run.vae_encode(batch["images"])
+    latents = batch["latents"] if "latents" in batch else run.vae_encode(batch["images"])
     latents = latents.to(device, torch.float32) * models.family.latent_scale
 
     te_trains = run.recipe.text_encoder_trains_at(global_step) and timesteps is None
