@@ -9,25 +9,17 @@ from library.errors import run_cli
 
 
 def build_parser():
-    from library.vlm.training import build_parser as build
+    from library.vlm.training import add_lora_arguments, build_parser as build
 
-    return build("vlm_train.py", "Fine-tune a vision-language model (LoRA, QLoRA or full)")
+    return build("vlm_train.py", "Fine-tune a vision-language model (LoRA, QLoRA or full)", add_lora_arguments)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     from library.config.run_config import load_run_config
-    from library.vlm.adapters import apply_targets
-    from library.vlm.recipe import VLMRecipe
-    from library.vlm.training import run_info, targets_from_args, train_vlm
+    from library.vlm.training import stage1_recipe, targets_from_args, train_vlm
 
     args = load_run_config(build_parser(), argv)
-
-    def make_recipe(vlm, data):
-        vlm.model = apply_targets(vlm.model, vlm.family, targets_from_args(args),
-                                  gradient_checkpointing=args.gradient_checkpointing)
-        return VLMRecipe(vlm, use_lora=args.use_lora, info=run_info(args, data, "stage1"))
-
-    train_vlm(args, make_recipe)
+    return train_vlm(args, stage1_recipe(args), extra_problems=targets_from_args(args).problems())
 
 
 if __name__ == "__main__":

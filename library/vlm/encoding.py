@@ -97,12 +97,13 @@ class ConversationEncoder:
 
 
 def encode_all(encoder: ConversationEncoder, samples: Sequence[Sample], *, max_length: int | None,
-               drop_too_long: bool, name: str) -> list[Encoded]:
+               drop_too_long: bool, name: str, for_generation: bool = False) -> list[Encoded]:
     """Encode every sample; one too long for ``max_length`` is an error naming each such sample, or (with
     ``drop_too_long``) is left out with a count."""
     from tqdm import tqdm
 
-    encoded = [encoder.encode(s) for s in tqdm(samples, desc=f"tokenizing {name}", disable=len(samples) < 200)]
+    encoded = [encoder.encode(s, for_generation=for_generation)
+               for s in tqdm(samples, desc=f"tokenizing {name}", disable=len(samples) < 200)]
     if max_length is None:
         return encoded
     too_long = [e for e in encoded if len(e) > max_length]

@@ -139,14 +139,15 @@ def load_vlm(folder: Path, *, dtype: torch.dtype = torch.float32, device: torch.
 
 
 def adapter_base_path(adapter: Path) -> str | None:
-    """The base model an adapter folder was trained on (``base_model_name_or_path`` of adapter_config.json)."""
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError):
-        return None
+    """The base model an adapter folder was trained on (vlm_training.json, else adapter_config.json)."""
+    for name, key in (("vlm_training.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((adapter / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return None
 
 
 def check_adapter_folder(adapter: Path, flag: str = "--lora_path") -> None:
@@ -174,7 +175,7 @@ def apply_adapter(vlm: VLM, adapter: Path, *, trainable: bool = False) -> None:
 def resolve_base_and_adapter(base: str | None, adapter: str | None) -> tuple[Path, Path | None]:
     """``--base_model`` (or the one recorded in the adapter) and ``--lora_path`` as checked folders."""
     adapter_path = Path(adapter) if adapter else None
-    if adapter_path is not None:
+    if adapter_path is not None and not (adapter_path / "head.safetensors").is_file():
         check_adapter_folder(adapter_path)
     if base is None:
         recorded = adapter_base_path(adapter_path) if adapter_path else None

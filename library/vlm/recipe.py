@@ -51,7 +51,7 @@ class VLMRecipe(LoopRecipe):
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def forward(self, run: Any, batch: dict[str, Any], *, with_labels: bool = True) -> Any:
-        inputs = model_inputs(batch, run.accelerator.device, _compute_dtype(self.model), with_labels=with_labels)
+        inputs = model_inputs(batch, run.accelerator.device, compute_dtype(self.model), with_labels=with_labels)
         with run.accelerator.autocast():
             return self.model(**inputs)
 
@@ -69,7 +69,7 @@ class VLMRecipe(LoopRecipe):
             count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(self.forward(run, batch).loss) * count
             tokens += count
-        return _mean_over_processes(run, total, tokens)
+        return mean_over_processes(run, total, tokens)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in trainable_named_parameters(self.model).items()}
@@ -103,14 +103,14 @@ class VLMRecipe(LoopRecipe):
         """More files of a save (the stage-2 head)."""
 
 
-def _compute_dtype(model: Any) -> torch.dtype:
+def compute_dtype(model: Any) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != torch.float32:
             return p.dtype
     return torch.float32
 
 
-def _mean_over_processes(run: Any, total: float, count: int) -> float:
+def mean_over_processes(run: Any, total: float, count: int) -> float:
     acc = run.accelerator
     if acc.num_processes > 1:
         values = acc.reduce(torch.tensor([total, float(count)], device=acc.device, dtype=torch.float64), "sum")

@@ -68,8 +68,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"DeepSpeed config (zero2.json / zero3.json in {DS_CONFIGS}); see docs/vlm_finetuning.md")
 
 
-def build_parser(prog: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+def build_parser(prog: str, description: str, add_recipe_arguments: Callable[[argparse.ArgumentParser], None]
                  ) -> ArgumentParser:
+    """Config file, model and data, the recipe's options, optimizer, scheduler and the loop's options."""
     from library.config.arguments import add_config_file_arguments
     from library.training.arguments import add_loop_arguments
     from library.training.optimizers import add_optimizer_arguments
@@ -78,9 +79,7 @@ def build_parser(prog: str, description: str, extra: Callable[[argparse.Argument
     parser = ArgumentParser(prog=prog, description=description)
     add_config_file_arguments(parser)
     add_model_and_data_arguments(parser)
-    add_lora_arguments(parser)
-    if extra is not None:
-        extra(parser)
+    add_recipe_arguments(parser)
     add_optimizer_arguments(parser)
     add_scheduler_arguments(parser)
     add_loop_arguments(parser)
@@ -96,11 +95,26 @@ def targets_from_args(args: argparse.Namespace) -> TrainingTargets:
                            quantized=args.q_lora)
 
 
+def stage1_recipe(args: argparse.Namespace) -> Callable[[Any, PreparedData], Any]:
+    """``make_recipe(vlm, data)`` of vlm_train.py: the targets applied to the model, wrapped in a VLMRecipe."""
+    from library.vlm.adapters import apply_targets
+    from library.vlm.recipe import VLMRecipe
+
+    targets = targets_from_args(args)
+
+    def make_recipe(vlm: Any, data: PreparedData) -> VLMRecipe:
+        vlm.model = apply_targets(vlm.model, vlm.family, targets, gradient_checkpointing=args.gradient_checkpointing)
+        info = {**run_info(args, data, "stage1"), "use_lora": args.use_lora, "q_lora": args.q_lora}
+        return VLMRecipe(vlm, use_lora=args.use_lora, info=info)
+
+    return make_recipe
+
+
 def option_problems(args: argparse.Namespace) -> list[str]:
     from library.training.arguments import loop_option_problems
     from library.training.preparation import uses_cuda
 
-    problems = loop_option_problems(args, cuda=uses_cuda()) + targets_from_args(args).problems()
+    problems = loop_option_problems(args, cuda=uses_cuda())
     if not args.model_id and not args.model_local_path:
         problems.append("give the base model: --model_local_path FOLDER or --model_id ID (vlm_supported_models.py)")
     if bool(args.data_path) == bool(args.caption_folder):
@@ -111,7 +125,7 @@ def option_problems(args: argparse.Namespace) -> list[str]:
     for name in ("train_batch_size", "model_max_length"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    if args.deepspeed:
+    if getattr(args, "deepspeed", None):
         problems.append(deepspeed_problem(args.deepspeed))
     return problems
 
@@ -151,8 +165,9 @@ def read_samples(args: argparse.Namespace, *, eval_set: bool) -> list[Sample] | 
     return None
 
 
-def prepare_data(args: argparse.Namespace) -> PreparedData:
-    """Check the data and tokenize it with the base model's tokenizer (no weights are loaded)."""
+def prepare_data(args: argparse.Namespace, *, prompts_only: bool = False) -> PreparedData:
+    """Check the data and tokenize it with the base model's tokenizer (no weights are loaded); ``prompts_only``
+    leaves the final answers out (stage 2 predicts them with the head)."""
     from transformers import AutoConfig
 
     from library.vlm.families import family_for
@@ -166,30 +181,37 @@ def prepare_data(args: argparse.Namespace) -> PreparedData:
     tokenizer, image_processor = load_processing(folder)
     family = family_for(AutoConfig.from_pretrained(str(folder), local_files_only=True), image_processor)
     encoder = ConversationEncoder(family, tokenizer)
-    drop = args.drop_too_long
-    train = encode_all(encoder, train_samples, max_length=args.model_max_length, drop_too_long=drop, name="training")
-    held_out = None
-    if eval_samples:
-        held_out = encode_all(encoder, eval_samples, max_length=args.model_max_length, drop_too_long=drop,
-                              name="held-out")
+    settings = {"max_length": args.model_max_length, "drop_too_long": args.drop_too_long,
+                "for_generation": prompts_only}
+    train = encode_all(encoder, train_samples, name="training", **settings)
+    held_out = encode_all(encoder, eval_samples, name="held-out", **settings) if eval_samples else None
     return PreparedData(train, held_out, folder, tokenizer, image_processor, family)
 
 
 def load_for_training(folder: Path, args: argparse.Namespace, device: torch.device) -> Any:
+    """The base model: in the mixed-precision dtype when its own weights stay frozen (LoRA, the head), in float32
+    for full fine-tuning; 4-bit with --q_lora."""
     from library.training.preparation import weight_dtype
     from library.vlm.loading import load_vlm
 
-    dtype = weight_dtype(args) if (args.use_lora or args.q_lora) else torch.float32
-    return load_vlm(folder, dtype=dtype, device=device, bits=4 if args.q_lora else None, flag="--model_local_path")
+    full = not getattr(args, "use_lora", True)
+    dtype = torch.float32 if full else weight_dtype(args)
+    q_lora = getattr(args, "q_lora", False)
+    return load_vlm(folder, dtype=dtype, device=device, bits=4 if q_lora else None, flag="--model_local_path")
 
 
-def make_loaders(data: PreparedData, args: argparse.Namespace, accelerator: Any, seed: int) -> tuple[Any, Any]:
+def make_loaders(data: PreparedData, args: argparse.Namespace, accelerator: Any, seed: int,
+                 add: Callable[[list[Encoded]], dict[str, Any]] | None = None) -> tuple[Any, Any]:
+    """Training and held-out loaders; ``add(items)`` gives more batch entries (the head's targets)."""
     from library.training.index_loader import IndexEpochLoader
 
     pad = data.tokenizer.pad_token_id
 
     def collate_fn(items: list[Encoded]) -> dict[str, Any]:
-        return collate(data.family, items, pad)
+        batch = collate(data.family, items, pad)
+        if add is not None:
+            batch.update(add(items))
+        return batch
 
     common = {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes}
     loader = IndexEpochLoader(data.train, collate_fn, batch_size=args.train_batch_size, seed=seed, **common)
@@ -202,13 +224,15 @@ def make_loaders(data: PreparedData, args: argparse.Namespace, accelerator: Any,
 
 def run_info(args: argparse.Namespace, data: PreparedData, stage: str) -> dict[str, Any]:
     return {"stage": stage, "base_model": str(data.folder.resolve()), "family": data.family.name,
-            "use_lora": args.use_lora, "q_lora": args.q_lora, "model_max_length": args.model_max_length,
-            "train_vision_projector": args.train_vision_projector}
+            "model_max_length": args.model_max_length}
 
 
 def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData], Any], *, extra_problems:
-              list[str] | None = None, tracker_name: str = "vlm_train") -> Path:
-    """Check, prepare, build the recipe with ``make_recipe(vlm, data)`` and train; returns the final save."""
+              list[str] | None = None, tracker_name: str = "vlm_train", prompts_only: bool = False,
+              check_data: Callable[[PreparedData], None] | None = None,
+              add: Callable[[list[Encoded]], dict[str, Any]] | None = None) -> Path:
+    """Check, prepare, build the recipe with ``make_recipe(vlm, data)`` and train; returns the final save.
+    ``check_data`` runs on the tokenized data before the model loads; ``add`` adds batch entries."""
     from library.training.loop import train
     from library.training.optimizers import create_optimizer, validate_optimizer_args
     from library.training.outputs import OutputNames, check_output_dir
@@ -228,14 +252,16 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
     names = OutputNames(Path(args.output_dir), args.output_name or "last", "")
     check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
     resume_info = verify_state(args.resume) if args.resume else None
-    data = prepare_data(args)
+    data = prepare_data(args, prompts_only=prompts_only)
+    if check_data is not None:
+        check_data(data)
 
     accelerator = make_accelerator(args, tracker_name)
     seed = shared_seed(args, accelerator, resume_info["seed"] if resume_info else None)
     torch.manual_seed(seed)  # LoRA / head initialisation
     vlm = load_for_training(data.folder, args, accelerator.device)
     recipe = make_recipe(vlm, data)
-    loader, val_loader = make_loaders(data, args, accelerator, seed)
+    loader, val_loader = make_loaders(data, args, accelerator, seed, add)
     steps, epochs = training_length(args, -(-len(loader) // args.gradient_accumulation_steps))
     groups, lr_names = recipe.param_groups(args)
     _, optimizer = create_optimizer(groups, args)
