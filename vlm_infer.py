@@ -8,10 +8,10 @@ stage-2 head's outputs and accuracy go to one JSON file.
 from library.errors import run_cli
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     from library.vlm.inference import build_parser, run
 
-    run(build_parser().parse_args(argv))
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def build_parser():
                  add_head_arguments)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     from pathlib import Path
 
     import torch
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                 "pooling": args.pooling}
         return HeadRecipe(vlm, head, use_lora=args.stage1_path is not None, info=info)
 
-    train_vlm(args, make_recipe, extra_problems=head_option_problems(args), tracker_name="vlm_train_add_head",
+    return train_vlm(args, make_recipe, extra_problems=head_option_problems(args), tracker_name="vlm_train_add_head",
               prompts_only=True, check_data=check_data, add=add_targets)
 
 
