@@ -54,4 +54,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: main() and None)  # main returns the result for callers; the exit status stays 0

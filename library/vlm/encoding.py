@@ -63,7 +63,11 @@ class ConversationEncoder:
             pieces.append((family.assistant_prefix(), False))
         return [(text, supervised) for text, supervised in pieces if text]
 
-    def image_token_counts(self, sample: Sample) -> list[int]:
+    def image_token_counts(self, sample: Sample, sizes: Sequence[tuple[int, int]] | None = None) -> list[int]:
+        """Image tokens of each image of the sample (``sizes``: the images' (width, height) when they are in
+        memory rather than in files)."""
+        if sizes is not None:
+            return [self.family.count_image_tokens(w, h, len(sizes)) for w, h in sizes]
         counts = []
         for path in sample.images:
             try:
@@ -74,8 +78,9 @@ class ConversationEncoder:
             counts.append(self.family.count_image_tokens(width, height, len(sample.images)))
         return counts
 
-    def encode(self, sample: Sample, *, for_generation: bool = False) -> Encoded:
-        counts = self.image_token_counts(sample)
+    def encode(self, sample: Sample, *, for_generation: bool = False,
+               sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
+        counts = self.image_token_counts(sample, sizes)
         pending = list(counts)
         ids: list[int] = []
         labels: list[int] = []

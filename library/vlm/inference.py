@@ -43,17 +43,23 @@ class Predictor:
             ids.add(self.vlm.tokenizer.eos_token_id)
         return sorted(ids)
 
-    def prompt_batch(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        """Left-padded prompts (without the gold answers) ending with the assistant prefix."""
-        items = [self.encoder.encode(s, for_generation=True) for s in samples]
-        return collate(self.vlm.family, items, self.vlm.tokenizer.pad_token_id, padding_side="left")
+    def prompt_batch(self, samples: Sequence[Sample], images: Sequence[Any] | None = None) -> dict[str, Any]:
+        """Left-padded prompts (without the gold answers) ending with the assistant prefix; ``images`` (PIL, in
+        order) instead of reading the samples' image files."""
+        if images is None:
+            items = [self.encoder.encode(s, for_generation=True) for s in samples]
+        else:
+            sizes = iter([im.size for im in images])
+            items = [self.encoder.encode(s, for_generation=True, sizes=[next(sizes) for _ in s.images])
+                     for s in samples]
+        return collate(self.vlm.family, items, self.vlm.tokenizer.pad_token_id, padding_side="left", images=images)
 
     @torch.no_grad()
-    def generate(self, samples: Sequence[Sample], *, max_new_tokens: int = 64, num_beams: int = 1,
-                 do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+    def generate(self, samples: Sequence[Sample], *, images: Sequence[Any] | None = None, max_new_tokens: int = 64,
+                 num_beams: int = 1, do_sample: bool = False, temperature: float = 1.0) -> list[str]:
         from transformers import GenerationConfig
 
-        batch = self.prompt_batch(samples)
+        batch = self.prompt_batch(samples, images)
         inputs = model_inputs(batch, self.device, self.dtype, with_labels=False)
         config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                                   temperature=temperature if do_sample else None, eos_token_id=self.stop_ids(),
