@@ -5,7 +5,6 @@ loaded by inference; inference writes its JSON without the gold answers in the p
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

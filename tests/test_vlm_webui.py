@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from library.errors import UserError
-from tests.vlm_helpers import draw, shapes_dataset
+from tests.vlm_helpers import shapes_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
