@@ -218,3 +218,22 @@ def test_config_file_and_caption_folder(tiny, tmp_path):
     assert "lora_r = 4" in config.read_text()
     final = vlm_train.main(["--config_file", str(config)])
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_two_processes_train_save_and_resume(tiny, shapes, tmp_path):
+    from tests.train_helpers import run_script
+
+    common = ["--max_train_steps", "4", "--train_batch_size", "2", "--save_state", "--save_every_n_steps", "2",
+              "--validate_every_n_steps", "2"]
+    first = run_script(_argv(tiny["llava_onevision"], shapes, tmp_path / "a", *common), processes=2,
+                       script="vlm_train.py")
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = tmp_path / "a" / "last-step00000002-state"
+    assert (state / "rng_0.pt").is_file() and (state / "rng_1.pt").is_file()
+    second = run_script(_argv(tiny["llava_onevision"], shapes, tmp_path / "b", *common, "--resume", str(state)),
+                        processes=2, script="vlm_train.py")
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = load_file(str(tmp_path / "a" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
