@@ -81,6 +81,9 @@ class Recipe(ABC):
     def save(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
         """Write the trained weights (atomically) to ``path``."""
 
+    def prepare_dataset(self, group: Any) -> None:
+        """Adjust the dataset group before its plan is printed (caption templates, notes for the plan)."""
+
     def before_forward(self, batch: dict[str, Any]) -> None:
         """Per-batch settings (e.g. the dataset's network multiplier)."""
 
