@@ -383,16 +383,24 @@ def build_textual_inversion_parser(prog: str, description: str, support: Any) ->
                                  add_recipe_arguments=add_textual_inversion_arguments)
 
 
+def load_textual_inversion_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | None:
+    """The parsed options (``--config_file`` applied); ``--output_name`` defaults to the token string, as in
+    sd-scripts. None for ``--output_config``."""
+    from library.config.run_config import load_run_config
+
+    args = load_run_config(parser, argv)
+    if args is not None and args.output_name is None and args.token_string:
+        args.output_name = args.token_string
+    return args
+
+
 def run_textual_inversion(parser: argparse.ArgumentParser, argv: list[str] | None, support: Any, *,
                           xti: bool) -> Path | None:
     """Parse ``argv`` (with ``--config_file``) and train; returns the final embedding file."""
-    from library.config.run_config import load_run_config
     from library.training.loop import run_training
 
-    args = load_run_config(parser, argv)
+    args = load_textual_inversion_args(parser, argv)
     if args is None:
         return None
-    if args.output_name is None and args.token_string:
-        args.output_name = args.token_string  # sd-scripts names the files after the token
     return run_training(args, TextualInversionRecipe(args, xti=xti), support, tracker_name="textual_inversion",
                         metadata=textual_inversion_metadata)
