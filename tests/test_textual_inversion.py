@@ -89,10 +89,15 @@ def test_file_loads_in_diffusers_with_the_same_text_encoder_output(tiny_sd1_dir,
     from diffusers import StableDiffusionPipeline
     from library.training.loop import train
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{TOKEN} on a table --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
     run = prepare(ti_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=2,
-                          extra=["--save_model_as", "safetensors", "--save_every_n_steps", "1"]))
+                          extra=["--save_model_as", "safetensors", "--save_every_n_steps", "1",
+                                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"]))
     final = train(run)
     assert final.name == f"{TOKEN}.safetensors"
+    assert (tmp_path / "out" / f"{TOKEN}-step00000001.safetensors").is_file()
+    assert len(list((tmp_path / "out" / "sample").glob(f"{TOKEN}_*.png"))) == 2  # steps 1 and 2
     prompt = f"a photo of {TOKEN} on a table"
     with torch.no_grad():
         ours = run.text.encode([prompt], torch.device("cpu"))
@@ -134,8 +139,8 @@ def test_weights_continue_exactly_including_a1111_files(tiny_sd1_dir, data, tmp_
 
 
 def test_resume_is_bit_exact(tiny_sd1_dir, data, tmp_path):
-    extra = ["--save_state", "--save_every_n_steps", "2", "--save_model_as", "safetensors",
-             "--lr_scheduler", "cosine", "--noise_offset", "0.05"]
+    extra = ["--save_state", "--save_every_n_steps", "2", "--save_model_as", "safetensors", "--cache_latents",
+             "--lr_scheduler", "cosine", "--noise_offset", "0.05", "--optimizer_type", "AdamW"]
     full = run_script(ti_args(tiny_sd1_dir, tmp_path / "a", data["train"], steps=4, extra=extra),
                       script="train_textual_inversion.py")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -230,3 +235,21 @@ def test_weights_with_another_vector_count_are_refused(tiny_sd1_dir, data, tmp_p
     bad.write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cannot read it as an embedding file"):
         prepare(ti_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=["--weights", str(bad)]))
+
+
+def test_dataset_config_and_metadata_styles(tiny_sd1_dir, data, tmp_path):
+    from tests.train_helpers import dataset_toml
+
+    images = data["train"] / "2_mytok thing"
+    config = dataset_toml(tmp_path / "data.toml", images, batch_size=2, extra_subset="caption_extension = '.caption'")
+    argv = ti_args(tiny_sd1_dir, tmp_path / "a", data["train"], steps=1)
+    at = argv.index("--train_data_dir")
+    run = prepare(argv[:at] + ["--dataset_config", str(config)] + argv[at + 2:])
+    run.loader.set_epoch(0)
+    assert sorted(c for b in run.loader for c in b["captions"]) == [f"a photo of {TOKEN} {i}" for i in (0, 1)]
+
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({f"img{i}": {"caption": f"{TOKEN} in metadata {i}"} for i in (0, 1)}), "utf-8")
+    run = prepare(ti_args(tiny_sd1_dir, tmp_path / "b", images, steps=1, extra=["--in_json", str(meta)]))
+    run.loader.set_epoch(0)
+    assert sorted(c for b in run.loader for c in b["captions"]) == [f"{TOKEN} in metadata {i}" for i in (0, 1)]

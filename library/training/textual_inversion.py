@@ -119,7 +119,10 @@ class TextualInversionRecipe(Recipe):
         self.token_string: str = args.token_string or ""
         self.count = max(int(args.num_vectors_per_token), 1)
         self.tokens = token_strings(self.token_string, self.count)
-        templates = OBJECT_TEMPLATES if args.use_object_template else STYLE_TEMPLATES if args.use_style_template else ()
+        self.template_option = ("--use_object_template" if args.use_object_template else
+                                "--use_style_template" if args.use_style_template else None)
+        templates = {"--use_object_template": OBJECT_TEMPLATES, "--use_style_template": STYLE_TEMPLATES}.get(
+            self.template_option or "", ())
         self.templates = tuple(t.format(self.token_string) for t in templates)
         self.embeddings: list[TrainedTokenEmbedding] = []
         self.text_encoders: list[torch.nn.Module] = []
@@ -160,8 +163,9 @@ class TextualInversionRecipe(Recipe):
         if not wrong:
             return []
         first = next(iter(wrong.values()))
-        return [f"--weights {path}: it holds {first} vector(s) per token ({', '.join(f'{k}: {c}' for k, c in counts.items())}), "
-                f"this run --num_vectors_per_token {self.count}: use --num_vectors_per_token {first}"]
+        listing = ", ".join(f"{k}: {c}" for k, c in counts.items())
+        return [f"--weights {path}: it holds {first} vector(s) per token ({listing}), this run "
+                f"--num_vectors_per_token {self.count}: use --num_vectors_per_token {first}"]
 
     def trains_text_encoder(self) -> bool:
         return True  # gradients flow through the encoder to the new rows; its outputs are never cached
@@ -243,8 +247,7 @@ class TextualInversionRecipe(Recipe):
         if self.templates:
             group.caption_templates = self.templates
             group.notes.append(f"captions replaced by {len(self.templates)} templates such as "
-                               f"'{self.templates[0]}' (--use_{'object' if 'photo' in self.templates[0] else 'style'}"
-                               "_template)")
+                               f"'{self.templates[0]}' ({self.template_option})")
             return
         group.notes.extend(captions_without_token(group, self.token_string))
 
