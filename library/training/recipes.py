@@ -145,7 +145,9 @@ class Recipe(LoopRecipe):
 
 
 def _save_dtype(precision: str | None, fallback: torch.dtype) -> torch.dtype:
-    return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision or "", fallback)
+    from library.precision import dtype_of
+
+    return dtype_of(precision, fallback)
 
 
 class LoRARecipe(Recipe):
