@@ -366,17 +366,14 @@ class EmbeddingText:
 
 
 def textual_inversion_metadata(run: Any) -> dict[str, str]:
-    """The ``modelspec.*`` keys sd-scripts writes into embedding files."""
-    from library.models.metadata import IMPL_STABILITY_AI, modelspec
+    """The ``modelspec.*`` keys sd-scripts writes into embedding files (Stability AI's implementation)."""
+    from library.models.metadata import run_modelspec
 
-    args, family = run.args, run.models.family
+    family = run.models.family
     resolution = run.params.datasets[0].resolution if run.params.datasets else family.default_resolution
-    return modelspec(
-        f"{family.modelspec_architecture}/textual-inversion", title=args.metadata_title or run.names.name,
-        resolution=resolution, prediction_type="v" if family.v_parameterization else "epsilon",
-        encoder_layer=args.clip_skip, author=args.metadata_author, description=args.metadata_description,
-        license=args.metadata_license, tags=args.metadata_tags, implementation=IMPL_STABILITY_AI,
-    )
+    meta = run_modelspec(family, run.args, title=run.names.name, resolution=resolution, lora=False)
+    meta["modelspec.architecture"] = f"{family.modelspec_architecture}/textual-inversion"
+    return meta
 
 
 def build_textual_inversion_parser(prog: str, description: str, support: Any) -> argparse.ArgumentParser:
