@@ -98,8 +98,9 @@ def load_processing(folder: Path) -> tuple[Any, Any]:
     return tokenizer, image_processor
 
 
-def quantization_config(bits: int | None, compute_dtype: torch.dtype) -> Any:
-    """A bitsandbytes config for QLoRA (``bits`` 4 or 8), or None. A UserError says how to install it."""
+def quantization_config(bits: int | None, compute_dtype: torch.dtype, keep: tuple[str, ...] = ()) -> Any:
+    """A bitsandbytes config for QLoRA (``bits`` 4 or 8), or None; the modules named in ``keep`` (the projector,
+    which trains in full, and the output layer) stay unquantized. A UserError says how to install it."""
     if not bits:
         return None
     try:
@@ -110,9 +111,9 @@ def quantization_config(bits: int | None, compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(keep))
 
 
 def load_vlm(folder: Path, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
@@ -121,9 +122,9 @@ def load_vlm(folder: Path, *, dtype: torch.dtype = torch.float32, device: torch.
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
 
-    read_model_type(folder, flag)
+    family = FAMILIES[read_model_type(folder, flag)]
     tokenizer, image_processor = load_processing(folder)
-    quant = quantization_config(bits, dtype)
+    quant = quantization_config(bits, dtype, (family.projector, "lm_head"))
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -134,8 +135,7 @@ def load_vlm(folder: Path, *, dtype: torch.dtype = torch.float32, device: torch.
         raise UserError(f"{flag} {folder}: cannot load the model ({' '.join(str(err).split())[:400]})") from None
     if quant is None and device is not None:
         model.to(device)
-    family = family_for(model.config, image_processor)
-    return VLM(model.eval(), tokenizer, image_processor, family, folder)
+    return VLM(model.eval(), tokenizer, image_processor, family_for(model.config, image_processor), folder)
 
 
 def adapter_base_path(adapter: Path) -> str | None:
