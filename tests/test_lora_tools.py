@@ -407,3 +407,21 @@ def test_scripts_run_as_files_and_print_one_line_errors(tmp_path):
 def test_module_weights_delta_shapes():
     m = LoRAModuleWeights(torch.randn(2, 3, 3, 3), torch.randn(5, 2, 1, 1), 1.0)
     assert m.weight_shape == (5, 3, 3, 3) and m.is_3x3 and m.delta().shape == (5, 3, 3, 3)
+
+
+def test_sd2_merge_into_checkpoint_and_family(tiny_sd2_dir, tmp_path, capsys):
+    a = make_lora(tiny_sd2_dir, tmp_path / "a.safetensors", conv_dim=2, v2=True)
+    check_lora_weights.main([str(a), "--no_loaders"])
+    assert "family: SD2.x" in capsys.readouterr().out
+    out = tmp_path / "merged.safetensors"
+    merge_lora.main(["--sd_model", str(tiny_sd2_dir), "--save_to", str(out), "--models", str(a), "--ratios", "0.5"])
+    expected = load(tiny_sd2_dir, v2=True)
+    network, sd = lora.create_network_from_weights(0.5, str(a), None, expected.text_encoders[0], expected.unet)
+    network.merge_to(expected.text_encoders[0], expected.unet, sd, torch.float32, "cpu")
+    assert max_diff(weights_of(load(out, v2=True)), weights_of(expected)) < 1e-6
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v2-512"
+    merged = tmp_path / "lora.safetensors"
+    merge_lora.main(["--save_to", str(merged), "--models", str(a)])
+    meta = read_lora(merged).metadata
+    assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"

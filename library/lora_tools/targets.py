@@ -26,7 +26,11 @@ from library.models.family import ModelFamily, sd_family
 
 
 def _sd_version(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str, str]) -> str:
-    """SD1 and SD2 share their names; the cross-attention / text encoder width (768 vs 1024) tells them apart."""
+    """SD1 and SD2 share their names. SD2 projects in and out of its transformers with Linear layers (SD1: 1x1
+    convs); without those modules the cross-attention / text encoder width (768 vs 1024) tells them apart."""
+    for name, m in modules.items():
+        if name.endswith(("_proj_in", "_proj_out")):
+            return "sd1" if m.is_conv else "sd2"
     for name, m in modules.items():
         if name.endswith(("attn2_to_k", "attn2_to_v")) or name.startswith("lora_te_"):
             return "sd2" if m.down.shape[1] == 1024 else "sd1"
