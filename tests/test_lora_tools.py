@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -42,9 +43,15 @@ def sd1_file(tiny_sd1_dir, tmp_path_factory) -> Path:
     return save_sd_model(path, load(tiny_sd1_dir), fmt="safetensors")
 
 
+@functools.lru_cache(maxsize=2)
+def loaded_once(model_dir: Path, v2: bool):
+    """Models that make_lora only reads (building a network does not change them)."""
+    return load(model_dir, v2)
+
+
 def make_lora(model_dir: Path, path: Path, *, dim=4, alpha=2.0, conv_dim=None, seed=1, v2=False, **save_kwargs):
     """A random-weight LoRA (LoCon with ``conv_dim``) for the tiny model, saved like train_network.py does."""
-    models = load(model_dir, v2)
+    models = loaded_once(model_dir, v2)
     kwargs = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": "1"}
     torch.manual_seed(seed)
     network = lora.create_network(1.0, dim, alpha, None, models.text_encoders[0], models.unet, **kwargs)
@@ -394,10 +401,9 @@ def test_refuses_to_overwrite_and_bad_inputs_are_one_message(tiny_sd1_dir, sd1_f
 
 
 def test_scripts_run_as_files_and_print_one_line_errors(tmp_path):
-    for script in ("merge_lora", "svd_merge_lora", "resize_lora", "extract_lora_from_models", "check_lora_weights"):
-        result = subprocess.run([sys.executable, str(ROOT / "networks" / f"{script}.py"), "--help"],
-                                capture_output=True, text=True, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "networks" / "merge_lora.py"), "--help"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "--sd_model" in result.stdout, result.stderr
     result = subprocess.run([sys.executable, str(ROOT / "networks" / "check_lora_weights.py"),
                              str(tmp_path / "missing.safetensors")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -164,7 +164,7 @@ def load_model_for_lora(
 
 # ----------------------------------------------------------------------------------------------- reference models
 
-_REFERENCE_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+REFERENCE_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "sd1": {
         "unet": dict(cross_attention_dim=768, attention_head_dim=8),
         "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -181,13 +181,13 @@ _REFERENCE_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
 def reference_model(family_name: str) -> tuple[list[nn.Module], nn.Module] | None:
     """Full-size ``(text_encoders, unet)`` of a family on the ``meta`` device (SD1.5 / SD2.1 layouts), or None
     for families without models here yet."""
-    if family_name not in _REFERENCE_CONFIGS:
+    if family_name not in REFERENCE_CONFIGS:
         return None
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = _REFERENCE_CONFIGS[family_name]
+    config = REFERENCE_CONFIGS[family_name]
     with init_empty_weights():
         unet = UNet2DConditionModel(**config["unet"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**config["text"]))
