@@ -10,19 +10,21 @@ import random
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from library.config.dataset_config import resolve_dataset_params
 from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
+from library.models.families import ModelFamily, resolve_family
 from library.models.loading import resolve_model_path
 from library.models.weights import move_module
+from library.precision import dtype_of
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
 from library.training.outputs import OutputNames, check_output_dir
-from library.training.recipes import Recipe
+from library.training.recipes import LoopRecipe, Recipe
 from library.training.state import verify_state
 from library.training.text_cache import caption_variation_reasons
 
@@ -33,6 +35,7 @@ class Checked:
 
     params: DatasetGroupParams
     names: OutputNames
+    family: ModelFamily
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
     resume_seed: int | None = None
@@ -44,8 +47,10 @@ def uses_cuda() -> bool:
     return torch.cuda.is_available() and not forced_cpu
 
 
-def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport) -> Checked:
-    """Validate every option and the dataset configuration; one UserError for all problems found."""
+def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
+              families: Sequence[str] = ("sd",)) -> Checked:
+    """Validate every option and the dataset configuration, and resolve the model family (one of the specs
+    named in ``families``) from the checkpoint and the flags; one UserError for all problems found."""
     from library.training.losses import validate_noise_loss_args
     from library.training.optimizers import validate_optimizer_args
     from library.training.sampling import validate_sampling_args
@@ -57,14 +62,15 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
         try:
             return check()
         except UserError as err:
-            problems.extend(_items(err.message))
+            problems.extend(err.items())
             return None
 
     problems += training_option_problems(args, cuda=uses_cuda())
     collect(lambda: validate_noise_loss_args(args))
     collect(lambda: validate_optimizer_args(args))
     collect(lambda: validate_scheduler_args(args))
-    collect(lambda: resolve_model_path(args.pretrained_model_name_or_path))
+    source = collect(lambda: resolve_model_path(args.pretrained_model_name_or_path))
+    family = collect(lambda: resolve_family(args, families, source)) if source is not None else None
     params = collect(lambda: resolve_dataset_params(args, support))
     sample_prompts = collect(lambda: validate_sampling_args(args)) or []
     problems += recipe.option_problems(args)
@@ -97,29 +103,13 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     output_name = args.output_name or "last"
     names = OutputNames(Path(args.output_dir or "."), output_name, recipe.file_extension)
     resume_info = collect(lambda: verify_state(args.resume)) if args.resume else None
-    if problems:
+    if problems or family is None:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
         check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
-    return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts,
+    return Checked(params=params, names=names, family=family, cache_text=cache_text, sample_prompts=sample_prompts,
                    resume_seed=resume_info["seed"] if resume_info else None,
                    resume_processes=resume_info["num_processes"] if resume_info else None)
-
-
-def _items(message: str) -> list[str]:
-    """The problems of a ``UserError.from_problems`` message (``title: n problems`` then ``  - item`` lines),
-    each prefixed with the title; any other message as it is."""
-    lines = message.split("\n")
-    if len(lines) < 2 or not lines[1].startswith("  - "):
-        return [message]
-    title = lines[0].split(":")[0]
-    items: list[str] = []
-    for line in lines[1:]:
-        if line.startswith("  - "):
-            items.append(f"{title}: {line[4:]}")
-        else:
-            items[-1] += "\n" + line
-    return items
 
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
@@ -157,7 +147,7 @@ def shared_seed(args: argparse.Namespace, accelerator: Any, resume_seed: int | N
 
 
 def weight_dtype(args: argparse.Namespace) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    return dtype_of(args.mixed_precision, torch.float32)
 
 
 def training_length(args: argparse.Namespace, steps_per_epoch: int) -> tuple[int, int]:
@@ -216,35 +206,37 @@ def make_vae_encoder(vae: torch.nn.Module, device: torch.device,
 
 @dataclass
 class Run:
-    """Everything the loop works with, assembled by :func:`build_run`."""
+    """Everything the loop works with. The diffusion recipes' runs are assembled by :func:`build_run`; the
+    fields after ``fused_backward`` are theirs (a recipe that brings its own model leaves them unset and
+    keeps what it needs on itself)."""
 
     args: argparse.Namespace
     accelerator: Any
-    recipe: Recipe
-    models: Any
-    group: Any
-    params: DatasetGroupParams
-    loader: Any
+    recipe: LoopRecipe
+    loader: Any  # len(), iteration, set_epoch(epoch, skip_batches=...): see EpochLoader / IndexEpochLoader
     val_loader: Any
     optimizer: Any
     lr_scheduler: Any
     lr_names: list[str]
-    noise_scheduler: Any
-    noise_settings: Any
-    loss_settings: Any
-    text: Any
     names: OutputNames
     max_train_steps: int
     num_epochs: int
-    weight_dtype: torch.dtype
-    vae_encode: Any
     seed: int
     generator: torch.Generator
     metadata: dict[str, str] = field(default_factory=dict)
-    sample_prompts: list[Any] = field(default_factory=list)
+    sample_prompts: list[Any] = field(default_factory=list)  # what samples are made from (prompts, images)
     resumed: Any = None
     optimizer_name: str = ""
     fused_backward: bool = False  # the optimizer steps inside backward (--fused_backward_pass)
+    models: Any = None
+    group: Any = None
+    params: DatasetGroupParams | None = None
+    noise_scheduler: Any = None
+    noise_settings: Any = None
+    loss_settings: Any = None
+    text: Any = None
+    weight_dtype: torch.dtype = torch.float32
+    vae_encode: Any = None
 
 
 def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
@@ -259,20 +251,17 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     from accelerate.utils import set_seed
 
     from library.dataset import make_train_loader
-    from library.models.arguments import parse_max_token_length
-    from library.models.loading import load_sd_models
-    from library.models.text_encoding import TextEncoding
     from library.training.losses import LossSettings
     from library.training.noise import NoiseSettings, make_noise_scheduler
     from library.training.optimizers import create_optimizer, uses_relative_step
     from library.training.schedulers import create_scheduler
-    from library.training.state import load_state
     from library.training.text_cache import TextConditioner, encoder_fingerprint
 
     device = accelerator.device
     dtype = weight_dtype(args)
     set_seed(seed)
-    models = load_sd_models(args, device=device if args.lowram else "cpu", dtype=torch.float32)
+    family = checked.family
+    models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
     attention = set_attention(models, args)
     for module in (models.unet, models.vae, *models.text_encoders):
         module.requires_grad_(False)
@@ -300,9 +289,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                             num_processes=accelerator.num_processes)
         accelerator.wait_for_everyone()
 
-    encoding = TextEncoding(models.tokenizers[0], models.text_encoders[0],
-                            max_token_length=parse_max_token_length(args.max_token_length),
-                            clip_skip=args.clip_skip, v2=models.family.v2)
+    encoding = models.family.spec.text_encoding(models, args)
     cache_dir = identity = None
     if args.cache_text_encoder_outputs_to_disk:
         cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
@@ -330,39 +317,20 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     if args.full_fp16 and accelerator.scaler is not None:
         allow_fp16_gradients(accelerator.scaler)
 
-    resumed = None
-    if args.resume:
-        resumed = load_state(args.resume, process_index=accelerator.process_index,
-                             num_processes=accelerator.num_processes)
-        saved, current = resumed.info.get("optimizer"), optimizer_class_name(optimizer)
-        if saved is not None and saved != current:
-            raise UserError(f"--resume {args.resume}: the state was saved with the optimizer {saved}, this run uses "
-                            f"{current}; resume with the saved run's --optimizer_type")
-        try:
-            recipe.load_state_dict(resumed.weights)
-            optimizer.load_state_dict(resumed.optimizer)
-            lr_scheduler.load_state_dict(resumed.scheduler)
-        except (RuntimeError, ValueError, KeyError) as err:
-            detail = " ".join(str(err).split("\n")[:2]).replace("\t", "")
-            raise UserError(f"--resume {args.resume}: the state does not fit this run ({detail}); resume with the "
-                            "saved run's network, optimizer and scheduler options") from None
-        if resumed.scaler is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(resumed.scaler)
+    resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
     if getattr(args, "fused_backward_pass", False):
         from library.training.fused_backward import attach_fused_backward
 
         attach_fused_backward(optimizer, max_grad_norm=args.max_grad_norm, num_processes=accelerator.num_processes)
 
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1000 + accelerator.process_index)
-    set_seed(seed, device_specific=True)
+    generator = seed_generators(seed, accelerator)
     if accelerator.is_main_process:
         print(f"attention: {attention}; weights {str(dtype).removeprefix('torch.')}, trained parameters: "
               f"{sum(p.numel() for p in recipe.trainable_parameters()):,}")
     return Run(
         args=args, accelerator=accelerator, recipe=recipe, models=models, group=group, params=checked.params,
         loader=loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names,
-        noise_scheduler=make_noise_scheduler(models.family.v_parameterization, bool(args.zero_terminal_snr)),
+        noise_scheduler=make_noise_scheduler(models.family.objective.is_v_prediction, bool(args.zero_terminal_snr)),
         noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
@@ -379,3 +347,66 @@ def allow_fp16_gradients(scaler: Any) -> None:
         return unscale(optimizer, inv_scale, found_inf, True)
 
     scaler._unscale_grads_ = unscale_allowing_fp16
+
+
+def restore_state(args: argparse.Namespace, recipe: LoopRecipe, optimizer: Any, lr_scheduler: Any,
+                  accelerator: Any) -> Any:
+    """Load ``--resume`` (if given) into the recipe, optimizer, scheduler and grad scaler; returns the loaded
+    state (its position and RNG streams are restored by the loop), or None."""
+    from library.training.state import load_state
+
+    if not args.resume:
+        return None
+    resumed = load_state(args.resume, process_index=accelerator.process_index,
+                         num_processes=accelerator.num_processes)
+    saved, current = resumed.info.get("optimizer"), optimizer_class_name(optimizer)
+    if saved is not None and saved != current:
+        raise UserError(f"--resume {args.resume}: the state was saved with the optimizer {saved}, this run uses "
+                        f"{current}; resume with the saved run's optimizer option")
+    try:
+        recipe.load_state_dict(resumed.weights)
+        optimizer.load_state_dict(resumed.optimizer)
+        lr_scheduler.load_state_dict(resumed.scheduler)
+    except (RuntimeError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split("\n")[:2]).replace("\t", "")
+        raise UserError(f"--resume {args.resume}: the state does not fit this run ({detail}); resume with the "
+                        "saved run's network, optimizer and scheduler options") from None
+    if resumed.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed.scaler)
+    return resumed
+
+
+def seed_generators(seed: int, accelerator: Any) -> torch.Generator:
+    """Seed every global RNG for training (per process) and return the run's own generator."""
+    from accelerate.utils import set_seed
+
+    generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed(seed * 1000 + accelerator.process_index)
+    set_seed(seed, device_specific=True)
+    return generator
+
+
+def init_trackers(args: argparse.Namespace, accelerator: Any, tracker_name: str) -> None:
+    """Start TensorBoard / wandb when ``--log_with`` / ``--logging_dir`` asks for them."""
+    from library.training.logging_utils import loggable_config
+
+    if accelerator.log_with:
+        accelerator.init_trackers(args.log_tracker_name or tracker_name,
+                                  config=loggable_config(args) if args.log_config else None,
+                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+
+
+def assemble_run(args: argparse.Namespace, recipe: LoopRecipe, accelerator: Any, *, names: OutputNames,
+                 loader: Any, val_loader: Any, optimizer: Any, lr_scheduler: Any, lr_names: list[str], seed: int,
+                 max_train_steps: int, num_epochs: int, sample_prompts: list[Any] | None = None) -> Run:
+    """The :class:`Run` of a recipe that brings its own model, data and optimizer (a captioner, a VLM):
+    prepares the optimizer, restores ``--resume`` and seeds the RNGs, as :func:`build_run` does for the
+    diffusion recipes. Call it after the recipe's model is set up and before :func:`init_trackers`."""
+    optimizer = accelerator.prepare(optimizer)
+    resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
+    generator = seed_generators(seed, accelerator)
+    return Run(args=args, accelerator=accelerator, recipe=recipe, loader=loader, val_loader=val_loader,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names, names=names,
+               max_train_steps=max_train_steps, num_epochs=num_epochs, seed=seed, generator=generator,
+               sample_prompts=list(sample_prompts or []), resumed=resumed,
+               optimizer_name=optimizer_class_name(optimizer))
