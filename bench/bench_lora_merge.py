@@ -55,7 +55,7 @@ def build_checkpoint(name: str, path: Path) -> int:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from library.lora_tools.targets import REFERENCE_CONFIGS
-    from library.models.family import sd_family
+    from library.models.families import sd_family
     from library.models.loading import SDModels
     from library.models.saving import save_sd_model
 

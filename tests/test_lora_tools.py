@@ -18,7 +18,7 @@ from library.errors import UserError
 from library.lora_tools import lowrank
 from library.lora_tools.lora_file import LoRAModuleWeights, read_lora
 from library.lora_tools.targets import load_model_for_lora
-from library.models.family import sd_family
+from library.models.families import sd_family
 from library.models.saving import save_sd_model
 from networks import (
     check_lora_weights,
@@ -54,7 +54,7 @@ def make_lora(model_dir: Path, path: Path, *, dim=4, alpha=2.0, conv_dim=None, s
     models = loaded_once(model_dir, v2)
     kwargs = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": "1"}
     torch.manual_seed(seed)
-    network = lora.create_network(1.0, dim, alpha, None, models.text_encoders[0], models.unet, **kwargs)
+    network = lora.create_network(1.0, dim, alpha, None, models.text_encoders[0], models.denoiser, **kwargs)
     randomize_up(network, seed=seed)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
             "ss_v2": str(v2), "ss_training_comment": "trained", "ss_seed": "42"}
@@ -63,7 +63,7 @@ def make_lora(model_dir: Path, path: Path, *, dim=4, alpha=2.0, conv_dim=None, s
 
 
 def weights_of(models) -> dict[str, torch.Tensor]:
-    out = {f"unet.{k}": v for k, v in models.unet.state_dict().items()}
+    out = {f"unet.{k}": v for k, v in models.denoiser.state_dict().items()}
     out.update({f"te.{k}": v for k, v in models.text_encoders[0].state_dict().items()})
     return out
 

@@ -121,7 +121,7 @@ def _checkpoint_metadata(args: argparse.Namespace, family, save_to: Path) -> dic
         family.modelspec_architecture,
         title=save_to.stem,
         resolution=family.default_resolution,
-        prediction_type="v" if family.v_parameterization else "epsilon",
+        prediction_type=family.objective.modelspec_prediction_type,
         implementation=IMPL_STABILITY_AI,
     )
     spec["modelspec.merged_from"] = ", ".join(Path(p).stem for p in [args.sd_model, *args.models])
@@ -131,7 +131,7 @@ def _checkpoint_metadata(args: argparse.Namespace, family, save_to: Path) -> dic
 def checkpoint_for(path: str, v2: bool, v_parameterization: bool, what: str):
     """The family of a checkpoint read from the file; ``--v2`` given for an SD1 file is an error."""
     family = fam.checkpoint_family(path, True if v_parameterization else None)
-    if v2 and not family.v2:
+    if v2 and not family.ss_v2:
         raise UserError(f"{what} {path} is a Stable Diffusion 1.x model but --v2 is set; remove --v2")
     return family
 

@@ -13,15 +13,13 @@ import torch
 
 from library.errors import UserError
 from library.lora_tools.lora_file import LORA_SUFFIXES, LoRAFile, LoRAModuleWeights, dims_metadata
-from library.models.family import ModelFamily, sd_family
+from library.models.families import ModelFamily, sd_family
 from library.models.metadata import IMPL_DIFFUSERS, modelspec
-
-PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from library.precision import dtype_of
 
 def precision_dtype(name: str | None) -> torch.dtype | None:
     """``float`` / ``fp16`` / ``bf16`` as a dtype (None stays None)."""
-    return None if name is None else PRECISIONS[name]
+    return dtype_of(name)
 
 
 def check_output(
@@ -91,7 +89,7 @@ def lora_metadata(
     meta.update(dims_metadata(modules.values()))
     meta.update(network_args_metadata(modules))
     if family is not None:
-        meta["ss_v2"] = str(family.v2)
+        meta["ss_v2"] = str(family.ss_v2)
         meta["ss_base_model_version"] = family.base_model_version
         if not no_metadata:
             meta.update(
@@ -99,7 +97,7 @@ def lora_metadata(
                     f"{family.modelspec_architecture}/lora",
                     title=title,
                     resolution=family.default_resolution,
-                    prediction_type="v" if family.v_parameterization else "epsilon",
+                    prediction_type=family.objective.modelspec_prediction_type,
                     timestamp=time.time(),
                     implementation=IMPL_DIFFUSERS,
                 )

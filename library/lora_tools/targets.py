@@ -11,6 +11,7 @@ The tools never branch on a family. What differs per family sits in two places:
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch import nn
 
 from library.errors import UserError
 from library.lora_tools.lora_file import LoRAModuleWeights
-from library.models.family import ModelFamily, sd_family
+from library.models.families import FAMILY_SPECS, ModelFamily, resolve_family
 
 
 def _sd_version(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str, str]) -> str:
@@ -97,7 +98,7 @@ class ModelForLoRA:
         modules (ResNet and up/down-sampler blocks)."""
         from networks.lora import find_target_modules
 
-        found = find_target_modules(self.models.text_encoders, self.models.unet, scan_conv_blocks=conv_blocks)
+        found = find_target_modules(self.models.text_encoders, self.models.denoiser, scan_conv_blocks=conv_blocks)
         return {t.lora_name: t.module for t in found}
 
     def save(self, path: Path, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
@@ -121,16 +122,25 @@ def output_model_format(path: Path) -> str:
     return formats[suffix]
 
 
-def checkpoint_family(path: str | os.PathLike, v_parameterization: bool | None = None) -> ModelFamily:
-    """The family of a model file or diffusers folder, read from the file (header or configs)."""
+def _family_args(path: str | os.PathLike, family: ModelFamily | None, v_parameterization: bool) -> argparse.Namespace:
+    """The loader's flags for a checkpoint whose family is read from the file (``--v2`` is what the file says)."""
     from library.models.loading import checkpoint_is_v2
 
-    path = Path(path).expanduser()
-    v2 = checkpoint_is_v2(path)
+    v2 = family.ss_v2 if family is not None else checkpoint_is_v2(path)
+    return argparse.Namespace(pretrained_model_name_or_path=str(path), v2=v2, v_parameterization=v_parameterization)
+
+
+def checkpoint_family(path: str | os.PathLike, v_parameterization: bool | None = None) -> ModelFamily:
+    """The family of a model file or diffusers folder, read from the file (header or configs) through the family
+    registry. ``v_parameterization`` None: a diffusers folder's scheduler says it, a single file is epsilon."""
+    from library.models.loading import resolve_model_path
+
+    source = resolve_model_path(str(path))
     if v_parameterization is None:
-        scheduler = path / "scheduler" / "scheduler_config.json"
+        scheduler = source / "scheduler" / "scheduler_config.json"
         v_parameterization = scheduler.is_file() and '"v_prediction"' in scheduler.read_text(encoding="utf-8")
-    return sd_family(v2, bool(v_parameterization))
+    args = _family_args(source, None, bool(v_parameterization))
+    return resolve_family(args, trains=tuple(FAMILY_SPECS), source=source)
 
 
 def load_model_for_lora(
@@ -140,25 +150,19 @@ def load_model_for_lora(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> ModelForLoRA:
-    """Load a checkpoint of ``family`` (see :func:`checkpoint_family`) for merging into or extracting from.
+    """Load a checkpoint of ``family`` (see :func:`checkpoint_family`) through its family spec.
 
     A single file carries no tokenizer; the CLIP tokenizer bundled with the toolkit (the same vocabulary and
     merges, SD2's padding for SD2) is used, so nothing is looked up online."""
-    import argparse
     import tempfile
 
-    from library.models.loading import load_sd_models
     from library.models.tiny import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="lora_tools_tokenizer_") as tmp:
-        write_clip_tokenizer(Path(tmp) / "tokenizer", sd2=family.v2)
-        args = argparse.Namespace(
-            pretrained_model_name_or_path=str(path),
-            v2=family.v2,
-            v_parameterization=family.v_parameterization,
-            tokenizer_cache_dir=tmp,
-        )
-        models = load_sd_models(args, device=device, dtype=dtype)
+        write_clip_tokenizer(Path(tmp) / "tokenizer", sd2=family.ss_v2)
+        args = _family_args(path, family, family.objective.is_v_prediction)
+        args.tokenizer_cache_dir = tmp
+        models = family.spec.load(args, family, device=device, dtype=dtype)
     return ModelForLoRA(family, models, Path(path))
 
 
