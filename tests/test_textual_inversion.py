@@ -212,7 +212,8 @@ def test_refused_options(tiny_sd1_dir, data, tmp_path, extra, message):
 
 
 def test_token_in_vocabulary_is_found_before_the_model_loads(tiny_sd1_dir, data, tmp_path):
-    """Only the tokenizer is read: a model folder without weights still gives the vocabulary error."""
+    """Only the tokenizer is read: a model folder without weights (configs only) still gives the vocabulary
+    error, not a loading error."""
     import shutil
 
     from library.errors import UserError
@@ -220,6 +221,10 @@ def test_token_in_vocabulary_is_found_before_the_model_loads(tiny_sd1_dir, data,
     model = tmp_path / "model"
     shutil.copytree(tiny_sd1_dir / "tokenizer", model / "tokenizer")
     shutil.copy(tiny_sd1_dir / "model_index.json", model)
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        (model / part).mkdir()
+        for config in (tiny_sd1_dir / part).glob("*.json"):
+            shutil.copy(config, model / part)
     with pytest.raises(UserError, match="'hello' already in"):
         prepare(ti_args(model, tmp_path / "out", data["train"], steps=1, extra=["--token_string", "hello"]))
 
