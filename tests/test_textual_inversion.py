@@ -258,3 +258,19 @@ def test_dataset_config_and_metadata_styles(tiny_sd1_dir, data, tmp_path):
     run = prepare(ti_args(tiny_sd1_dir, tmp_path / "b", images, steps=1, extra=["--in_json", str(meta)]))
     run.loader.set_epoch(0)
     assert sorted(c for b in run.loader for c in b["captions"]) == [f"{TOKEN} in metadata {i}" for i in (0, 1)]
+
+
+def test_two_processes_train_xti(tiny_sd1_dir, data, tmp_path):
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{TOKEN} --w 64 --h 64 --s 2 --d 1\na {TOKEN} --w 64 --h 64 --s 2 --d 2\n", encoding="utf-8")
+    proc = run_script(ti_args(tiny_sd1_dir, tmp_path / "a", data["train"], steps=2,
+                              extra=["--save_model_as", "safetensors", "--save_state_on_train_end",
+                                     "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"]),
+                      processes=2, script="train_textual_inversion_XTI.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(str(tmp_path / "a" / f"{TOKEN}.safetensors"))
+    assert len(saved) == 10 and not torch.equal(saved["IN01"], saved["OUT07"])
+    assert len(list((tmp_path / "a" / "sample").glob("*.png"))) == 2  # one prompt per process
+    assert (tmp_path / "a" / f"{TOKEN}-state" / "rng_1.pt").is_file()
