@@ -236,6 +236,12 @@ def test_weights_with_another_vector_count_are_refused(tiny_sd1_dir, data, tmp_p
     torch.save({"emb_params": torch.zeros(3, 32)}, path)
     with pytest.raises(UserError, match="holds 3 vector.*use --num_vectors_per_token 3"):
         prepare(ti_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=["--weights", str(path)]))
+    nan = tmp_path / "nan.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.full((2, 32), float("nan"))}, str(nan))
+    with pytest.raises(UserError, match="finite"):
+        prepare(ti_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=["--weights", str(nan)]))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cannot read it as an embedding file"):
