@@ -44,7 +44,9 @@ class Captioner:
 
     @torch.no_grad()
     def caption(self, images: list[Any], *, num_beams: int, max_length: int, min_length: int = 0) -> list[str]:
-        return self.family.caption(self, images, num_beams=num_beams, max_length=max_length, min_length=min_length)
+        limit = getattr(self.model.config.text_config, "max_position_embeddings", None) or max_length
+        return self.family.caption(self, images, num_beams=num_beams, max_length=min(max_length, limit - 1),
+                                   min_length=min_length)
 
 
 def pad_labels(token_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
