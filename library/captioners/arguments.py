@@ -28,9 +28,9 @@ def build_captioner_parser(family: CaptionerFamily, *, prog: str, description: s
     p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_file_arguments(p)
     if positional:
-        p.add_argument("dataset_dir_arg", nargs="?", metavar="dataset_dir", default=None,
+        p.add_argument("dataset_dir_arg", nargs="?", metavar="dataset_dir", default=argparse.SUPPRESS,
                        help="dataset folder: metadata.jsonl and images, or image/caption file pairs")
-        p.add_argument("output_dir_arg", nargs="?", metavar="output_dir", default=None,
+        p.add_argument("output_dir_arg", nargs="?", metavar="output_dir", default=argparse.SUPPRESS,
                        help="save the LoRA (PEFT adapter) to this folder")
     g = p.add_argument_group("captioner")
     g.add_argument("--dataset_dir", default=None, help="dataset folder: metadata.jsonl and images, or image/caption "

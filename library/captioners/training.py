@@ -115,8 +115,7 @@ def _quantization(args: argparse.Namespace) -> Any:
 def train_captioner(args: argparse.Namespace, family: CaptionerFamily) -> Path | None:
     """Train; returns the adapter folder (the output folder)."""
     from library.training.loop import train
-    from library.training.preparation import (assemble_run, init_trackers, make_accelerator, shared_seed,
-                                              uses_cuda)
+    from library.training.preparation import init_trackers, make_accelerator, shared_seed, uses_cuda
     from library.training.state import check_process_count
 
     data, names, resume_info = check_before_loading(args, uses_cuda())
