@@ -40,7 +40,8 @@ def test_two_processes_train_and_resume(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "a"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("logs", "README"))) == [
-        "adapter_config.json", "adapter_model.safetensors", "lora-state", "lora-step00000002", "lora-step00000002-state"]
+        "adapter_config.json", "adapter_model.safetensors", "lora-state", "lora-step00000002",
+        "lora-step00000002-state"]
     state = out / "lora-step00000002-state"
     assert (state / "rng_0.pt").is_file() and (state / "rng_1.pt").is_file()
     second = run_script([*common[:1], str(tmp_path / "b"), *common[1:], "--resume", str(state)], processes=2,

@@ -189,5 +189,11 @@ def test_refusals_before_the_model_loads(tmp_path, model_dir, data_dir, family):
     assert not out.exists()
     with pytest.raises(UserError, match="no Linear module"):
         script.main(_argv(family, model_dir, data_dir, out, "--target_modules", "nope_proj", "--max_train_steps", "1"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(UserError, match="train_florence_lora.py"):
+        script.main(_argv(family, other, data_dir, out))
+    assert not out.exists()
     with pytest.raises(UserError, match="did you mean"):
         script.main(_argv(family, model_dir, data_dir, out, "--learnig_rate", "1"))

@@ -50,7 +50,8 @@ def build_captioner_parser(family: CaptionerFamily, *, prog: str, description: s
     g.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA (alpha / sqrt(rank))")
     g.add_argument("--target_modules", nargs="+", default=list(family.default_targets),
-                   help=f"module names (or dotted suffixes) that get a LoRA. Default: {' '.join(family.default_targets)}")
+                   help="module names (or dotted suffixes) that get a LoRA. Default: "
+                        + " ".join(family.default_targets))
     g.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="learning rate")
     g.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     g.add_argument("--batch_size", type=int, default=defaults.batch_size, help="image/caption pairs per batch")

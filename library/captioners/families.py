@@ -12,6 +12,7 @@ into captions, the way the model generates:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -160,8 +161,6 @@ def check_model_family(source: str, family: CaptionerFamily) -> None:
         if Path(source).is_dir():
             raise UserError(f"{source}: no config.json; give the folder of a transformers {family.model_class} model")
         return
-    import json
-
     try:
         settings = json.loads(config.read_text(encoding="utf-8"))
     except ValueError as err:
@@ -172,14 +171,12 @@ def check_model_family(source: str, family: CaptionerFamily) -> None:
                         "run (no trust_remote_code); use the native transformers checkpoint"
                         + (" (florence-community/Florence-2-base-ft)" if family is FLORENCE2 else ""))
     if model_type != family.name:
-        hint = ("Microsoft's remote-code Florence-2 repos are not supported: use a native checkpoint "
-                "(florence-community/Florence-2-base-ft)" if family is FLORENCE2 and model_type != "blip"
-                else "use the script of that model")
-        raise UserError(f"{source} is a {model_type!r} model, not {family.model_class} ({family.name}); {hint}")
+        raise UserError(f"{source} is a {model_type!r} model, not {family.model_class} ({family.name}); BLIP "
+                        "models train with train_blip_network.py, Florence-2 with train_florence_lora.py")
 
 
 def load_captioner(family: CaptionerFamily, source: str, *, task: str = "", quantization: Any = None,
-                   device_map: Any = None, dtype: torch.dtype | None = None) -> Captioner:
+                   device_map: Any = None) -> Captioner:
     """Load the model, tokenizer and image processor from ``source``."""
     import transformers
 
@@ -194,7 +191,5 @@ def load_captioner(family: CaptionerFamily, source: str, *, task: str = "", quan
     kwargs: dict[str, Any] = {}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map=device_map)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
     model = _from_pretrained(getattr(transformers, family.model_class), source, family.model_class, **kwargs)
     return Captioner(family, model, tokenizer, image_processor, processor, task)

@@ -12,7 +12,7 @@ import torch
 
 from library.captioners.arguments import captioner_option_problems
 from library.captioners.data import CaptionPair, load_pairs, split_held_out
-from library.captioners.families import Captioner, CaptionerFamily, load_captioner
+from library.captioners.families import Captioner, CaptionerFamily, check_model_family, load_captioner
 from library.captioners.recipe import (AdapterOutputNames, CaptionerLoRARecipe, LoraSettings, SampleSettings,
                                        open_image)
 from library.errors import UserError
@@ -31,7 +31,8 @@ class CaptionData:
     held_out: list[CaptionPair]
 
 
-def check_before_loading(args: argparse.Namespace, cuda: bool) -> tuple[CaptionData, AdapterOutputNames, Any]:
+def check_before_loading(args: argparse.Namespace, family: CaptionerFamily,
+                         cuda: bool) -> tuple[CaptionData, AdapterOutputNames, Any]:
     """Options, dataset, images and output folder, all before the model loads."""
     from library.training.state import verify_state
 
@@ -44,6 +45,7 @@ def check_before_loading(args: argparse.Namespace, cuda: bool) -> tuple[CaptionD
     else:
         data = CaptionData(*split_held_out(pairs, args.val_split))
     _check_images([p.image for p in data.train + data.held_out])
+    check_model_family(args.model_id, family)
     names = AdapterOutputNames(Path(args.output_dir), args.output_name, "")
     resume_info = verify_state(args.resume) if args.resume else None
     check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
@@ -118,7 +120,7 @@ def train_captioner(args: argparse.Namespace, family: CaptionerFamily) -> Path |
     from library.training.preparation import init_trackers, make_accelerator, shared_seed, uses_cuda
     from library.training.state import check_process_count
 
-    data, names, resume_info = check_before_loading(args, uses_cuda())
+    data, names, resume_info = check_before_loading(args, family, uses_cuda())
     accelerator = make_accelerator(args, args.log_tracker_name)
     if resume_info is not None:
         check_process_count(args.resume, resume_info["num_processes"], accelerator.num_processes)
