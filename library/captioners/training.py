@@ -86,7 +86,8 @@ def make_collate(captioner: Captioner) -> Any:
     return collate
 
 
-def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(args: argparse.Namespace, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """``--optimizer_name`` over the recipe's parameter groups (the optional packages imported only here)."""
     if args.optimizer_name == "AdamW8bit":
         import bitsandbytes
 
@@ -161,14 +162,15 @@ def _assemble(args: argparse.Namespace, accelerator: Any, recipe: CaptionerLoRAR
     val_batches = [collate(held[i:i + args.batch_size]) for i in range(0, len(held), args.batch_size)]
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.max_train_epochs * steps_per_epoch
-    optimizer = make_optimizer(args, recipe.trainable_parameters())
+    groups, lr_names = recipe.param_groups(args)
+    optimizer = make_optimizer(args, groups)
     if accelerator.is_main_process:
         print(f"{len(data.train)} training pairs, {len(data.held_out)} held out; {steps_per_epoch} steps per epoch, "
               f"{max_steps} steps; trained parameters: {sum(p.numel() for p in recipe.trainable_parameters()):,}",
               flush=True)
     return assemble_run(args, recipe, accelerator, names=names, loader=loader, val_loader=val_batches,
                         optimizer=optimizer, lr_scheduler=make_scheduler(args, optimizer, max_steps),
-                        lr_names=["lora"], seed=seed, max_train_steps=max_steps,
+                        lr_names=lr_names, seed=seed, max_train_steps=max_steps,
                         num_epochs=math.ceil(max_steps / steps_per_epoch),
                         sample_prompts=(data.held_out or data.train)[:args.sample_count])
 
