@@ -209,6 +209,7 @@ class DatasetGroup:
         process_index: int = 0,
         num_processes: int = 1,
         recompute: bool = False,
+        family_suffix: str = "_sd",
     ) -> None:
         """Encode every image once (see :mod:`library.dataset.latent_cache`); batches then carry ``latents``.
 
@@ -222,7 +223,7 @@ class DatasetGroup:
                 "latents cannot be cached with these dataset options (remove --cache_latents or the options):\n"
                 + "\n".join(f"  - {r}" for r in reasons)
             )
-        store = LatentStore(cache_key=cache_key, to_disk=to_disk)
+        store = LatentStore(cache_key=cache_key, to_disk=to_disk, family_suffix=family_suffix)
         store.build(self, encode, batch_size=batch_size, process_index=process_index, num_processes=num_processes,
                     recompute=recompute)
         self.latents = store

@@ -431,7 +431,7 @@ def sample_images(run: Run, global_step: int, epoch: int | None) -> None:
             tag=sample_tag(step=global_step, epoch=epoch), default_size=resolution,
             device=acc.device, dtype=run.weight_dtype, v_parameterization=models.family.objective.is_v_prediction,
             latent_scale=models.family.latent_scale, sampler=args.sample_sampler,
-            zero_terminal_snr=bool(args.zero_terminal_snr),
+            zero_terminal_snr=bool(args.zero_terminal_snr), spec=models.family.spec,
         )
 
 

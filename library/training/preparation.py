@@ -268,7 +268,9 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         module.eval()
     recipe.setup(models, args, device)
     trained = recipe.trained_base_modules()
-    vae_dtype = torch.float32 if args.no_half_vae else dtype
+    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
+    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
+        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
     move_module(models.vae, device, vae_dtype)
     move_module(models.unet, device, torch.float32 if "unet" in trained else dtype)
     for te in models.text_encoders:
@@ -286,14 +288,15 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         group.cache_latents(vae_encode, cache_key=vae_cache_key(models.vae, vae_dtype),
                             to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
                             process_index=accelerator.process_index,
-                            num_processes=accelerator.num_processes)
+                            num_processes=accelerator.num_processes, family_suffix=family.cache_suffix)
         accelerator.wait_for_everyone()
 
     encoding = models.family.spec.text_encoding(models, args)
     cache_dir = identity = None
     if args.cache_text_encoder_outputs_to_disk:
         cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
-        identity = (f"{encoder_fingerprint(models.text_encoders[0])}|clip_skip={args.clip_skip}|"
+        fingerprints = "+".join(encoder_fingerprint(te) for te in models.text_encoders)
+        identity = (f"{fingerprints}|clip_skip={args.clip_skip}|"
                     f"max_tokens={args.max_token_length}|weighted={args.weighted_captions}|{dtype}")
     text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
                            cache_dir=cache_dir, identity=identity or "")

@@ -65,7 +65,7 @@ class TextConditioner:
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.identity = identity
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
         self.encoded = 0  # captions actually run through the encoder (for tests and the summary)
 
     def encode(self, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -76,7 +76,9 @@ class TextConditioner:
             return self.encoding.encode(ids.to(device), weights.to(device))
         return self.encoding.encode(self.encoding.tokenize(captions).to(device))
 
-    def __call__(self, captions: list[str], device: torch.device) -> torch.Tensor:
+    def __call__(self, captions: list[str], device: torch.device) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The encoder's output for ``captions``: one tensor (SD1.x/2.x), or a mapping of tensors (SDXL: hidden
+        states and pooled output), each cached per caption."""
         if not self.cache:
             return self.encode(captions, device)
         keys = [self._key(c) for c in captions]
@@ -85,11 +87,13 @@ class TextConditioner:
             todo = list(dict.fromkeys(captions[i] for i in missing))
             with torch.no_grad():
                 out = self.encode(todo, device)
-            for caption, tensor in zip(todo, out):
+            parts = {"hidden_states": out} if isinstance(out, torch.Tensor) else dict(out)
+            for i, caption in enumerate(todo):
                 key = self._key(caption)
-                self._memory[key] = tensor.detach()
-                self._store(key, tensor)
-        return torch.stack([self._memory[k].to(device) for k in keys])
+                self._memory[key] = {name: tensor[i].detach() for name, tensor in parts.items()}
+                self._store(key, self._memory[key])
+        stacked = {name: torch.stack([self._memory[k][name].to(device) for k in keys]) for name in self._memory[keys[0]]}
+        return stacked["hidden_states"] if list(stacked) == ["hidden_states"] else stacked
 
     def _key(self, caption: str) -> str:
         return hashlib.sha256(f"{self.identity}\0{caption}".encode("utf-8")).hexdigest()
@@ -100,11 +104,11 @@ class TextConditioner:
         path = self.cache_dir / f"{key}.safetensors"
         if not path.is_file():
             return False
-        self._memory[key] = load_file(str(path))["hidden_states"]
+        self._memory[key] = load_file(str(path))
         return True
 
-    def _store(self, key: str, tensor: torch.Tensor) -> None:
+    def _store(self, key: str, entry: dict[str, torch.Tensor]) -> None:
         if self.cache_dir is None:
             return
-        data = {"hidden_states": tensor.detach().cpu().contiguous()}
+        data = {name: tensor.detach().cpu().contiguous() for name, tensor in entry.items()}
         atomic_save_file(self.cache_dir / f"{key}.safetensors", lambda tmp: save_file(data, tmp))

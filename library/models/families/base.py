@@ -81,6 +81,7 @@ class ModelFamily:
     cache_suffix: str = ""
     ss_v2: bool = False
     lora_blocks: LoRABlockLayout = LoRABlockLayout(12)
+    vae_half_safe: bool = True  # False: the VAE overflows in fp16 and stays float32 under fp16 mixed precision
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
@@ -146,5 +147,5 @@ class FamilySpec(ABC):
         """Whether this loaded denoiser is of this family (LoRA networks ask, through the kohya interface)."""
 
     @abstractmethod
-    def lora_denoiser_name(self, module_path: str) -> str:
-        """The kohya LoRA name body (without ``lora_unet_``) of a denoiser module at ``module_path``."""
+    def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
+        """The kohya LoRA name body (without ``lora_unet_``) of the ``denoiser`` module at ``module_path``."""

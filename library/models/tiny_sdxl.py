@@ -1,0 +1,90 @@
+"""Tiny random-weight SDXL models (same structure as SDXL: ``text_time`` UNet, CLIP ViT-L-style and
+OpenCLIP-style encoders with projection, VAE) for tests and benchmarks, in both on-disk formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.models.tiny import TinyConfig, write_clip_tokenizer
+
+SDXL_TINY_VAE_SCALE = 0.13025
+
+
+def tiny_sdxl_unet_config(context: int = 64, pooled: int = 32, time_dim: int = 8) -> dict[str, Any]:
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        cross_attention_dim=context, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=pooled + 6 * time_dim,
+    )
+
+
+def _text_config(open_clip: bool) -> dict[str, Any]:
+    return dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act="gelu" if open_clip else "quick_gelu", projection_dim=32,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if open_clip else 49407)
+
+
+def build_tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """Random-weight ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2`` and ``scheduler``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.models.families import SD_SCHEDULE
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    vae = AutoencoderKL(**{**TinyConfig().vae_config(), "scaling_factor": SDXL_TINY_VAE_SCALE})
+    te1 = CLIPTextModel(CLIPTextConfig(**_text_config(False)))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(True)))
+    scheduler = DDPMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="epsilon", steps_offset=1)
+    return {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2, "scheduler": scheduler}
+
+
+def write_sdxl_model_index(folder: Path) -> None:
+    """``model_index.json`` of an SDXL diffusers folder, so ``StableDiffusionXLPipeline.from_pretrained`` reads it."""
+    index = {
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def save_tiny_sdxl_diffusers_model(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny SDXL as a diffusers folder with both tokenizers."""
+    folder = Path(folder)
+    parts = build_tiny_sdxl_components(seed)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        parts[name].save_pretrained(folder / name, safe_serialization=True)
+    parts["scheduler"].save_pretrained(folder / "scheduler")
+    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2", sd2=True)
+    write_sdxl_model_index(folder)
+    return folder
+
+
+def save_tiny_sdxl_single_file(path: str | Path, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """A tiny SDXL as one ``sd_xl_base_1.0``-layout safetensors file."""
+    from safetensors.torch import save_file
+
+    from library.models.architecture import ARCHITECTURE_METADATA_KEY
+    from library.models.sdxl_single_file import sdxl_architecture_metadata, sdxl_ldm_state_dict
+
+    path = Path(path)
+    p = build_tiny_sdxl_components(seed)
+    tes = [p["text_encoder"], p["text_encoder_2"]]
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in sdxl_ldm_state_dict(p["unet"], p["vae"], tes).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={ARCHITECTURE_METADATA_KEY: sdxl_architecture_metadata(p["unet"], p["vae"], tes)})
+    return path
