@@ -14,6 +14,27 @@ from library.models.tiny import TinyConfig, write_clip_tokenizer
 SDXL_TINY_VAE_SCALE = 0.13025
 
 
+def sdxl_base_unet_config() -> dict[str, Any]:
+    """The real SDXL base 1.0 UNet (for architecture checks on the ``meta`` device and the real-size bench)."""
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=2048, norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def sdxl_base_text_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The real SDXL text encoders: CLIP ViT-L/14 (12 layers) and OpenCLIP ViT-bigG/14 (32 layers)."""
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    return (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu", projection_dim=768, pad_token_id=49407, **common),
+            dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 hidden_act="gelu", projection_dim=1280, pad_token_id=0, **common))
+
+
 def tiny_sdxl_unet_config(context: int = 64, pooled: int = 32, time_dim: int = 8) -> dict[str, Any]:
     return dict(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64),
