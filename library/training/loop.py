@@ -52,6 +52,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
         check_process_count(args.resume, checked.resume_processes, accelerator.num_processes)
     seed = shared_seed(args, accelerator, checked.resume_seed)
     group = build_dataset_group(checked.params, seed=seed)
+    recipe.prepare_dataset(group)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
     max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
     group.set_max_train_steps(max_train_steps)  # before any loader: token warmup may be a ratio of it
