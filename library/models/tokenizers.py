@@ -146,7 +146,7 @@ def load_clip_tokenizer(spec: ClipTokenizerSpec, *, model_dir: str | Path | None
 
 def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, cache_dir: str | Path | None = None):
     """The ``CLIPTokenizer`` of an SD1.x/SD2.x ``family`` (see :func:`load_clip_tokenizer`)."""
-    return load_clip_tokenizer(_family_spec(family), model_dir=model_dir, cache_dir=cache_dir, bundled_fallback=False)
+    return load_clip_tokenizer(_family_spec(family), model_dir=model_dir, cache_dir=cache_dir)
 
 
 def _copy_to_cache(tokenizer, target: Path) -> None:
