@@ -119,7 +119,7 @@ def test_single_file_and_folder_load_the_same_and_round_trip(tiny_sdxl):
     assert torch.equal(p.t(), single.text_encoders[1].text_projection.weight)
     enc = single.family.spec.text_encoding(single, args)
     out = enc.encode(enc.tokenize(["sks thing", "a much longer caption"]))
-    assert out["encoder_hidden_states"].shape == (2, 77, 64) and out["text_embeds"].shape == (2, 32)
+    assert out["encoder_hidden_states"].shape == (2, 77, 80) and out["text_embeds"].shape == (2, 32)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -11,7 +11,7 @@ import torch
 
 from library.models.tiny import TinyConfig, write_clip_tokenizer
 
-SDXL_TINY_VAE_SCALE = 0.13025
+SDXL_VAE_SCALE = 0.13025
 
 
 def sdxl_base_unet_config() -> dict[str, Any]:
@@ -35,7 +35,7 @@ def sdxl_base_text_configs() -> tuple[dict[str, Any], dict[str, Any]]:
                  hidden_act="gelu", projection_dim=1280, pad_token_id=0, **common))
 
 
-def tiny_sdxl_unet_config(context: int = 64, pooled: int = 32, time_dim: int = 8) -> dict[str, Any]:
+def tiny_sdxl_unet_config(context: int = 80, pooled: int = 32, time_dim: int = 8) -> dict[str, Any]:
     return dict(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -47,7 +47,10 @@ def tiny_sdxl_unet_config(context: int = 64, pooled: int = 32, time_dim: int = 8
 
 
 def _text_config(open_clip: bool) -> dict[str, Any]:
-    return dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    # the two widths differ, as in SDXL (768 / 1280): diffusers' from_single_file tells the encoders apart by it
+    width = 48 if open_clip else 32
+    return dict(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                num_attention_heads=4,
                 max_position_embeddings=77, hidden_act="gelu" if open_clip else "quick_gelu", projection_dim=32,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if open_clip else 49407)
 
@@ -61,7 +64,7 @@ def build_tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
-    vae = AutoencoderKL(**{**TinyConfig().vae_config(), "scaling_factor": SDXL_TINY_VAE_SCALE})
+    vae = AutoencoderKL(**{**TinyConfig().vae_config(), "scaling_factor": SDXL_VAE_SCALE})
     te1 = CLIPTextModel(CLIPTextConfig(**_text_config(False)))
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(True)))
     scheduler = DDPMScheduler(**SD_SCHEDULE, clip_sample=False, prediction_type="epsilon", steps_offset=1)
@@ -108,4 +111,34 @@ def save_tiny_sdxl_single_file(path: str | Path, seed: int = 0, dtype: torch.dty
                for k, v in sdxl_ldm_state_dict(p["unet"], p["vae"], tes).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={ARCHITECTURE_METADATA_KEY: sdxl_architecture_metadata(p["unet"], p["vae"], tes)})
+    return path
+
+
+def save_sdxl_base_random_single_file(path: str | Path) -> Path:
+    """The real-size SDXL base 1.0 architecture with random weights, as one float16 file in the
+    ``sd_xl_base_1.0`` layout (about 7 GB; built directly in float16 to keep memory near that)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.models.architecture import ARCHITECTURE_METADATA_KEY
+    from library.models.sdxl_single_file import sdxl_architecture_metadata, sdxl_ldm_state_dict
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        unet = UNet2DConditionModel(**sdxl_base_unet_config())
+        c1, c2 = sdxl_base_text_configs()
+        tes = [CLIPTextModel(CLIPTextConfig(**c1)), CLIPTextModelWithProjection(CLIPTextConfig(**c2))]
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=1024, scaling_factor=SDXL_VAE_SCALE)
+    finally:
+        torch.set_default_dtype(previous)
+    tensors = {k: v.contiguous() for k, v in sdxl_ldm_state_dict(unet, vae, tes).items()}
+    meta = {ARCHITECTURE_METADATA_KEY: sdxl_architecture_metadata(unet, vae, tes)}
+    del unet, tes, vae
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
     return path

@@ -157,11 +157,10 @@ def build_with_weights(
             f"{what}: {len(wrong)} weights have unexpected shapes, e.g. {k}: file {tuple(state_dict[k].shape)}, "
             f"model {tuple(own[k].shape)}"
         )
-    module.load_state_dict(
-        {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()},
-        strict=True,
-        assign=True,
-    )
+    for k in list(state_dict):  # converted in place: each stored tensor is freed once its copy exists
+        v = state_dict[k]
+        state_dict[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    module.load_state_dict(state_dict, strict=True, assign=True)
     module.to(device=device)
     meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if meta:

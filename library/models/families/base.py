@@ -130,6 +130,11 @@ class FamilySpec(ABC):
         """The model's components (``denoiser``, ``vae``, ``text_encoders``, ``tokenizers``)."""
 
     @abstractmethod
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        """Write the whole model (its single-file layout, or a diffusers folder) atomically."""
+
+    @abstractmethod
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         """The object that tokenizes and encodes captions for this family's text encoders."""
 

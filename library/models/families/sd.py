@@ -64,6 +64,13 @@ class SDSpec(FamilySpec):
 
         return load_sd_models(args, device=device, dtype=dtype, family=family)
 
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        from library.models.saving import save_sd_model
+
+        return save_sd_model(path, models, fmt=fmt, dtype=dtype, unet=models.unet, text_encoder=models.text_encoders[0],
+                             metadata=metadata, epoch=epoch, global_step=global_step)
+
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         from library.models.arguments import parse_max_token_length
         from library.models.text_encoding import TextEncoding

@@ -36,6 +36,24 @@ def sdxl_family(v_parameterization: bool = False) -> ModelFamily:
     )
 
 
+BLOCK_LR_COUNT = 23
+
+
+def block_lr_index(denoiser: torch.nn.Module, param_name: str) -> int:
+    """sd-scripts' ``--block_lr`` slot of an SDXL UNet parameter: 0 time/label embeddings, 1-9 input blocks,
+    10-12 the middle block's three parts, 13-21 output blocks, 22 the output layers."""
+    from library.models.ldm_conversion import unet_module_to_ldm
+
+    module = param_name.rpartition(".")[0]
+    if module.startswith(("time_embedding", "add_embedding")):
+        return 0
+    if module.startswith(("conv_norm_out", "conv_out")):
+        return BLOCK_LR_COUNT - 1
+    parts = unet_module_to_ldm(module, denoiser.config).split(".")
+    offset = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}[parts[0]]
+    return offset + int(parts[1])
+
+
 def _checkpoint_problems(source: Path, keys: Collection[str]) -> list[str]:
     from library.models import ldm_conversion as conv
 
@@ -77,6 +95,13 @@ class SDXLSpec(FamilySpec):
         from library.models.sdxl_loading import load_sdxl_models
 
         return load_sdxl_models(args, family, device=device, dtype=dtype)
+
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        from library.models.sdxl_saving import save_sdxl_model
+
+        return save_sdxl_model(path, models, fmt=fmt, dtype=dtype, metadata=metadata, epoch=epoch,
+                               global_step=global_step)
 
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         from library.models.arguments import parse_max_token_length
