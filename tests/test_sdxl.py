@@ -169,13 +169,22 @@ def test_unet_only_lora_from_the_single_file_applies_in_diffusers(tiny_sdxl, tmp
     prompts.write_text("sks thing --w 64 --h 64 --s 2 --d 3\n", encoding="utf-8")
     final = run_sdxl(sdxl_args(tiny_sdxl["file"], tmp_path / "out", tiny_sdxl["data"], extra=[
         "--network_train_unet_only", "--cache_latents", "--sample_prompts", str(prompts),
-        "--sample_every_n_steps", "2"]))
+        "--sample_every_n_steps", "2", "--save_every_n_steps", "1"]))
     tensors, meta = load_lora(final)
     assert all(k.startswith("lora_unet_") for k in tensors)
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 1
+    import lora_post_hoc_ema  # merges SDXL LoRA checkpoints like any other
+
+    merged = tmp_path / "ema.safetensors"
+    step1, _ = load_lora(tmp_path / "out" / "lora-step00000001.safetensors")
+    assert lora_post_hoc_ema.main([str(tmp_path / "out" / "lora-step00000001.safetensors"), str(final), "--no_sort",
+                                   "--beta", "0.5", "--output_file", str(merged)]) == 0
+    averaged, _ = load_lora(merged)
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    assert torch.allclose(averaged[key], 0.5 * step1[key] + 0.5 * tensors[key], atol=1e-6)
     for k in [k for k in tensors if k.endswith("lora_up.weight")][:3]:
         tensors[k].normal_()  # trained ups are tiny after 2 steps; make the delta large enough to see
 
@@ -243,3 +252,15 @@ def test_resume_is_bit_exact(tiny_sdxl, tmp_path):
     a, _ = load_lora(tmp_path / "a" / "lora.safetensors")
     b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes(tiny_sdxl, tmp_path):
+    """2-process DDP (CPU gloo): each process its share of the batches, one LoRA file with SDXL names."""
+    data = dreambooth_dir(tmp_path / "train", count=4)
+    argv = sdxl_args(tiny_sdxl["file"], tmp_path / "out", data, steps=1, extra=["--network_train_unet_only"])
+    argv[argv.index("--train_batch_size") + 1] = "1"
+    proc = run_script(argv, processes=2, script="sdxl_train_network.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tensors, meta = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert "lora_unet_middle_block_1_proj_in.lora_down.weight" in tensors
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -103,3 +103,25 @@ def test_refused_options(tiny, tmp_path, extra, message):
     with pytest.raises(UserError) as err:
         run_ft(ft_args(tiny["file"], tmp_path / "out", tiny["data"], extra=extra))
     assert message in err.value.message
+
+
+def test_prepare_buckets_latents_writes_sdxl_latents_that_training_reads(tiny, tmp_path):
+    import json
+
+    from library.tools.prepare_latents import main as prepare
+    from tests.train_helpers import make_images
+
+    folder = make_images(tmp_path / "train", count=2)
+    in_json, out_json = tmp_path / "meta.json", tmp_path / "meta_lat.json"
+    in_json.write_text(json.dumps({f"img{i}": {"caption": f"sks {i}"} for i in range(2)}), encoding="utf-8")
+    buckets = ["--min_bucket_reso", "64", "--max_bucket_reso", "128"]
+    assert prepare([str(folder), str(in_json), str(out_json), str(tiny["file"]), "--max_resolution", "64,64",
+                    *buckets]) == 0
+    npz = sorted(folder.glob("*.npz"))
+    assert len(npz) == 2 and all(p.name.endswith("_sdxl.npz") for p in npz)  # never mixed with SD1 caches
+    stamps = {p: p.stat().st_mtime_ns for p in npz}
+    run_ft(["--pretrained_model_name_or_path", str(tiny["file"]), "--in_json", str(out_json), "--train_data_dir",
+            str(folder), "--resolution", "64", "--enable_bucket", *buckets, "--train_batch_size", "2",
+            "--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-4", "--max_train_steps", "1",
+            "--seed", "1", "--max_data_loader_n_workers", "0"])
+    assert sorted(folder.glob("*.npz")) == npz and all(p.stat().st_mtime_ns == t for p, t in stamps.items())

@@ -47,6 +47,11 @@ def _header_keys(source: Path) -> Collection[str] | None:
     return None
 
 
+def recognised_spec(source: Path) -> FamilySpec | None:
+    """The spec that recognises this checkpoint file (header only) or model folder; None if none does."""
+    return _recognised(source, _header_keys(source))
+
+
 def _recognised(source: Path, keys: Collection[str] | None) -> FamilySpec | None:
     for spec in FAMILY_SPECS.values():
         if (spec.recognises_folder(source) if source.is_dir() else keys is not None and spec.recognises_file(keys)):
