@@ -23,9 +23,16 @@ from library.training.network_args import add_network_arguments  # noqa: E402
 from library.training.parser import build_training_parser  # noqa: E402
 
 
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    from library.training.sdxl_full import add_sdxl_model_arguments
+
+    add_network_arguments(parser)
+    add_sdxl_model_arguments(parser.add_argument_group("SDXL"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     return build_training_parser(prog="sdxl_train_network.py", description="Train a LoRA network on SDXL.",
-                                 support=SUPPORT_TRAIN_NETWORK, add_recipe_arguments=add_network_arguments)
+                                 support=SUPPORT_TRAIN_NETWORK, add_recipe_arguments=_add_arguments)
 
 
 def main(argv: list[str] | None = None) -> Path | None:

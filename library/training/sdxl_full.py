@@ -21,9 +21,14 @@ def add_sdxl_full_arguments(parser: argparse.ArgumentParser) -> None:
                         "parts, 9 output blocks, output layers (0 leaves a block unchanged)")
     g.add_argument("--fused_optimizer_groups", type=int, default=None,
                    help="not supported here: use --fused_backward_pass (one optimizer step per parameter)")
-    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                   help="accepted for compatibility: weights are always read into memory once, the file is not "
-                        "kept mapped")
+    add_sdxl_model_arguments(g)
+
+
+def add_sdxl_model_arguments(group: Any) -> None:
+    """Options of both SDXL scripts (sd-scripts' ``add_sdxl_training_arguments``) not shared with SD1.x."""
+    group.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                       help="accepted for compatibility: weights are always read into memory once, the file is not "
+                            "kept mapped")
 
 
 def parse_block_lr(text: str | None) -> tuple[list[float] | None, str | None]:
