@@ -34,7 +34,7 @@ class TinyFluxConfig:
     head_dim: int = 32  # axes (4, 14, 14): every rotary axis even
     clip_width: int = 32
     t5_width: int = 32
-    ae_channels: int = 16
+    ae_channels: int = 32
 
     def architecture(self) -> FluxArchitecture:
         hidden = self.heads * self.head_dim
@@ -49,7 +49,7 @@ class TinyFluxConfig:
         return dict(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(c, c, c, c), layers_per_block=1,
-            latent_channels=16, norm_num_groups=8, sample_size=64, scaling_factor=FLUX_LATENT_SCALE,
+            latent_channels=16, norm_num_groups=32, sample_size=64, scaling_factor=FLUX_LATENT_SCALE,
             shift_factor=FLUX_LATENT_SHIFT, use_quant_conv=False, use_post_quant_conv=False,
         )
 
