@@ -25,8 +25,8 @@ import torch
 from library.config.arguments import SUPPORT_TRAIN_NETWORK
 from library.errors import UserError
 from library.models.embeddings import (SD_KEY, TrainedTokenEmbedding, install_block_contexts,
-                                       install_trained_embedding, read_embedding_file, token_embedding,
-                                       write_embedding_file)
+                                       install_trained_embedding, pool_at_first_eos, read_embedding_file,
+                                       token_embedding, write_embedding_file)
 from library.training.recipes import Recipe, SaveInfo
 
 TI_FORMATS = ("ckpt", "pt", "safetensors")
@@ -191,6 +191,7 @@ class TextualInversionRecipe(Recipe):
             rows = self._initial_rows(tokenizer, base, args.init_word).repeat(sets, 1)
             if self.initial is not None:
                 rows = self._rows_from_file(i, base.shape[1], args.weights)
+            pool_at_first_eos(te, tokenizer.eos_token_id)
             embedding = install_trained_embedding(te, rows)
             embedding.trained.requires_grad_(True)
             self.embeddings.append(embedding)
@@ -395,7 +396,7 @@ def load_textual_inversion_args(parser: argparse.ArgumentParser, argv: list[str]
 
 
 def run_textual_inversion(parser: argparse.ArgumentParser, argv: list[str] | None, support: Any, *,
-                          xti: bool) -> Path | None:
+                          xti: bool, families: Sequence[str] = ("sd",)) -> Path | None:
     """Parse ``argv`` (with ``--config_file``) and train; returns the final embedding file."""
     from library.training.loop import run_training
 
@@ -403,4 +404,4 @@ def run_textual_inversion(parser: argparse.ArgumentParser, argv: list[str] | Non
     if args is None:
         return None
     return run_training(args, TextualInversionRecipe(args, xti=xti), support, tracker_name="textual_inversion",
-                        metadata=textual_inversion_metadata)
+                        metadata=textual_inversion_metadata, families=families)
