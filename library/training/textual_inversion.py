@@ -410,5 +410,6 @@ def run_textual_inversion(parser: argparse.ArgumentParser, argv: list[str] | Non
     args = load_textual_inversion_args(parser, argv)
     if args is None:
         return None
-    return run_training(args, TextualInversionRecipe(args, xti=xti, families=families), support, tracker_name="textual_inversion",
+    recipe = TextualInversionRecipe(args, xti=xti, families=families)
+    return run_training(args, recipe, support, tracker_name="textual_inversion",
                         metadata=textual_inversion_metadata, families=families)
