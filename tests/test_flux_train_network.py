@@ -165,3 +165,16 @@ def test_resume_is_bit_exact(flux, tmp_path):
     a, _ = load_lora(tmp_path / "a" / "lora.safetensors")
     b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes(flux, tmp_path):
+    data = dataset_toml(tmp_path / "d.toml", make_images(tmp_path / "img", count=4), resolution=64, batch_size=1)
+    argv = train_args(flux["flux"], tmp_path / "out", config=data, steps=2)
+    argv += ["--clip_l", str(flux["clip_l"]), "--t5xxl", str(flux["t5xxl"]), "--ae", str(flux["ae"]),
+             "--tokenizer_cache_dir", str(flux["tokenizer_cache_dir"]), "--t5xxl_max_token_length", "16",
+             "--cache_latents"]
+    result = run_script(argv, processes=2, script="flux_train_network.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 per process with 2 process(es)" in result.stdout
+    sd, _ = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert len(sd) == 3 * (26 + 12) and any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
