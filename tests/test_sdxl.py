@@ -232,7 +232,7 @@ def test_cached_text_outputs_train_like_uncached_ones(tiny_sdxl, tmp_path):
     assert len(files) == 2
     from safetensors.torch import load_file
 
-    assert set(load_file(str(files[0]))) == {"encoder_hidden_states", "text_embeds"}
+    assert set(load_file(str(files[0]))) == {"cond.encoder_hidden_states", "cond.text_embeds"}
     uncached = run_sdxl(sdxl_args(tiny_sdxl["folder"], tmp_path / "b", tiny_sdxl["data"], steps=1, extra=[
         "--network_train_unet_only", "--enable_wildcard"]))
     a, _ = load_lora(cached)
