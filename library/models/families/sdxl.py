@@ -73,9 +73,9 @@ class SDXLSpec(FamilySpec):
         return any(k.startswith("conditioner.embedders.") for k in keys)
 
     def recognises_folder(self, folder: Path) -> bool:
-        if (folder / "text_encoder_2").is_dir():
+        index, unet_config = folder / "model_index.json", folder / "unet" / "config.json"
+        if index.is_file() and "StableDiffusionXL" in index.read_text(encoding="utf-8"):
             return True
-        unet_config = folder / "unet" / "config.json"
         return unet_config.is_file() and '"text_time"' in unet_config.read_text(encoding="utf-8")
 
     def family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
