@@ -178,3 +178,20 @@ def test_two_processes(flux, tmp_path):
     assert "2 per process with 2 process(es)" in result.stdout
     sd, _ = load_lora(tmp_path / "out" / "lora.safetensors")
     assert len(sd) == 3 * (26 + 12) and any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+
+
+def test_post_hoc_ema_of_flux_loras(flux, tmp_path):
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT
+
+    _main(_argv(flux, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
+                                                        "--save_every_n_steps", "1"]))
+    files = sorted(str(p) for p in (tmp_path / "out").glob("lora-step*.safetensors"))
+    result = subprocess.run([sys.executable, str(ROOT / "lora_post_hoc_ema.py"), *files, "--output_file",
+                             str(tmp_path / "ema.safetensors")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ema, meta = load_lora(tmp_path / "ema.safetensors")
+    last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "flux-1-dev/lora"
