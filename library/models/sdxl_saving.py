@@ -10,14 +10,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from library.io_utils import atomic_save_file, match_umask
+from library.io_utils import atomic_save_file, match_umask, replace_folder
 from library.models import ldm_conversion as conv
 from library.models.architecture import ARCHITECTURE_METADATA_KEY
 from library.models.saving import (
     _SUFFIX,
     SAVE_FORMATS,
     _cast,
-    _replace_folder,
     _umask,
     _unwrap,
     _write_tokenizer,
@@ -75,7 +74,7 @@ def _save_folder(path: Path, models, unet, tes, dtype, safetensors: bool) -> Non
         scheduler.save_config(str(tmp / "scheduler"))
         write_sdxl_model_index(tmp)
         match_umask(tmp)
-        _replace_folder(tmp, path)
+        replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
