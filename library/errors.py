@@ -17,6 +17,7 @@ class UserError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+        self.problems = [message]  # the single problems of a from_problems error, for merging into another list
 
     @classmethod
     def from_problems(cls, title: str, problems: Iterable[str]) -> "UserError":
@@ -24,7 +25,9 @@ class UserError(Exception):
         items = list(problems)
         body = "\n".join(f"  - {p}" for p in items)
         noun = "problem" if len(items) == 1 else "problems"
-        return cls(f"{title}: {len(items)} {noun}\n{body}")
+        err = cls(f"{title}: {len(items)} {noun}\n{body}")
+        err.problems = items
+        return err
 
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:

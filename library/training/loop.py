@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,12 +26,14 @@ from tqdm import tqdm
 from library.config.params import DatasetSupport
 from library.errors import UserError
 from library.training.logging_utils import LossRecorder, describe_lr_groups, loggable_config
-from library.training.outputs import prune
+from library.training.outputs import prune, save_or_emergency
 from library.training.preparation import (Run, build_run, check_run, make_accelerator, optimizer_class_name,
                                           shared_seed, training_length)
 from library.training.recipes import Recipe, SaveInfo
 from library.training.sampling import sampling_due
-from library.training.state import Progress, capture_rng, check_process_count, restore_rng, save_state
+from library.training.state import (Progress, capture_rng, check_position, check_process_count, restore_rng,
+                                    save_state)
+from library.training.stopping import StopRequest, stop_signals
 
 VALIDATION_TIMESTEP_POINTS = 4
 
@@ -46,13 +47,23 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
 
     checked = check_run(args, recipe, support)
     accelerator = make_accelerator(args, tracker_name)
-    if checked.resume_processes is not None:  # before any model loads
-        check_process_count(args.resume, checked.resume_processes, accelerator.num_processes)
-    seed = shared_seed(args, accelerator, checked.resume_seed)
+    resume = checked.resume_info
+    if resume is not None:  # before any model loads
+        check_process_count(args.resume, resume["num_processes"], accelerator.num_processes)
+    seed = shared_seed(args, accelerator, resume["seed"] if resume else None)
     group = build_dataset_group(checked.params, seed=seed)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
     max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
     group.set_max_train_steps(max_train_steps)  # before any loader: token warmup may be a ratio of it
+    if resume is not None:
+        check_position(args.resume, resume, max_train_steps=max_train_steps,
+                       batches_per_epoch=group.batches_per_epoch(n))
+        if resume.get("dataset", group.fingerprint()) != group.fingerprint() and accelerator.is_main_process:
+            print(f"warning: the dataset differs from the one the resumed run trained on (images, repeats, "
+                  "resolution or batch size changed), so the data order and position differ from an "
+                  "uninterrupted run", flush=True)
+    if accelerator.is_main_process and not args.debug_dataset:
+        _remove_stale_temporaries(checked.names)
     if args.debug_dataset:
         debug_dataset(group, make_train_loader(group, seed=seed, num_workers=0, persistent_workers=False,
                                                grad_accum=ga), epochs=num_epochs, steps=max_train_steps)
@@ -71,6 +82,18 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     return run
 
 
+def _remove_stale_temporaries(names: Any) -> None:
+    """Hidden temporaries of this run's names left by a killed save (``kill -9``): removed, and said."""
+    from library.io_utils import remove_stale_temporaries
+    from library.training.outputs import owns_temporary
+
+    removed = remove_stale_temporaries(names.output_dir, owns_temporary(names))
+    if removed:
+        shown = ", ".join(p.name for p in removed)
+        print(f"removed {len(removed)} unfinished temporary save(s) left in {names.output_dir} by an interrupted "
+              f"run: {shown}", flush=True)
+
+
 def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
                  tracker_name: str = "network_train", metadata: Any = None) -> Path | None:
     """:func:`prepare_training` then :func:`train`; returns the final weights file."""
@@ -81,22 +104,6 @@ def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSuppo
         return train(run)
     finally:
         run.accelerator.end_training()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -225,7 +232,7 @@ def train(run: Run) -> Path:
     ga = args.gradient_accumulation_steps
     group_loss = torch.zeros((), device=acc.device)
     try:
-        with _sigterm_as_interrupt():
+        with stop_signals(acc.num_processes) as stop:
             while progress.epoch < run.num_epochs and progress.global_step < run.max_train_steps:
                 run.loader.set_epoch(progress.epoch, skip_batches=progress.batches_done)
                 recipe.on_epoch_start(progress.epoch)
@@ -243,7 +250,7 @@ def train(run: Run) -> Path:
                     progress.batches_done += 1
                     if progress.batches_done - group_start < group_len:
                         continue
-                    step_loss, extra = _optimizer_step(run, params, progress, group_loss)
+                    step_loss, extra = _optimizer_step(run, params, progress, group_loss, stop)
                     group_loss = torch.zeros((), device=acc.device)
                     if keep_snapshots:
                         snapshot = _snapshot(run, progress)
@@ -255,6 +262,8 @@ def train(run: Run) -> Path:
                     _after_step(run, progress, snapshot, logs)
                     if acc.log_with:
                         acc.log(logs, step=progress.global_step)
+                    if stop.agreed and progress.global_step < run.max_train_steps:
+                        raise KeyboardInterrupt
                     if progress.global_step >= run.max_train_steps:
                         if progress.batches_done == n_batches:  # the last step also ended the epoch
                             _end_epoch(run, progress, recorder)
@@ -265,7 +274,7 @@ def train(run: Run) -> Path:
                         snapshot = _snapshot(run, progress)
     except KeyboardInterrupt:
         bar.close()
-        if args.save_state and acc.num_processes == 1:
+        if args.save_state and (acc.num_processes == 1 or stop.agreed):
             path = run.names.step_state(snapshot[0].global_step)
             _write_state(run, path, snapshot)
             print(f"\ninterrupted: state of step {snapshot[0].global_step} saved to {path}; continue with "
@@ -276,11 +285,17 @@ def train(run: Run) -> Path:
 
 
 def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progress,
-                    group_loss: torch.Tensor) -> tuple[float, dict[str, float]]:
+                    group_loss: torch.Tensor, stop: StopRequest) -> tuple[float, dict[str, float]]:
     """Check the step's loss, average the gradients over processes, clip, step; returns the loss (mean over
-    processes) and the recipe's values to log."""
+    processes) and the recipe's values to log. A stop request of any process is shared in the same reduction
+    (``stop.agreed``)."""
     args, acc = run.args, run.accelerator
-    step_loss = _reduce_mean(run, group_loss)  # the one host sync of the step
+    if acc.num_processes > 1:  # the one host sync of the step carries the stop requests
+        flag = torch.tensor(float(stop.requested), device=group_loss.device)
+        both = _reduce_mean(run, torch.stack([group_loss.float(), flag]))
+        step_loss, stop.agreed = both[0], both[1] > 0
+    else:
+        step_loss = float(group_loss)
     _check_finite(step_loss, progress, args)
     if not run.fused_backward:  # with a fused backward pass each parameter was stepped during backward
         _all_reduce_gradients(run, params)
@@ -293,12 +308,13 @@ def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progre
     return step_loss, run.recipe.after_optimizer_step(args, acc.device)
 
 
-def _reduce_mean(run: Run, value: torch.Tensor | float) -> float:
-    """The mean of ``value`` over processes, as a Python float."""
+def _reduce_mean(run: Run, value: torch.Tensor | float) -> Any:
+    """The mean of ``value`` over processes: a Python float, or a list of floats for a 1-d tensor."""
     if run.accelerator.num_processes == 1:
-        return float(value)
-    tensor = torch.as_tensor(value, device=run.accelerator.device, dtype=torch.float64).reshape(1)
-    return float(run.accelerator.reduce(tensor, reduction="mean").item())
+        return value.tolist() if isinstance(value, torch.Tensor) and value.dim() == 1 else float(value)
+    tensor = torch.as_tensor(value, device=run.accelerator.device, dtype=torch.float64)
+    reduced = run.accelerator.reduce(tensor.reshape(-1), reduction="mean")
+    return reduced.tolist() if tensor.dim() == 1 else float(reduced[0].item())
 
 
 def _snapshot(run: Run, progress: Progress) -> tuple[Progress, dict[str, Any]]:
@@ -384,7 +400,9 @@ def _save_weights(run: Run, path: Path, progress: Progress) -> None:
         with _side_work(run):
             meta = per_save_metadata(run.metadata, global_step=progress.global_step, epoch=progress.epoch,
                                      minimal=bool(getattr(run.args, "no_metadata", False))) if run.metadata else {}
-            run.recipe.save(path, SaveInfo(progress.global_step, progress.epoch, meta), run.args)
+            info = SaveInfo(progress.global_step, progress.epoch, meta)
+            save_or_emergency(lambda target: run.recipe.save(target, info, run.args), path, run.names,
+                              progress.global_step)
     acc.wait_for_everyone()
 
 
@@ -395,6 +413,7 @@ def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]
                scheduler=run.lr_scheduler.state_dict(),
                scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng,
                info={"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
+                     "dataset": run.group.fingerprint(),
                      "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()})
 
 

@@ -17,13 +17,14 @@ import torch
 from library.config.dataset_config import resolve_dataset_params
 from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
+from library.io_utils import output_dir_problem
 from library.models.loading import resolve_model_path
 from library.models.weights import move_module
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
-from library.training.outputs import OutputNames, check_output_dir
+from library.training.outputs import OutputNames, check_output_dir, output_name_problem
 from library.training.recipes import Recipe
-from library.training.state import verify_state
+from library.training.state import PROGRESS, verify_state
 from library.training.text_cache import caption_variation_reasons
 
 
@@ -35,8 +36,7 @@ class Checked:
     names: OutputNames
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
-    resume_seed: int | None = None
-    resume_processes: int | None = None
+    resume_info: dict[str, Any] | None = None  # the validated train_state.json of --resume
 
 
 def uses_cuda() -> bool:
@@ -96,14 +96,28 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
 
     output_name = args.output_name or "last"
     names = OutputNames(Path(args.output_dir or "."), output_name, recipe.file_extension)
+    problems += [p for p in (output_name_problem(output_name),
+                             args.output_dir is not None and output_dir_problem(args.output_dir, "--output_dir"))
+                 if p]
     resume_info = collect(lambda: verify_state(args.resume)) if args.resume else None
+    if resume_info is not None and resume_info.get("recipe", recipe.name) != recipe.name:
+        problems.append(resume_recipe_problem(args.resume, resume_info["recipe"], recipe.name))
     if problems:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
-        check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
+        check_output_dir(names, resume_state=resume_info, resume_folder=Path(args.resume) if args.resume else None,
+                         overwrite=args.overwrite)
     return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts,
-                   resume_seed=resume_info["seed"] if resume_info else None,
-                   resume_processes=resume_info["num_processes"] if resume_info else None)
+                   resume_info=resume_info)
+
+
+def resume_recipe_problem(folder: str, saved: str, current: str) -> str:
+    """A state of another kind of training (a LoRA state given to train_db.py, ...)."""
+    scripts = {"lora": "train_network.py", "dreambooth": "train_db.py", "fine_tuning": "fine_tune.py"}
+    script = scripts.get(saved)
+    hint = f"resume it with {script}" if script else "resume it with the script that saved it"
+    return (f"--resume {folder}: this is a state of a {saved} training ({PROGRESS} field 'recipe'), but this run "
+            f"is a {current} training; {hint}, or give a state of this script")
 
 
 def _items(message: str) -> list[str]:
