@@ -1,9 +1,10 @@
-"""The one training loop (LoRA, DreamBooth and fine-tuning differ only in their :class:`Recipe`).
+"""The one training loop (LoRA, DreamBooth, fine-tuning and the captioners differ only in their recipe).
 
-Per optimizer step: for each micro-batch of the accumulation group, latents (cached or VAE-encoded) and
-text conditioning (cached when the encoder is frozen and captions are fixed), noise and timesteps, the UNet
-prediction and the loss; the group's gradients are averaged across processes, clipped, and the optimizer
-and LR scheduler step. Then logging, samples, validation and saving, all keyed to the global step.
+Per optimizer step: for each micro-batch of the accumulation group, the recipe's loss (for the diffusion
+recipes: latents, cached or VAE-encoded, and text conditioning, cached when the encoder is frozen and
+captions are fixed, noise and timesteps, the UNet prediction and the loss); the group's gradients are
+averaged across processes, clipped, and the optimizer and LR scheduler step. Then logging, samples,
+validation and saving, all keyed to the global step.
 
 Accumulation is explicit (the group of the last batches of an epoch may be shorter and is averaged over
 its own size), and gradients are averaged with one all-reduce per step, so the trained parameters need no
@@ -25,10 +26,10 @@ from tqdm import tqdm
 
 from library.config.params import DatasetSupport
 from library.errors import UserError
-from library.training.logging_utils import LossRecorder, describe_lr_groups, loggable_config
+from library.training.logging_utils import LossRecorder, describe_lr_groups
 from library.training.outputs import prune, save_or_emergency
-from library.training.preparation import (Run, build_run, check_run, make_accelerator, optimizer_class_name,
-                                          shared_seed, training_length)
+from library.training.preparation import (Run, build_run, check_run, init_trackers, make_accelerator,
+                                          optimizer_class_name, shared_seed, training_length)
 from library.training.recipes import Recipe, SaveInfo
 from library.training.sampling import sampling_due
 from library.training.state import (Progress, capture_rng, check_position, check_process_count, restore_rng,
@@ -75,10 +76,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     if metadata is not None:
         run.metadata = metadata(run)
     run.sample_prompts = checked.sample_prompts
-    if accelerator.log_with:
-        accelerator.init_trackers(args.log_tracker_name or tracker_name,
-                                  config=loggable_config(args) if args.log_config else None,
-                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+    init_trackers(args, accelerator, tracker_name)
     return run
 
 
@@ -224,8 +222,12 @@ def train(run: Run) -> Path:
     snapshot = _snapshot(run, progress)
     recipe.train_mode(True)
     _optimizer_mode(run, train=True)  # schedule-free optimizers start in eval mode
+    if progress.global_step == 0 and getattr(args, "validate_at_first", False):
+        value = _validate(run, 0)
+        if value is not None and acc.log_with:
+            acc.log({"loss/validation/current": value}, step=0)
     if progress.global_step == 0 and sampling_due(args, step=0):
-        _sample(run, progress, epoch_label=None)
+        _sample(run, 0, None)
 
     bar = tqdm(total=run.max_train_steps, initial=progress.global_step, disable=not acc.is_main_process,
                desc="steps", dynamic_ncols=True, smoothing=0.1)
@@ -242,7 +244,7 @@ def train(run: Run) -> Path:
                     b = progress.batches_done
                     group_start = (b // ga) * ga
                     group_len = min(ga, n_batches - group_start)
-                    loss = batch_loss(run, batch, progress.global_step)
+                    loss = recipe.batch_loss(run, batch, progress.global_step)
                     if run.fused_backward:  # the weights change during backward: check the loss before
                         _check_finite(_reduce_mean(run, loss.detach().float().item()), progress, args)
                     acc.backward(loss / group_len)
@@ -330,7 +332,7 @@ def _after_step(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str
     if step >= run.max_train_steps:
         return
     if sampling_due(args, step=step):
-        _sample(run, progress, epoch_label=None)
+        _sample(run, step, None)
     if args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
         value = _validate(run, step)
         if value is not None:
@@ -360,7 +362,7 @@ def _end_epoch(run: Run, progress: Progress, recorder: LossRecorder) -> None:
     if done >= run.num_epochs:
         return
     if sampling_due(args, step=progress.global_step, epoch=done):
-        _sample(run, progress, epoch_label=done)
+        _sample(run, progress.global_step, done)
     every = args.save_every_n_epochs
     if args.save_n_epoch_ratio:
         every = max(1, run.num_epochs // args.save_n_epoch_ratio)
@@ -377,7 +379,7 @@ def _end_epoch(run: Run, progress: Progress, recorder: LossRecorder) -> None:
 def _finish(run: Run, progress: Progress, snapshot: tuple[Progress, dict[str, Any]]) -> Path:
     args, acc = run.args, run.accelerator
     if run.sample_prompts and (args.sample_every_n_epochs or args.sample_every_n_steps):
-        _sample(run, progress, epoch_label=progress.epoch if args.sample_every_n_epochs else None)
+        _sample(run, progress.global_step, progress.epoch if args.sample_every_n_epochs else None)
     path = run.names.final()
     _save_weights(run, path, progress)
     if args.save_state or args.save_state_on_train_end:
@@ -409,15 +411,29 @@ def _save_weights(run: Run, path: Path, progress: Progress) -> None:
 def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]) -> None:
     progress, rng = snapshot
     acc = run.accelerator
+    info = {"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
+            "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()}
+    if run.group is not None:  # recipes that bring their own data have no dataset group
+        info["dataset"] = run.group.fingerprint()
     save_state(path, acc, progress=progress, weights=run.recipe.state_dict(), optimizer=run.optimizer.state_dict(),
                scheduler=run.lr_scheduler.state_dict(),
-               scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng,
-               info={"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
-                     "dataset": run.group.fingerprint(),
-                     "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()})
+               scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng, info=info)
 
 
-def _sample(run: Run, progress: Progress, epoch_label: int | None) -> None:
+def _sample(run: Run, global_step: int, epoch: int | None) -> None:
+    """The recipe's samples of the current weights (every process takes part)."""
+    with _side_work(run), torch.no_grad():
+        run.recipe.sample(run, global_step, epoch)
+    run.accelerator.wait_for_everyone()
+
+
+def _validate(run: Run, global_step: int) -> float | None:
+    """The recipe's held-out loss."""
+    with _side_work(run), torch.no_grad():
+        return run.recipe.validation_loss(run, global_step)
+
+
+def sample_images(run: Run, global_step: int, epoch: int | None) -> None:
     """Sample images with the current weights; each process renders its share of the prompts."""
     from library.training.sampling import generate_samples, prompts_for_process, sample_tag
 
@@ -426,19 +442,17 @@ def _sample(run: Run, progress: Progress, epoch_label: int | None) -> None:
     if prompts:
         resolution = run.params.datasets[0].resolution
         run.recipe.before_forward({"network_multipliers": torch.ones(1)})  # samples show the full-strength LoRA
-        with _side_work(run), torch.no_grad():
-            generate_samples(
-                unet=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
-                prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,
-                tag=sample_tag(step=progress.global_step, epoch=epoch_label), default_size=resolution,
-                device=acc.device, dtype=run.weight_dtype, v_parameterization=models.family.v_parameterization,
-                latent_scale=models.family.latent_scale, sampler=args.sample_sampler,
-                zero_terminal_snr=bool(args.zero_terminal_snr),
-            )
-    acc.wait_for_everyone()
+        generate_samples(
+            unet=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
+            prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,
+            tag=sample_tag(step=global_step, epoch=epoch), default_size=resolution,
+            device=acc.device, dtype=run.weight_dtype, v_parameterization=models.family.v_parameterization,
+            latent_scale=models.family.latent_scale, sampler=args.sample_sampler,
+            zero_terminal_snr=bool(args.zero_terminal_snr),
+        )
 
 
-def _validate(run: Run, global_step: int) -> float | None:
+def diffusion_validation_loss(run: Run, global_step: int) -> float | None:
     """Mean loss over the validation batches at fixed timesteps and fixed noise (comparable between calls)."""
     if run.val_loader is None:
         return None
@@ -448,14 +462,13 @@ def _validate(run: Run, global_step: int) -> float | None:
     seed = run.params.datasets[0].validation_seed if run.params.datasets[0].validation_seed is not None else run.seed
     generator = torch.Generator(device=acc.device).manual_seed(seed + acc.process_index)
     total, count = 0.0, 0
-    with _side_work(run), torch.no_grad():
-        run.val_loader.set_epoch(0)
-        for i, batch in enumerate(run.val_loader):
-            if run.args.max_validation_steps is not None and i >= run.args.max_validation_steps:
-                break
-            size = len(batch["captions"])
-            for t in points:
-                loss = batch_loss(run, batch, global_step, timesteps=t.repeat(size), generator=generator)
-                total += float(loss)
-                count += 1
+    run.val_loader.set_epoch(0)
+    for i, batch in enumerate(run.val_loader):
+        if run.args.max_validation_steps is not None and i >= run.args.max_validation_steps:
+            break
+        size = len(batch["captions"])
+        for t in points:
+            loss = batch_loss(run, batch, global_step, timesteps=t.repeat(size), generator=generator)
+            total += float(loss)
+            count += 1
     return _reduce_mean(run, total / max(count, 1))

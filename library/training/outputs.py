@@ -92,30 +92,54 @@ def output_name_problem(name: str, option: str = "--output_name") -> str | None:
     return None
 
 
-def check_output_dir(names: OutputNames, *, resume_state: dict | None, resume_folder: Path | None,
-                     overwrite: bool) -> None:
-    """Refuse to start over an earlier run's files (see module docstring). A resumed run may replace only
-    the files of the run it resumes: its state must lie in ``output_dir`` and carry this ``output_name``."""
+def output_problems(output_dir: str | Path | None, output_name: str) -> list[str]:
+    """What is wrong with ``--output_dir``/``--output_name`` (checked before any model loads, by every
+    trainer): a name that is a path, a folder that cannot be created or written."""
+    from library.io_utils import output_dir_problem
+
+    found = [output_name_problem(output_name)]
+    if output_dir is not None:
+        found.append(output_dir_problem(output_dir, "--output_dir"))
+    return [p for p in found if p]
+
+
+def check_output_dir(names: OutputNames, *, resume: str | Path | None, overwrite: bool) -> None:
+    """Refuse to start over an earlier run's files (see module docstring). ``resume`` is the ``--resume``
+    state folder (or None): a resumed run may replace only the files of the run it resumes, so the state must
+    lie in ``output_dir`` and have been saved with this ``output_name``."""
+    if isinstance(resume, bool):
+        raise TypeError("check_output_dir(resume=...) takes the --resume folder (or None), not a bool")
     if overwrite:
         return
     found = names.existing()
     if not found:
         return
     shown = ", ".join(p.name for p in found[:5]) + (" ..." if len(found) > 5 else "")
-    if resume_state is not None and resume_folder is not None:
-        same_dir = resume_folder.resolve().parent == names.output_dir.resolve()
-        same_name = resume_state.get("output_name") == names.name
-        if same_dir and same_name:
+    if resume:
+        folder = Path(resume)
+        same_dir = folder.resolve().parent == names.output_dir.resolve()
+        saved_name = _saved_output_name(folder)
+        if same_dir and saved_name == names.name:
             return
+        why = "lies in another folder" if not same_dir else f"was saved with --output_name {saved_name!r}"
         raise UserError(f"{names.output_dir} already has files named '{names.name}' ({shown}) that the resumed "
-                        f"run did not write (its state {resume_folder} "
-                        + ("lies in another folder" if not same_dir else
-                           f"was saved with --output_name {resume_state.get('output_name')!r}")
-                        + "); nothing was changed. Resume into the folder and name of the state's run, use another "
-                        "--output_name or --output_dir, or delete those files")
+                        f"run did not write (its state {folder} {why}); nothing was changed. Resume into the "
+                        "folder and with the --output_name of the state's run, use another --output_name or "
+                        "--output_dir, or delete those files")
     raise UserError(f"{names.output_dir} already has files of a run named '{names.name}' ({shown}); nothing was "
                     "changed. Use another --output_name or --output_dir, --resume <state folder> to continue "
                     "that run, or --overwrite to replace its files")
+
+
+def _saved_output_name(state_folder: Path) -> str | None:
+    """The ``output_name`` a state was saved with (None when unknown)."""
+    import json
+
+    try:
+        info = json.loads((state_folder / "train_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("output_name") if isinstance(info, dict) else None
 
 
 def owns_temporary(names: OutputNames) -> Callable[[str], bool]:

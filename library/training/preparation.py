@@ -17,13 +17,12 @@ import torch
 from library.config.dataset_config import resolve_dataset_params
 from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
-from library.io_utils import output_dir_problem
 from library.models.loading import resolve_model_path
 from library.models.weights import move_module
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
-from library.training.outputs import OutputNames, check_output_dir, output_name_problem
-from library.training.recipes import Recipe
+from library.training.outputs import OutputNames, check_output_dir, output_problems
+from library.training.recipes import LoopRecipe, Recipe
 from library.training.state import PROGRESS, verify_state
 from library.training.text_cache import caption_variation_reasons
 
@@ -96,17 +95,14 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
 
     output_name = args.output_name or "last"
     names = OutputNames(Path(args.output_dir or "."), output_name, recipe.file_extension)
-    problems += [p for p in (output_name_problem(output_name),
-                             args.output_dir is not None and output_dir_problem(args.output_dir, "--output_dir"))
-                 if p]
+    problems += output_problems(args.output_dir, output_name)
     resume_info = collect(lambda: verify_state(args.resume)) if args.resume else None
     if resume_info is not None and resume_info.get("recipe", recipe.name) != recipe.name:
         problems.append(resume_recipe_problem(args.resume, resume_info["recipe"], recipe.name))
     if problems:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
-        check_output_dir(names, resume_state=resume_info, resume_folder=Path(args.resume) if args.resume else None,
-                         overwrite=args.overwrite)
+        check_output_dir(names, resume=args.resume, overwrite=args.overwrite)
     return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts,
                    resume_info=resume_info)
 
@@ -230,35 +226,37 @@ def make_vae_encoder(vae: torch.nn.Module, device: torch.device,
 
 @dataclass
 class Run:
-    """Everything the loop works with, assembled by :func:`build_run`."""
+    """Everything the loop works with. The diffusion recipes' runs are assembled by :func:`build_run`; the
+    fields after ``fused_backward`` are theirs (a recipe that brings its own model leaves them unset and
+    keeps what it needs on itself)."""
 
     args: argparse.Namespace
     accelerator: Any
-    recipe: Recipe
-    models: Any
-    group: Any
-    params: DatasetGroupParams
-    loader: Any
+    recipe: LoopRecipe
+    loader: Any  # len(), iteration, set_epoch(epoch, skip_batches=...): see EpochLoader / IndexEpochLoader
     val_loader: Any
     optimizer: Any
     lr_scheduler: Any
     lr_names: list[str]
-    noise_scheduler: Any
-    noise_settings: Any
-    loss_settings: Any
-    text: Any
     names: OutputNames
     max_train_steps: int
     num_epochs: int
-    weight_dtype: torch.dtype
-    vae_encode: Any
     seed: int
     generator: torch.Generator
     metadata: dict[str, str] = field(default_factory=dict)
-    sample_prompts: list[Any] = field(default_factory=list)
+    sample_prompts: list[Any] = field(default_factory=list)  # what samples are made from (prompts, images)
     resumed: Any = None
     optimizer_name: str = ""
     fused_backward: bool = False  # the optimizer steps inside backward (--fused_backward_pass)
+    models: Any = None
+    group: Any = None
+    params: DatasetGroupParams | None = None
+    noise_scheduler: Any = None
+    noise_settings: Any = None
+    loss_settings: Any = None
+    text: Any = None
+    weight_dtype: torch.dtype = torch.float32
+    vae_encode: Any = None
 
 
 def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
@@ -280,7 +278,6 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     from library.training.noise import NoiseSettings, make_noise_scheduler
     from library.training.optimizers import create_optimizer, uses_relative_step
     from library.training.schedulers import create_scheduler
-    from library.training.state import load_state
     from library.training.text_cache import TextConditioner, encoder_fingerprint
 
     device = accelerator.device
@@ -344,32 +341,13 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     if args.full_fp16 and accelerator.scaler is not None:
         allow_fp16_gradients(accelerator.scaler)
 
-    resumed = None
-    if args.resume:
-        resumed = load_state(args.resume, process_index=accelerator.process_index,
-                             num_processes=accelerator.num_processes)
-        saved, current = resumed.info.get("optimizer"), optimizer_class_name(optimizer)
-        if saved is not None and saved != current:
-            raise UserError(f"--resume {args.resume}: the state was saved with the optimizer {saved}, this run uses "
-                            f"{current}; resume with the saved run's --optimizer_type")
-        try:
-            recipe.load_state_dict(resumed.weights)
-            optimizer.load_state_dict(resumed.optimizer)
-            lr_scheduler.load_state_dict(resumed.scheduler)
-        except (RuntimeError, ValueError, KeyError) as err:
-            detail = " ".join(str(err).split("\n")[:2]).replace("\t", "")
-            raise UserError(f"--resume {args.resume}: the state does not fit this run ({detail}); resume with the "
-                            "saved run's network, optimizer and scheduler options") from None
-        if resumed.scaler is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(resumed.scaler)
+    resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
     if getattr(args, "fused_backward_pass", False):
         from library.training.fused_backward import attach_fused_backward
 
         attach_fused_backward(optimizer, max_grad_norm=args.max_grad_norm, num_processes=accelerator.num_processes)
 
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1000 + accelerator.process_index)
-    set_seed(seed, device_specific=True)
+    generator = seed_generators(seed, accelerator)
     if accelerator.is_main_process:
         print(f"attention: {attention}; weights {str(dtype).removeprefix('torch.')}, trained parameters: "
               f"{sum(p.numel() for p in recipe.trainable_parameters()):,}")
@@ -393,3 +371,66 @@ def allow_fp16_gradients(scaler: Any) -> None:
         return unscale(optimizer, inv_scale, found_inf, True)
 
     scaler._unscale_grads_ = unscale_allowing_fp16
+
+
+def restore_state(args: argparse.Namespace, recipe: LoopRecipe, optimizer: Any, lr_scheduler: Any,
+                  accelerator: Any) -> Any:
+    """Load ``--resume`` (if given) into the recipe, optimizer, scheduler and grad scaler; returns the loaded
+    state (its position and RNG streams are restored by the loop), or None."""
+    from library.training.state import load_state
+
+    if not args.resume:
+        return None
+    resumed = load_state(args.resume, process_index=accelerator.process_index,
+                         num_processes=accelerator.num_processes)
+    saved, current = resumed.info.get("optimizer"), optimizer_class_name(optimizer)
+    if saved is not None and saved != current:
+        raise UserError(f"--resume {args.resume}: the state was saved with the optimizer {saved}, this run uses "
+                        f"{current}; resume with the saved run's optimizer option")
+    try:
+        recipe.load_state_dict(resumed.weights)
+        optimizer.load_state_dict(resumed.optimizer)
+        lr_scheduler.load_state_dict(resumed.scheduler)
+    except (RuntimeError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split("\n")[:2]).replace("\t", "")
+        raise UserError(f"--resume {args.resume}: the state does not fit this run ({detail}); resume with the "
+                        "saved run's network, optimizer and scheduler options") from None
+    if resumed.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed.scaler)
+    return resumed
+
+
+def seed_generators(seed: int, accelerator: Any) -> torch.Generator:
+    """Seed every global RNG for training (per process) and return the run's own generator."""
+    from accelerate.utils import set_seed
+
+    generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed(seed * 1000 + accelerator.process_index)
+    set_seed(seed, device_specific=True)
+    return generator
+
+
+def init_trackers(args: argparse.Namespace, accelerator: Any, tracker_name: str) -> None:
+    """Start TensorBoard / wandb when ``--log_with`` / ``--logging_dir`` asks for them."""
+    from library.training.logging_utils import loggable_config
+
+    if accelerator.log_with:
+        accelerator.init_trackers(args.log_tracker_name or tracker_name,
+                                  config=loggable_config(args) if args.log_config else None,
+                                  init_kwargs={"wandb": {"name": args.wandb_run_name}} if args.wandb_run_name else {})
+
+
+def assemble_run(args: argparse.Namespace, recipe: LoopRecipe, accelerator: Any, *, names: OutputNames,
+                 loader: Any, val_loader: Any, optimizer: Any, lr_scheduler: Any, lr_names: list[str], seed: int,
+                 max_train_steps: int, num_epochs: int, sample_prompts: list[Any] | None = None) -> Run:
+    """The :class:`Run` of a recipe that brings its own model, data and optimizer (a captioner, a VLM):
+    prepares the optimizer, restores ``--resume`` and seeds the RNGs, as :func:`build_run` does for the
+    diffusion recipes. Call it after the recipe's model is set up and before :func:`init_trackers`."""
+    optimizer = accelerator.prepare(optimizer)
+    resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
+    generator = seed_generators(seed, accelerator)
+    return Run(args=args, accelerator=accelerator, recipe=recipe, loader=loader, val_loader=val_loader,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names, names=names,
+               max_train_steps=max_train_steps, num_epochs=num_epochs, seed=seed, generator=generator,
+               sample_prompts=list(sample_prompts or []), resumed=resumed,
+               optimizer_name=optimizer_class_name(optimizer))

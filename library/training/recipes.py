@@ -1,10 +1,15 @@
-"""Recipes: what differs between LoRA training, DreamBooth and fine-tuning, behind one small interface.
+"""Recipes: what differs between training runs, behind one small interface.
 
-The loop (``library.training.loop``) trains whatever parameters a :class:`Recipe` exposes. A recipe decides
-which modules train (a LoRA network, or the UNet and optionally the text encoder), the optimizer's parameter
-groups, whether the text encoder gets gradients at a given step, what a resumable state holds, and how the
-trained weights are written. A full-weight recipe (DreamBooth with ``--stop_text_encoder_training``,
-fine-tuning) implements the same methods, without changes to the loop.
+The loop (``library.training.loop``) trains whatever parameters a recipe exposes. :class:`LoopRecipe` is
+what the loop itself needs from any recipe: the trained parameters and their optimizer groups, the loss of
+one batch, the held-out loss, samples, what a resumable state holds and how the trained weights are written.
+A recipe for another kind of model (a captioner, a VLM) implements just that and brings its own model, data
+loader and optimizer (``docs/architecture.md``, "A recipe that is not a diffusion model").
+
+:class:`Recipe` is the recipe of the diffusion models: its loss, validation and samples are the loop's
+diffusion ones, and it adds which modules train (a LoRA network, or the UNet and optionally the text
+encoder), whether the text encoder gets gradients at a given step, and per-batch settings. LoRA training,
+DreamBooth and fine-tuning differ only there, without changes to the loop.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ class SaveInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-class Recipe(ABC):
-    """The part of a training run that depends on what is trained."""
+class LoopRecipe(ABC):
+    """What the loop needs from any recipe (see the module docstring)."""
 
     name: str = ""
     file_extension: str = "safetensors"
@@ -39,6 +44,55 @@ class Recipe(ABC):
     @abstractmethod
     def option_problems(self, args: argparse.Namespace) -> list[str]:
         """Problems with the recipe's options (checked before any model loads)."""
+
+    @abstractmethod
+    def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+        """Optimizer parameter groups and a log name for each (``unet``, ``textencoder``, ``group<i>``)."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer updates."""
+
+    @abstractmethod
+    def train_mode(self, training: bool) -> None:
+        """Switch the trained modules between training and evaluation (sampling, validation)."""
+
+    @abstractmethod
+    def batch_loss(self, run: Any, batch: Any, global_step: int) -> torch.Tensor:
+        """The scalar loss of one micro-batch of ``run.loader``, with its graph. Random draws must come from
+        ``run.generator`` or the global RNGs (a resumable state holds both)."""
+
+    @abstractmethod
+    def validation_loss(self, run: Any, global_step: int) -> float | None:
+        """The held-out loss (the same value on every process), or None without held-out data. The loop
+        calls it in eval mode and restores every RNG stream afterwards."""
+
+    def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
+        """Write samples (images, captions) of the current weights; ``epoch`` is set at the end of an epoch.
+        Called on every process, in eval mode; the loop restores every RNG stream afterwards."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights for a resumable state."""
+
+    @abstractmethod
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` (strict)."""
+
+    @abstractmethod
+    def save(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
+        """Write the trained weights (atomically) to ``path``."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Per-epoch hook (e.g. a network's dropout schedule)."""
+
+    def after_optimizer_step(self, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+        """Work after each optimizer step (e.g. max-norm regularization); returns values to log."""
+        return {}
+
+
+class Recipe(LoopRecipe):
+    """The part of a diffusion-model run that depends on what is trained."""
 
     @abstractmethod
     def trains_text_encoder(self) -> bool:
@@ -57,39 +111,8 @@ class Recipe(ABC):
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
         """Create/select the trained modules on ``models`` (an ``SDModels``) and set ``requires_grad``."""
 
-    @abstractmethod
-    def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-        """Optimizer parameter groups and a log name for each (``unet``, ``textencoder``, ``group<i>``)."""
-
-    @abstractmethod
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Every parameter the optimizer updates."""
-
-    @abstractmethod
-    def train_mode(self, training: bool) -> None:
-        """Switch the trained modules between training and evaluation (sampling, validation)."""
-
-    @abstractmethod
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights for a resumable state."""
-
-    @abstractmethod
-    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict` (strict)."""
-
-    @abstractmethod
-    def save(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
-        """Write the trained weights (atomically) to ``path``."""
-
     def before_forward(self, batch: dict[str, Any]) -> None:
         """Per-batch settings (e.g. the dataset's network multiplier)."""
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """Per-epoch hook (e.g. a network's dropout schedule)."""
-
-    def after_optimizer_step(self, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-        """Work after each optimizer step (e.g. max-norm regularization); returns values to log."""
-        return {}
 
     def cast_trained(self, dtype: torch.dtype) -> None:
         """Cast the trained weights (``--full_fp16`` / ``--full_bf16``)."""
@@ -101,6 +124,21 @@ class Recipe(ABC):
     def text_conditioning(self, text: Any) -> Any:
         """The text conditioning the loop calls as ``text(captions, device)`` (default: the loop's own)."""
         return text
+
+    def batch_loss(self, run: Any, batch: Any, global_step: int) -> torch.Tensor:
+        from library.training.loop import batch_loss
+
+        return batch_loss(run, batch, global_step)
+
+    def validation_loss(self, run: Any, global_step: int) -> float | None:
+        from library.training.loop import diffusion_validation_loss
+
+        return diffusion_validation_loss(run, global_step)
+
+    def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
+        from library.training.loop import sample_images
+
+        sample_images(run, global_step, epoch)
 
 
 def _save_dtype(precision: str | None, fallback: torch.dtype) -> torch.dtype:
