@@ -12,12 +12,16 @@ from typing import Callable, Iterable, NoReturn
 
 
 class UserError(Exception):
-    """A problem in the user's input, explained in ``message`` (which says what to do about it)."""
+    """A problem in the user's input, explained in ``message`` (which says what to do about it).
 
-    def __init__(self, message: str):
+    An error made by :meth:`from_problems` also keeps its ``title`` and its list of ``problems``, so a caller
+    that gathers problems from several checks can merge them without re-reading the message text."""
+
+    def __init__(self, message: str, *, title: str = "", problems: Iterable[str] = ()):
         super().__init__(message)
         self.message = message
-        self.problems = [message]  # the single problems of a from_problems error, for merging into another list
+        self.title = title
+        self.problems = list(problems)
 
     @classmethod
     def from_problems(cls, title: str, problems: Iterable[str]) -> "UserError":
@@ -25,9 +29,14 @@ class UserError(Exception):
         items = list(problems)
         body = "\n".join(f"  - {p}" for p in items)
         noun = "problem" if len(items) == 1 else "problems"
-        err = cls(f"{title}: {len(items)} {noun}\n{body}")
-        err.problems = items
-        return err
+        return cls(f"{title}: {len(items)} {noun}\n{body}", title=title, problems=items)
+
+    def items(self) -> list[str]:
+        """Each listed problem prefixed with the short title (``title: problem``), or the message itself."""
+        if not self.problems:
+            return [self.message]
+        short = self.title.split(":")[0]
+        return [f"{short}: {p}" for p in self.problems]
 
 
 def run_cli(main: Callable[[], int | None]) -> NoReturn:

@@ -146,6 +146,8 @@ class DatasetGroup:
         self.notes = notes
         self.max_train_steps = max_train_steps
         self.latents: LatentStore | None = None
+        # textual inversion's --use_object_template / --use_style_template: each caption becomes one of these
+        self.caption_templates: tuple[str, ...] = ()
 
     @property
     def num_train_images(self) -> int:

@@ -150,8 +150,9 @@ def load_batch(group: "DatasetGroup", ref: "BatchRef", *, seed: int) -> dict[str
             images.append(prep.image)
             masks.append(prep.alpha_mask)
             flipped, crop_ltrb = prep.flipped, prep.crop_ltrb
-        captions.append(process_caption(img.record.caption, sub, rng=caption_rng, epoch=ref.epoch + 1,
-                                        step=ref.step, max_train_steps=group.max_train_steps))
+        caption = process_caption(img.record.caption, sub, rng=caption_rng, epoch=ref.epoch + 1, step=ref.step,
+                                  max_train_steps=group.max_train_steps)
+        captions.append(caption_rng.choice(group.caption_templates) if group.caption_templates else caption)
         paths.append(str(img.record.path))
         flipped_list.append(flipped)
         orig_hw.append((img.record.size[1], img.record.size[0]))

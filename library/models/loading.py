@@ -26,7 +26,7 @@ from library.models.architecture import (
     infer_vae_config,
     parse_architecture_metadata,
 )
-from library.models.family import ModelFamily, sd_family
+from library.models.families import SD_SCHEDULE, ModelFamily
 from library.models.metadata import file_hashes
 from library.models.tokenizers import load_tokenizer
 from library.models.weights import (
@@ -62,14 +62,13 @@ class SDModels:
         """A fresh ``DDPMScheduler`` with the SD training schedule and this family's prediction type."""
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            clip_sample=False,
-            prediction_type=self.family.prediction_type,
-        )
+        return DDPMScheduler(**self.family.scheduler_config, clip_sample=False,
+                             prediction_type=self.family.prediction_type)
+
+    @property
+    def denoiser(self):
+        """The model that predicts the noise (or velocity): the UNet of SD1.x/2.x/XL."""
+        return self.unet
 
     @property
     def model_hashes(self) -> dict[str, str]:
@@ -172,8 +171,17 @@ def _hub_snapshot(repo_id: str) -> Path:
 # ------------------------------------------------------------------------------------------ family checks
 
 
+def check_sd_family(family: ModelFamily, source: Path, keys=None) -> None:
+    """Refuse an SD1 checkpoint with ``--v2`` and the reverse (``keys``: a single file's tensor names; a
+    pickle, with no cheap header, is checked while it is read)."""
+    if source.is_dir():
+        _check_family(family, _folder_is_v2(source), source)
+    elif keys is not None:
+        _check_family(family, _single_file_is_v2(dict.fromkeys(keys), source), source)
+
+
 def _check_family(requested: ModelFamily, is_v2: bool, source: Path) -> None:
-    if requested.v2 == is_v2:
+    if (requested.name == "sd2") == is_v2:
         return
     if is_v2:
         raise UserError(
@@ -271,7 +279,7 @@ def _load_folder(folder: Path, family: ModelFamily, dtype, device, with_vae: boo
         if prediction != family.prediction_type:
             logger.warning(
                 "%s: the model's scheduler uses prediction_type=%s but training uses %s (%s --v_parameterization)",
-                folder, prediction, family.prediction_type, "with" if family.v_parameterization else "without",
+                folder, prediction, family.prediction_type, "with" if family.objective.is_v_prediction else "without",
             )
     unet_dir, te_dir = folder / "unet", folder / "text_encoder"
     unet = _build_unet(
@@ -328,7 +336,7 @@ def _load_single_file(
             raise UserError(f"{path}: no {part} weights ({prefix}*) in this checkpoint")
     unet_sd = conv.unet_ldm_to_diffusers(_split_prefix(tensors, conv.UNET_PREFIX))
     vae_sd = conv.vae_ldm_to_diffusers(_split_prefix(tensors, conv.VAE_PREFIX)) if with_vae else None
-    if family.v2:
+    if family.name == "sd2":
         te_sd = conv.openclip_to_bare(_split_prefix(tensors, conv.OPENCLIP_PREFIX))
     else:
         te_sd = conv.clip_ldm_to_bare(_split_prefix(tensors, conv.CLIP_PREFIX))
@@ -370,25 +378,26 @@ def load_vae(name: str, family: ModelFamily, *, dtype: torch.dtype = torch.float
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def load_sd_models(args, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDModels:
+def load_sd_models(args, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   family: ModelFamily | None = None) -> SDModels:
     """Load the model named by ``args.pretrained_model_name_or_path`` (see docs/models.md).
 
-    Reads ``args.v2``, ``args.v_parameterization``, ``args.vae`` and ``args.tokenizer_cache_dir``
-    (missing attributes count as unset).
+    ``family`` is the run's family (``library.models.families.resolve_family``); without it the family is
+    resolved here from ``args.v2`` / ``args.v_parameterization`` and the checkpoint. Also reads ``args.vae``
+    and ``args.tokenizer_cache_dir`` (missing attributes count as unset).
     """
-    family = sd_family(bool(getattr(args, "v2", False)), bool(getattr(args, "v_parameterization", False)))
     source = resolve_model_path(getattr(args, "pretrained_model_name_or_path", None))
     vae_name = getattr(args, "vae", None)
     if vae_name and not Path(vae_name).expanduser().exists():
         raise UserError(f"--vae {vae_name}: file or folder not found")
+    if family is None:
+        from library.models.families import resolve_family
+
+        family = resolve_family(args, source=source)
     cache_dir = getattr(args, "tokenizer_cache_dir", None)
     model_dir = source if source.is_dir() else None
     pickled = None
-    if source.is_dir():
-        _check_family(family, _folder_is_v2(source), source)
-    elif source.suffix.lower() == ".safetensors":
-        _check_family(family, _single_file_is_v2(dict.fromkeys(safetensors_keys(source)), source), source)
-    else:
+    if source.is_file() and source.suffix.lower() != ".safetensors":
         # a pickle has no cheap header: read it once, here, so that a wrong --v2 is reported before the tokenizer
         pickled = read_weights(source)
         _check_family(family, _single_file_is_v2(pickled[0], source), source)

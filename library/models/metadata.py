@@ -19,7 +19,7 @@ import os
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import torch
 from tqdm import tqdm
@@ -137,6 +137,19 @@ def modelspec(
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec
+
+
+def run_modelspec(family: Any, args: Any, *, title: str, resolution: Any, lora: bool) -> dict[str, str]:
+    """The ``modelspec.*`` keys of a training run's saved files, LoRA (``<architecture>/lora``, diffusers
+    implementation) or whole checkpoint (as sd-scripts marks it: Stability AI's implementation). ``family``
+    is the run's :class:`~library.models.families.ModelFamily`; the ``--metadata_*`` options fill the rest."""
+    return modelspec(
+        f"{family.modelspec_architecture}/lora" if lora else family.modelspec_architecture,
+        title=args.metadata_title or title, resolution=resolution,
+        prediction_type=family.objective.modelspec_prediction_type, encoder_layer=args.clip_skip,
+        author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
+        tags=args.metadata_tags, implementation=IMPL_DIFFUSERS if lora else IMPL_STABILITY_AI,
+    )
 
 
 def save_safetensors(

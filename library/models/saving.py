@@ -21,10 +21,10 @@ from library.io_utils import atomic_save_file, match_umask
 from library.models import ldm_conversion as conv
 from library.models.architecture import ARCHITECTURE_METADATA_KEY, architecture_metadata
 from library.models.loading import SDModels
+from library.precision import DTYPES
 
 SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
 _SUFFIX = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
-_PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def write_model_index(folder: Path) -> None:
@@ -46,9 +46,9 @@ def save_dtype(precision: str | None) -> torch.dtype | None:
     """``--save_precision`` (float | fp16 | bf16) as a dtype; ``None`` keeps the weights' own dtype."""
     if precision is None:
         return None
-    if precision not in _PRECISIONS:
+    if precision not in DTYPES:
         raise ValueError(f"unknown save precision {precision!r}; use float, fp16 or bf16")
-    return _PRECISIONS[precision]
+    return DTYPES[precision]
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ def ldm_state_dict(models: SDModels, *, unet=None, text_encoder=None) -> dict[st
     for k, v in conv.vae_diffusers_to_ldm(models.vae.state_dict()).items():
         out[conv.VAE_PREFIX + k] = v
     te = text_encoder.state_dict()
-    if models.family.v2:
+    if models.family.name == "sd2":
         out.update({conv.OPENCLIP_PREFIX + k: v for k, v in conv.bare_to_openclip(te).items()})
     else:
         te = conv.clip_bare_to_ldm(te)

@@ -125,15 +125,14 @@ def build_tiny_components(config: TinyConfig = TinyConfig(), seed: int = 0) -> d
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from library.models.families import SD_SCHEDULE
+
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**config.unet_config())
     vae = AutoencoderKL(**config.vae_config())
     text_encoder = CLIPTextModel(CLIPTextConfig(**config.text_config()))
     scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **SD_SCHEDULE,
         clip_sample=False,
         prediction_type="epsilon",
         steps_offset=1,

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from library.errors import UserError
-from library.models.family import ModelFamily
+from library.models.families import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ CLIP_VOCAB_SIZE = 49408
 
 
 def _hub_source(family: ModelFamily) -> tuple[str, str | None]:
-    return (SD2_TOKENIZER_ID, "tokenizer") if family.v2 else (SD1_TOKENIZER_ID, None)
+    return (SD2_TOKENIZER_ID, "tokenizer") if family.name == "sd2" else (SD1_TOKENIZER_ID, None)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -51,7 +51,7 @@ def _is_clip_vocabulary(tokenizer) -> bool:
 
 def _finish(tokenizer, family: ModelFamily):
     """SD2 (OpenCLIP) pads with ``!`` (id 0); SD1 pads with ``<|endoftext|>``."""
-    if family.v2 and tokenizer.pad_token_id != 0:
+    if family.name == "sd2" and tokenizer.pad_token_id != 0:
         tokenizer.pad_token = "!"
     return tokenizer
 

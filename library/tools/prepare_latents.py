@@ -24,9 +24,9 @@ from library.dataset.records import resolve_image_key
 from library.cli import ArgumentParser, non_negative_int
 from library.errors import UserError
 from library.io_utils import check_output_file
+from library.precision import dtype_of
 from library.tools.metadata_files import image_keys, load_metadata, save_metadata
 
-PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAX_LISTED = 10
 
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side (default 1024)")
     p.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket side step (default 64)")
     p.add_argument("--bucket_no_upscale", action="store_true", help="never enlarge images (buckets follow them)")
-    p.add_argument("--mixed_precision", choices=sorted(PRECISIONS), default="no",
+    p.add_argument("--mixed_precision", choices=["bf16", "fp16", "no"], default="no",
                    help="VAE precision; use the one training's VAE runs in (default no = float32)")
     p.add_argument("--full_path", action="store_true", help="key new metadata entries by the full image path")
     p.add_argument("--flip_aug", action="store_true", help="also cache the latents of the mirrored image")
@@ -238,7 +238,7 @@ def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
     matched.not_in_metadata = [p for p in matched.not_in_metadata if p.resolve() in processed]
 
     device = torch.device("cuda" if uses_cuda() else "cpu")
-    dtype = PRECISIONS[args.mixed_precision]
+    dtype = dtype_of(args.mixed_precision)
     vae = load_latent_vae(model, v2=args.v2, device=device, dtype=dtype)
     encoder = CountingEncoder(make_vae_encoder(vae, device, dtype))
     group.cache_latents(encoder, cache_key=vae_cache_key(vae, dtype), to_disk=True, batch_size=args.batch_size,

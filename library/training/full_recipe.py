@@ -319,16 +319,11 @@ def fused_backward_problems(args: argparse.Namespace) -> list[str]:
 
 def full_model_metadata(run: Any) -> dict[str, str]:
     """``modelspec.*`` keys of the saved single-file models, and what the run trained."""
-    from library.models.metadata import IMPL_STABILITY_AI, modelspec
+    from library.models.metadata import run_modelspec
 
     args, family = run.args, run.models.family
     resolution = run.params.datasets[0].resolution if run.params.datasets else family.default_resolution
-    meta = modelspec(
-        family.modelspec_architecture, title=args.metadata_title or run.names.name, resolution=resolution,
-        prediction_type="v" if family.v_parameterization else "epsilon", encoder_layer=args.clip_skip,
-        author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
-        tags=args.metadata_tags, implementation=IMPL_STABILITY_AI,  # a whole SD checkpoint, as sd-scripts marks it
-    )
+    meta = run_modelspec(family, args, title=run.names.name, resolution=resolution, lora=False)
     meta.update(run.recipe.metadata(args))
     meta["ss_seed"] = str(run.seed)
     if args.training_comment:

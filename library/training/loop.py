@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -40,19 +40,21 @@ VALIDATION_TIMESTEP_POINTS = 4
 
 
 def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
-                     tracker_name: str = "network_train", metadata: Any = None) -> Run | None:
+                     tracker_name: str = "network_train", metadata: Any = None,
+                     families: Sequence[str] = ("sd",)) -> Run | None:
     """Check everything, print the plan, load the models: a :class:`Run` ready for :func:`train` (None for
     ``--debug_dataset``, which only shows the data). ``metadata(run) -> dict[str, str]`` builds the
-    metadata of the saved files."""
+    metadata of the saved files; ``families`` names the model family specs the script trains."""
     from library.dataset import build_dataset_group, debug_dataset, make_train_loader
 
-    checked = check_run(args, recipe, support)
+    checked = check_run(args, recipe, support, families)
     accelerator = make_accelerator(args, tracker_name)
     resume = checked.resume_info
     if resume is not None:  # before any model loads
         check_process_count(args.resume, resume["num_processes"], accelerator.num_processes)
-    seed = shared_seed(args, accelerator, resume["seed"] if resume else None)
+    seed = shared_seed(args, accelerator, resume.get("seed") if resume else None)
     group = build_dataset_group(checked.params, seed=seed)
+    recipe.prepare_dataset(group)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
     max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
     group.set_max_train_steps(max_train_steps)  # before any loader: token warmup may be a ratio of it
@@ -93,9 +95,10 @@ def _remove_stale_temporaries(names: Any) -> None:
 
 
 def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
-                 tracker_name: str = "network_train", metadata: Any = None) -> Path | None:
+                 tracker_name: str = "network_train", metadata: Any = None,
+                 families: Sequence[str] = ("sd",)) -> Path | None:
     """:func:`prepare_training` then :func:`train`; returns the final weights file."""
-    run = prepare_training(args, recipe, support, tracker_name=tracker_name, metadata=metadata)
+    run = prepare_training(args, recipe, support, tracker_name=tracker_name, metadata=metadata, families=families)
     if run is None:
         return None
     try:
@@ -139,7 +142,7 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
     device = acc.device
     run.recipe.before_forward(batch)  # before the text encoder, which may carry part of the network
     latents = batch["latents"] if "latents" in batch else run.vae_encode(batch["images"])
-    latents = latents.to(device, torch.float32) * models.family.latent_scale
+    latents = models.family.scale_latents(latents.to(device, torch.float32))
 
     te_trains = run.recipe.text_encoder_trains_at(global_step) and timesteps is None
     with torch.set_grad_enabled(te_trains and torch.is_grad_enabled()), acc.autocast():
@@ -152,8 +155,9 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
         noisy = run.noise_scheduler.add_noise(latents, noise, t)
 
+    cond = models.family.spec.conditioning(context, batch, device)
     with acc.autocast():
-        pred = models.unet(noisy.to(run.weight_dtype), t, context.to(run.weight_dtype)).sample
+        pred = models.family.spec.forward(models.denoiser, noisy, t, cond, run.weight_dtype)
     if run.noise_scheduler.config.prediction_type == "v_prediction":
         target = run.noise_scheduler.get_velocity(latents, noise, t)
     else:
@@ -446,7 +450,7 @@ def sample_images(run: Run, global_step: int, epoch: int | None) -> None:
             unet=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
             prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,
             tag=sample_tag(step=global_step, epoch=epoch), default_size=resolution,
-            device=acc.device, dtype=run.weight_dtype, v_parameterization=models.family.v_parameterization,
+            device=acc.device, dtype=run.weight_dtype, v_parameterization=models.family.objective.is_v_prediction,
             latent_scale=models.family.latent_scale, sampler=args.sample_sampler,
             zero_terminal_snr=bool(args.zero_terminal_snr),
         )

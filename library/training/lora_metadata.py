@@ -276,7 +276,7 @@ def dataset_stats(group: Any) -> DatasetStats:
 
 def lora_metadata_for_run(run: Any) -> dict[str, str]:
     """The metadata of every LoRA file a run saves (``ss_*`` keys and ``modelspec.*``)."""
-    from library.models.metadata import modelspec
+    from library.models.metadata import run_modelspec
 
     args, group, models = run.args, run.group, run.models
     family = models.family
@@ -286,7 +286,7 @@ def lora_metadata_for_run(run: Any) -> dict[str, str]:
         num_reg_images=group.num_reg_images,
         num_batches_per_epoch=group.batches_per_epoch(run.accelerator.num_processes),
         num_epochs=run.num_epochs, max_train_steps=run.max_train_steps, seed=run.seed,
-        optimizer=run.optimizer_name, base_model_version=family.base_model_version, v2=family.v2,
+        optimizer=run.optimizer_name, base_model_version=family.base_model_version, v2=family.ss_v2,
         model_name=getattr(args, "pretrained_model_name_or_path", None) or models.source,
         model_hashes=models.model_hashes,
         vae_name=models.vae_source, vae_hashes=models.vae_hashes if models.vae_source else {},
@@ -294,10 +294,5 @@ def lora_metadata_for_run(run: Any) -> dict[str, str]:
     meta = build_lora_metadata(args, run.params, dataset_stats(group), facts,
                                num_processes=run.accelerator.num_processes)
     resolution = run.params.datasets[0].resolution if run.params.datasets else family.default_resolution
-    meta.update(modelspec(
-        f"{family.modelspec_architecture}/lora", title=args.metadata_title or run.names.name,
-        resolution=resolution, prediction_type="v" if family.v_parameterization else "epsilon",
-        encoder_layer=args.clip_skip, author=args.metadata_author, description=args.metadata_description,
-        license=args.metadata_license, tags=args.metadata_tags,
-    ))
+    meta.update(run_modelspec(family, args, title=run.names.name, resolution=resolution, lora=True))
     return meta

@@ -74,7 +74,7 @@ def parse_network_args(items: list[str] | None, network_module: str = DEFAULT_NE
             try:
                 parse_network_kwargs(given)
             except UserError as err:
-                problems += err.problems
+                problems += err.problems or [err.message]
     if problems:
         raise UserError.from_problems("--network_args", problems)
     return result
@@ -111,5 +111,5 @@ def network_option_problems(args: argparse.Namespace) -> list[str]:
     try:
         parse_network_args(g("network_args"), g("network_module") or DEFAULT_NETWORK_MODULE)
     except UserError as err:
-        problems += [f"--network_args: {p}" for p in err.problems]
+        problems += err.items()
     return problems

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from library.models.families import SD_SCHEDULE
 
-NUM_TRAIN_TIMESTEPS = 1000
+
+NUM_TRAIN_TIMESTEPS = SD_SCHEDULE["num_train_timesteps"]
 
 
 def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,8 +112,7 @@ def make_noise_scheduler(v_parameterization: bool = False, zero_terminal_snr: bo
     # rescale_betas_zero_snr applies Algorithm 1 of Lin et al. (shift and scale sqrt(alpha_bar) so the last
     # one is 0) to the betas in the constructor, before alphas_cumprod exists.
     return DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS, clip_sample=False,
+        **SD_SCHEDULE, clip_sample=False,
         prediction_type="v_prediction" if v_parameterization else "epsilon",
         rescale_betas_zero_snr=zero_terminal_snr,
     )

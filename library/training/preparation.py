@@ -10,15 +10,17 @@ import random
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from library.config.dataset_config import resolve_dataset_params
 from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
+from library.models.families import ModelFamily, resolve_family
 from library.models.loading import resolve_model_path
 from library.models.weights import move_module
+from library.precision import dtype_of
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
 from library.training.outputs import OutputNames, check_output_dir, output_problems
@@ -33,6 +35,7 @@ class Checked:
 
     params: DatasetGroupParams
     names: OutputNames
+    family: ModelFamily
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
     resume_info: dict[str, Any] | None = None  # the validated train_state.json of --resume
@@ -43,8 +46,10 @@ def uses_cuda() -> bool:
     return torch.cuda.is_available() and not forced_cpu
 
 
-def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport) -> Checked:
-    """Validate every option and the dataset configuration; one UserError for all problems found."""
+def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
+              families: Sequence[str] = ("sd",)) -> Checked:
+    """Validate every option and the dataset configuration, and resolve the model family (one of the specs
+    named in ``families``) from the checkpoint and the flags; one UserError for all problems found."""
     from library.training.losses import validate_noise_loss_args
     from library.training.optimizers import validate_optimizer_args
     from library.training.sampling import validate_sampling_args
@@ -56,14 +61,15 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
         try:
             return check()
         except UserError as err:
-            problems.extend(_items(err.message))
+            problems.extend(err.items())
             return None
 
     problems += training_option_problems(args, cuda=uses_cuda())
     collect(lambda: validate_noise_loss_args(args))
     collect(lambda: validate_optimizer_args(args))
     collect(lambda: validate_scheduler_args(args))
-    collect(lambda: resolve_model_path(args.pretrained_model_name_or_path))
+    source = collect(lambda: resolve_model_path(args.pretrained_model_name_or_path))
+    family = collect(lambda: resolve_family(args, families, source)) if source is not None else None
     params = collect(lambda: resolve_dataset_params(args, support))
     sample_prompts = collect(lambda: validate_sampling_args(args)) or []
     problems += recipe.option_problems(args)
@@ -99,11 +105,11 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport)
     resume_info = collect(lambda: verify_state(args.resume)) if args.resume else None
     if resume_info is not None and resume_info.get("recipe", recipe.name) != recipe.name:
         problems.append(resume_recipe_problem(args.resume, resume_info["recipe"], recipe.name))
-    if problems:
+    if problems or family is None:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
         check_output_dir(names, resume=args.resume, overwrite=args.overwrite)
-    return Checked(params=params, names=names, cache_text=cache_text, sample_prompts=sample_prompts,
+    return Checked(params=params, names=names, family=family, cache_text=cache_text, sample_prompts=sample_prompts,
                    resume_info=resume_info)
 
 
@@ -114,22 +120,6 @@ def resume_recipe_problem(folder: str, saved: str, current: str) -> str:
     hint = f"resume it with {script}" if script else "resume it with the script that saved it"
     return (f"--resume {folder}: this is a state of a {saved} training ({PROGRESS} field 'recipe'), but this run "
             f"is a {current} training; {hint}, or give a state of this script")
-
-
-def _items(message: str) -> list[str]:
-    """The problems of a ``UserError.from_problems`` message (``title: n problems`` then ``  - item`` lines),
-    each prefixed with the title; any other message as it is."""
-    lines = message.split("\n")
-    if len(lines) < 2 or not lines[1].startswith("  - "):
-        return [message]
-    title = lines[0].split(":")[0]
-    items: list[str] = []
-    for line in lines[1:]:
-        if line.startswith("  - "):
-            items.append(f"{title}: {line[4:]}")
-        else:
-            items[-1] += "\n" + line
-    return items
 
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
@@ -167,7 +157,7 @@ def shared_seed(args: argparse.Namespace, accelerator: Any, resume_seed: int | N
 
 
 def weight_dtype(args: argparse.Namespace) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    return dtype_of(args.mixed_precision, torch.float32)
 
 
 def training_length(args: argparse.Namespace, steps_per_epoch: int) -> tuple[int, int]:
@@ -271,9 +261,6 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     from accelerate.utils import set_seed
 
     from library.dataset import make_train_loader
-    from library.models.arguments import parse_max_token_length
-    from library.models.loading import load_sd_models
-    from library.models.text_encoding import TextEncoding
     from library.training.losses import LossSettings
     from library.training.noise import NoiseSettings, make_noise_scheduler
     from library.training.optimizers import create_optimizer, uses_relative_step
@@ -283,7 +270,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     device = accelerator.device
     dtype = weight_dtype(args)
     set_seed(seed)
-    models = load_sd_models(args, device=device if args.lowram else "cpu", dtype=torch.float32)
+    family = checked.family
+    models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
     attention = set_attention(models, args)
     for module in (models.unet, models.vae, *models.text_encoders):
         module.requires_grad_(False)
@@ -311,9 +299,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                             num_processes=accelerator.num_processes)
         accelerator.wait_for_everyone()
 
-    encoding = TextEncoding(models.tokenizers[0], models.text_encoders[0],
-                            max_token_length=parse_max_token_length(args.max_token_length),
-                            clip_skip=args.clip_skip, v2=models.family.v2)
+    encoding = models.family.spec.text_encoding(models, args)
     cache_dir = identity = None
     if args.cache_text_encoder_outputs_to_disk:
         cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
@@ -354,7 +340,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     return Run(
         args=args, accelerator=accelerator, recipe=recipe, models=models, group=group, params=checked.params,
         loader=loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names,
-        noise_scheduler=make_noise_scheduler(models.family.v_parameterization, bool(args.zero_terminal_snr)),
+        noise_scheduler=make_noise_scheduler(models.family.objective.is_v_prediction, bool(args.zero_terminal_snr)),
         noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,

@@ -111,6 +111,9 @@ class Recipe(LoopRecipe):
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
         """Create/select the trained modules on ``models`` (an ``SDModels``) and set ``requires_grad``."""
 
+    def prepare_dataset(self, group: Any) -> None:
+        """Adjust the dataset group before its plan is printed (caption templates, notes for the plan)."""
+
     def before_forward(self, batch: dict[str, Any]) -> None:
         """Per-batch settings (e.g. the dataset's network multiplier)."""
 
@@ -142,7 +145,9 @@ class Recipe(LoopRecipe):
 
 
 def _save_dtype(precision: str | None, fallback: torch.dtype) -> torch.dtype:
-    return {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision or "", fallback)
+    from library.precision import dtype_of
+
+    return dtype_of(precision, fallback)
 
 
 class LoRARecipe(Recipe):

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from library.errors import UserError
 from library.io_utils import atomic_save_file
+from library.models.families import SD_SCHEDULE
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +281,7 @@ def make_sample_scheduler(name: str, v_parameterization: bool, zero_terminal_snr
     check_sampler_available(key)
     cls = getattr(diffusers, _SCHEDULER_CLASSES[key])
     wanted: dict[str, Any] = dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="v_prediction" if v_parameterization else "epsilon", clip_sample=False,
+        **SD_SCHEDULE, prediction_type="v_prediction" if v_parameterization else "epsilon", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True,
     )
     if key in ("dpmsolver", "dpmsolver++"):

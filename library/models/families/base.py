@@ -1,0 +1,150 @@
+"""What a model family is: frozen facts, a training objective, and the behaviour behind the seam.
+
+A :class:`ModelFamily` is resolved once per run (``library.models.families.resolve_family``) from the
+checkpoint and the flags, before any model loads, and passed everywhere; its ``spec`` (a
+:class:`FamilySpec`) owns what differs between architectures: loading and saving the components, text
+conditioning, the denoiser's forward call and the kohya names of LoRA modules. The :class:`Objective`
+(what the denoiser predicts) is a second axis: SD1.x can be trained with epsilon or v prediction, and
+flow matching (SD3, FLUX.1, Lumina) is one more objective, not one more family.
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Collection, Mapping
+
+import torch
+
+Conditioning = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the denoiser learns to predict. ``name`` is the diffusers ``prediction_type``."""
+
+    name: str
+
+    @property
+    def prediction_type(self) -> str:
+        return self.name
+
+    @property
+    def is_v_prediction(self) -> bool:
+        return self.name == "v_prediction"
+
+    @property
+    def modelspec_prediction_type(self) -> str:
+        """``modelspec.prediction_type``: ``epsilon`` or ``v``."""
+        return "v" if self.is_v_prediction else self.name
+
+
+EPSILON = Objective("epsilon")
+V_PREDICTION = Objective("v_prediction")
+
+
+def objective_for(v_parameterization: bool) -> Objective:
+    """The DDPM objective of ``--v_parameterization``."""
+    return V_PREDICTION if v_parameterization else EPSILON
+
+
+@dataclass(frozen=True)
+class LoRABlockLayout:
+    """How a family's denoiser splits into blocks for ``block_dims`` / ``block_lr_weight`` style network args:
+    ``input_blocks`` down blocks, one middle block and as many up blocks."""
+
+    input_blocks: int
+
+    @property
+    def total(self) -> int:
+        return self.input_blocks * 2 + 1
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """The frozen facts of one architecture trained with one objective (see the module docstring)."""
+
+    name: str
+    objective: Objective
+    latent_scale: float
+    bucket_step: int
+    default_resolution: int
+    base_model_version: str
+    modelspec_architecture: str
+    spec_name: str
+    scheduler_config: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    latent_shift: float = 0.0
+    vae_factor: int = 8
+    cache_suffix: str = ""
+    ss_v2: bool = False
+    lora_blocks: LoRABlockLayout = LoRABlockLayout(12)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
+
+    @property
+    def prediction_type(self) -> str:
+        """The diffusers scheduler ``prediction_type`` this family trains with."""
+        return self.objective.prediction_type
+
+    @property
+    def spec(self) -> "FamilySpec":
+        """The behaviour of this family (registry lookup)."""
+        from library.models.families.registry import family_spec
+
+        return family_spec(self.spec_name)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents to the denoiser's scale: ``(latents - shift) * scale``."""
+        if self.latent_shift:
+            latents = latents - self.latent_shift
+        return latents * self.latent_scale
+
+
+class FamilySpec(ABC):
+    """The behaviour of a family. One stateless instance per family kind lives in the registry."""
+
+    name: str = ""
+    #: the scripts that train this family, for messages that name the right one
+    scripts: tuple[str, ...] = ()
+
+    @abstractmethod
+    def recognises_file(self, keys: Collection[str]) -> bool:
+        """Whether a single file with these tensor names (header only) belongs to this family."""
+
+    @abstractmethod
+    def recognises_folder(self, folder: Path) -> bool:
+        """Whether a diffusers model folder belongs to this family."""
+
+    @abstractmethod
+    def family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        """The family for the flags and the checkpoint (``keys`` of a single file, None for a folder);
+        a :class:`library.errors.UserError` when they disagree."""
+
+    @abstractmethod
+    def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
+        """The model's components (``denoiser``, ``vae``, ``text_encoders``, ``tokenizers``)."""
+
+    @abstractmethod
+    def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
+        """The object that tokenizes and encodes captions for this family's text encoders."""
+
+    @abstractmethod
+    def conditioning(self, text: Any, batch: Mapping[str, Any], device: torch.device) -> Conditioning:
+        """The denoiser's conditioning for a batch, from the text conditioning's output ``text``."""
+
+    @abstractmethod
+    def forward(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: Conditioning, dtype: torch.dtype) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents at ``timesteps``."""
+
+    @abstractmethod
+    def owns_denoiser(self, denoiser: torch.nn.Module) -> bool:
+        """Whether this loaded denoiser is of this family (LoRA networks ask, through the kohya interface)."""
+
+    @abstractmethod
+    def lora_denoiser_name(self, module_path: str) -> str:
+        """The kohya LoRA name body (without ``lora_unet_``) of a denoiser module at ``module_path``."""
