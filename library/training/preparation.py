@@ -115,7 +115,9 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
 
 def resume_recipe_problem(folder: str, saved: str, current: str) -> str:
     """A state of another kind of training (a LoRA state given to train_db.py, ...)."""
-    scripts = {"lora": "train_network.py", "dreambooth": "train_db.py", "fine_tuning": "fine_tune.py"}
+    scripts = {"lora": "train_network.py", "dreambooth": "train_db.py", "fine_tuning": "fine_tune.py",
+               "textual_inversion": "train_textual_inversion.py",
+               "textual_inversion_xti": "train_textual_inversion_XTI.py"}
     script = scripts.get(saved)
     hint = f"resume it with {script}" if script else "resume it with the script that saved it"
     return (f"--resume {folder}: this is a state of a {saved} training ({PROGRESS} field 'recipe'), but this run "
