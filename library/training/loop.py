@@ -269,6 +269,7 @@ def train(run: Run) -> Path:
                     if acc.log_with:
                         acc.log(logs, step=progress.global_step)
                     if stop.agreed and progress.global_step < run.max_train_steps:
+                        print(f"process {acc.process_index}: stopped after step {progress.global_step}", flush=True)
                         raise KeyboardInterrupt
                     if progress.global_step >= run.max_train_steps:
                         if progress.batches_done == n_batches:  # the last step also ended the epoch
@@ -283,8 +284,9 @@ def train(run: Run) -> Path:
         if args.save_state and (acc.num_processes == 1 or stop.agreed):
             path = run.names.step_state(snapshot[0].global_step)
             _write_state(run, path, snapshot)
-            print(f"\ninterrupted: state of step {snapshot[0].global_step} saved to {path}; continue with "
-                  f"--resume {path}", flush=True)
+            if acc.is_main_process:
+                print(f"\ninterrupted: state of step {snapshot[0].global_step} saved to {path}; continue with "
+                      f"--resume {path}", flush=True)
         raise
     bar.close()
     return _finish(run, progress, _snapshot(run, progress))

@@ -5,14 +5,20 @@ the loop saves the state of the last completed step. Several processes: each pro
 a different point, and a process that stopped inside a collective would leave the others waiting forever.
 So the signal only sets a flag; the flag travels with the step's loss reduction (no extra communication),
 every process sees the same answer after the same optimizer step, and they stop there together, which lets
-them save one consistent state. A second Ctrl-C stops a process at once (no state).
+them save one consistent state. A second Ctrl-C (more than a second after the first: the launcher forwards
+the terminal's signal to its workers, which then receive it twice at once) stops a process at once, without
+a state. The launcher kills workers that have not stopped 30 seconds after the signal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from typing import Any, Iterator
+
+
+REPEAT_SECONDS = 1.0  # a signal this long after the first one stops at once
 
 
 class StopRequest:
@@ -21,11 +27,15 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False  # this process received a signal
         self.agreed = False  # every process saw a request after the same step: they stop together
+        self._first = 0.0
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            if time.monotonic() - self._first > REPEAT_SECONDS:
+                raise KeyboardInterrupt
+            return
         self.requested = True
+        self._first = time.monotonic()
         print(f"\n{signal.Signals(signum).name}: stopping after the current step (all processes together); "
               "press Ctrl-C again to stop at once without saving", flush=True)
 
