@@ -375,6 +375,17 @@ def load_vae(name: str, family: ModelFamily, *, dtype: torch.dtype = torch.float
     return _build_vae(_infer(infer_vae_config, sd, family, meta, f"--vae {path}"), sd, f"--vae {path}", dtype, device)
 
 
+def checkpoint_is_v2(name: str | os.PathLike) -> bool:
+    """Whether a local model file or diffusers folder is SD2.x (from its header or configs; no weights read
+    except for pickles, which have no header)."""
+    source = resolve_model_path(str(name))
+    if source.is_dir():
+        return _folder_is_v2(source)
+    if source.suffix.lower() == ".safetensors":
+        return _single_file_is_v2(dict.fromkeys(safetensors_keys(source)), source)
+    return _single_file_is_v2(read_weights(source)[0], source)
+
+
 # ------------------------------------------------------------------------------------------ entry point
 
 

@@ -1,0 +1,157 @@
+"""Time and peak memory of ``networks/merge_lora.py`` merging a LoRA into a full-size random checkpoint.
+
+    python bench/bench_lora_merge.py [--models sd15] [--rank 32] [--conv_rank 16] [--json results.json]
+
+Models (random weights, fp16 single files in the original LDM layout, written first):
+  sd15  SD1.5's full architecture: UNet 320/640/1280/1280, 2 layers per block, CLIP ViT-L text encoder (12 layers),
+        the SD VAE (about 1.07 G parameters, 2.1 GB in fp16)
+  sd2   SD2.1's full architecture (linear projections, 1024-wide OpenCLIP text encoder, 23 layers)
+The LoRA covers every module sd-scripts targets (text encoder and UNet, plus LoCon 3x3 convs) at ``--rank``
+(``--conv_rank``). The merge runs as the user would run it, in its own process: ``--precision float``
+(sd-scripts' default), ``--save_precision fp16``, ``--device cuda`` when CUDA is available. Reported: wall time
+of the whole command (load, merge, save) and the merge process's peak RSS (plus peak CUDA memory on CUDA).
+Check ``free -g`` first: the fp32 model alone is twice the fp16 file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+CASES = ("sd15", "sd2")
+
+
+def _random_fp16(build):
+    """A module built on the meta device, then filled with small random fp16 values (no fp32 copy in memory)."""
+    import torch
+
+    with torch.device("meta"):
+        module = build()
+    module = torch.nn.Module.to(module, dtype=torch.float16).to_empty(device="cpu")  # (diffusers' .to warns)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(torch.float16))
+        for b in module.buffers():
+            b.zero_()
+    return module
+
+
+def build_checkpoint(name: str, path: Path) -> int:
+    """Write the random checkpoint; returns its parameter count."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.lora_tools.targets import REFERENCE_CONFIGS
+    from library.models.families import sd_family
+    from library.models.loading import SDModels
+    from library.models.saving import save_sd_model
+
+    config = REFERENCE_CONFIGS["sd1" if name == "sd15" else "sd2"]
+    unet = _random_fp16(lambda: UNet2DConditionModel(**config["unet"]))
+    text_encoder = _random_fp16(lambda: CLIPTextModel(CLIPTextConfig(**config["text"])))
+    vae = _random_fp16(lambda: AutoencoderKL(**VAE))
+    models = SDModels(sd_family(name == "sd2"), unet, vae, [text_encoder], [None], source="random")
+    save_sd_model(path, models, fmt="safetensors")
+    return sum(p.numel() for m in (unet, text_encoder, vae) for p in m.parameters())
+
+
+def build_lora(name: str, path: Path, rank: int, conv_rank: int) -> int:
+    """A random LoRA (LoCon) over every target of the full-size model; returns its module count."""
+    import torch
+
+    from library.lora_tools.lora_file import LoRAModuleWeights, write_lora
+    from library.lora_tools.targets import reference_model
+    from networks.lora import find_target_modules
+
+    text_encoders, unet = reference_model("sd1" if name == "sd15" else "sd2")
+    gen = torch.Generator().manual_seed(1)
+    modules = {}
+    for t in find_target_modules(text_encoders, unet, scan_conv_blocks=True):
+        shape = tuple(t.module.weight.shape)
+        r = conv_rank if t.is_3x3 else rank
+        down = torch.randn(r, *shape[1:], generator=gen) * 0.01
+        up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.01
+        modules[t.lora_name] = LoRAModuleWeights(down, up, float(r))
+    write_lora(path, modules, {"ss_network_module": "networks.lora"}, torch.float16)
+    return len(modules)
+
+
+def merge_case(name: str, work: Path) -> dict:
+    """Run merge_lora.py's main in this process and measure it (own process: the peak RSS is the merge's)."""
+    import torch
+
+    from networks import merge_lora
+
+    cuda = torch.cuda.is_available()
+    ckpt, lora = work / f"{name}.safetensors", work / f"{name}_lora.safetensors"
+    argv = ["--sd_model", str(ckpt), "--models", str(lora), "--save_to", str(work / f"{name}_merged.safetensors"),
+            "--save_precision", "fp16", "--overwrite"] + (["--device", "cuda"] if cuda else [])
+    start = time.perf_counter()
+    merge_lora.main(argv)
+    seconds = time.perf_counter() - start
+    result = {"model": name, "device": "cuda" if cuda else "cpu", "seconds": seconds,
+              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "checkpoint_gib": ckpt.stat().st_size / 2**30, "lora_mib": lora.stat().st_size / 2**20}
+    if cuda:
+        result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def run_case(name: str, rank: int, conv_rank: int, work: Path) -> dict:
+    subprocess.run([sys.executable, __file__, "--build", name, str(work), str(rank), str(conv_rank)], check=True,
+                   cwd=ROOT)
+    proc = subprocess.run([sys.executable, __file__, "--merge", name, str(work)], cwd=ROOT, capture_output=True,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(proc.stderr[-3000:])
+    return {**json.loads(lines[-1][len("RESULT "):]), "rank": rank, "conv_rank": conv_rank}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=["sd15"], choices=CASES)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--conv_rank", type=int, default=16)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--build", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--merge", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.merge:
+        print("RESULT " + json.dumps(merge_case(args.merge[0], Path(args.merge[1]))), flush=True)
+        return 0
+    if args.build:
+        name, work, rank, conv_rank = args.build
+        params = build_checkpoint(name, Path(work) / f"{name}.safetensors")
+        count = build_lora(name, Path(work) / f"{name}_lora.safetensors", int(rank), int(conv_rank))
+        print(f"built {name}: {params / 1e9:.2f} G parameters, LoRA with {count} modules", flush=True)
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_lora_merge_") as work:
+        for name in args.models:
+            result = run_case(name, args.rank, args.conv_rank, Path(work))
+            results.append(result)
+            print(f"{name}: merge into a {result['checkpoint_gib']:.2f} GiB checkpoint ({result['device']}, "
+                  f"LoRA {result['lora_mib']:.0f} MiB, rank {args.rank}/conv {args.conv_rank}): "
+                  f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB"
+                  + (f", peak CUDA {result['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in result else ""), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

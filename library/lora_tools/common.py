@@ -1,0 +1,157 @@
+"""What the LoRA tool scripts share: their common options, input checks, and the merge commands.
+
+Every command checks its inputs and output before any model loads (a problem is one ``UserError``), writes
+atomically and never replaces an existing output without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from library.errors import UserError
+from library.lora_tools import merge, outputs
+from library.lora_tools import targets as fam
+from library.lora_tools.lora_file import LoRAFile, check_lora_path, read_lora, write_lora
+from library.models.metadata import IMPL_STABILITY_AI, modelspec
+
+logger = logging.getLogger(__name__)
+PRECISION_CHOICES = ("float", "fp16", "bf16")
+
+
+def add_precision_arguments(p: argparse.ArgumentParser, *, precision: bool) -> None:
+    p.add_argument("--save_precision", choices=PRECISION_CHOICES, default=None,
+                   help="precision of the saved weights (default: --precision, or the file's for LoRA-only tools)")
+    if precision:
+        p.add_argument("--precision", choices=PRECISION_CHOICES, default="float",
+                       help="precision the merge is computed and the model held in (default float)")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="device for the computation, e.g. cuda (default cpu)")
+    p.add_argument("--no_metadata", action="store_true",
+                   help="do not write modelspec metadata (the minimum ss_* keys are still written)")
+    p.add_argument("--overwrite", action="store_true", help="replace --save_to if it exists")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``; a CUDA device without CUDA is an error, never a silent fallback to the CPU."""
+    if not name:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def read_loras(paths: Sequence[str]) -> list[LoRAFile]:
+    """Read every LoRA file (all paths are checked first, so a typo in the last one costs nothing)."""
+    problems = []
+    for path in paths:
+        try:
+            check_lora_path(path)
+        except UserError as err:
+            problems.append(err.message)
+    if problems:
+        raise UserError.from_problems("--models", problems)
+    return [read_lora(path) for path in paths]
+
+
+def lora_families(files: Sequence[LoRAFile]) -> str | None:
+    """The family the files share; files for different families are an error."""
+    found = {str(f.path): fam.lora_family(f.modules, f.metadata) for f in files}
+    families = set(found.values())
+    if len(families) > 1:
+        listing = ", ".join(f"{path}: {fam.family_label(name)}" for path, name in found.items())
+        raise UserError(f"the LoRA files are for different model families ({listing}); merge files of one family")
+    return families.pop() if families else None
+
+
+def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return outputs.precision_dtype(args.save_precision or getattr(args, "precision", None))
+
+
+def _merged_lora_metadata(args: argparse.Namespace, files: list[LoRAFile], modules, save_to: Path) -> dict[str, str]:
+    family = outputs.lora_model_family(lora_families(files), files[0].metadata)
+    return outputs.lora_metadata(
+        modules, family, title=save_to.stem, merged_from=files, no_metadata=args.no_metadata
+    )
+
+
+def merge_into_lora(args: argparse.Namespace) -> None:
+    """``merge_lora.py`` without ``--sd_model``: exact merge by rank concatenation."""
+    ratios = outputs.check_ratios(args.models, args.ratios)
+    save_to = outputs.check_output(args.save_to, overwrite=args.overwrite, inputs=args.models)
+    resolve_device(args.device)
+    files = read_loras(args.models)
+    lora_families(files)
+    modules = merge.concat_loras(files, ratios, shuffle=args.shuffle)
+    write_lora(save_to, modules, _merged_lora_metadata(args, files, modules, save_to), save_dtype(args))
+    ranks = sorted({m.rank for m in modules.values()})
+    print(f"saved {save_to}: {len(modules)} modules, rank {'/'.join(map(str, ranks))} (ranks concatenated)")
+
+
+def svd_merge_loras(args: argparse.Namespace) -> None:
+    """``svd_merge_lora.py``: SVD of the summed deltas to ``--new_rank`` / ``--new_conv_rank``."""
+    ratios = outputs.check_ratios(args.models, args.ratios)
+    if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
+        raise UserError("--new_rank and --new_conv_rank must be at least 1")
+    save_to = outputs.check_output(args.save_to, overwrite=args.overwrite, inputs=args.models)
+    device = resolve_device(args.device)
+    files = read_loras(args.models)
+    lora_families(files)
+    conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
+    modules = merge.svd_merge(files, ratios, args.new_rank, conv_rank, device=device)
+    write_lora(save_to, modules, _merged_lora_metadata(args, files, modules, save_to), save_dtype(args))
+    print(f"saved {save_to}: {len(modules)} modules, rank {args.new_rank} (conv {conv_rank})")
+
+
+def _checkpoint_metadata(args: argparse.Namespace, family, save_to: Path) -> dict[str, str] | None:
+    if args.no_metadata:
+        return None
+    spec = modelspec(
+        family.modelspec_architecture,
+        title=save_to.stem,
+        resolution=family.default_resolution,
+        prediction_type=family.objective.modelspec_prediction_type,
+        implementation=IMPL_STABILITY_AI,
+    )
+    spec["modelspec.merged_from"] = ", ".join(Path(p).stem for p in [args.sd_model, *args.models])
+    return spec
+
+
+def checkpoint_for(path: str, v2: bool, v_parameterization: bool, what: str):
+    """The family of a checkpoint read from the file; ``--v2`` given for an SD1 file is an error."""
+    family = fam.checkpoint_family(path, True if v_parameterization else None)
+    if v2 and not family.ss_v2:
+        raise UserError(f"{what} {path} is a Stable Diffusion 1.x model but --v2 is set; remove --v2")
+    return family
+
+
+def merge_into_checkpoint(args: argparse.Namespace) -> None:
+    """``merge_lora.py --sd_model``: add every LoRA's delta to the checkpoint's weights and save it."""
+    ratios = outputs.check_ratios(args.models, args.ratios)
+    save_to = outputs.check_output(args.save_to, overwrite=args.overwrite, inputs=[args.sd_model, *args.models],
+                                   lora=False)
+    fam.output_model_format(save_to)
+    device = resolve_device(args.device)
+    family = checkpoint_for(args.sd_model, args.v2, args.v_parameterization, "--sd_model")
+    files = read_loras(args.models)
+    wrong = [f"{f.path} is a {fam.family_label(name)} LoRA" for f in files
+             if (name := fam.lora_family(f.modules, f.metadata)) != family.name]
+    if wrong:
+        raise UserError.from_problems(f"--sd_model {args.sd_model} is {fam.family_label(family.name)}", wrong)
+    start = time.perf_counter()
+    model = fam.load_model_for_lora(args.sd_model, family, dtype=outputs.precision_dtype(args.precision))
+    changed = merge.merge_into_model(model, files, ratios, device=device)
+    model.save(save_to, save_dtype(args), _checkpoint_metadata(args, family, save_to))
+    print(f"saved {save_to}: {changed} weights changed by {len(files)} LoRA file(s) "
+          f"in {time.perf_counter() - start:.1f}s")
