@@ -155,6 +155,14 @@ ROWS = [
     Case("prepare_latents_max_resolution_64", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
          "{W}/out.json {M} --max_resolution 64,64", "lower min_bucket_reso (256) to at most 64",
          setup=_latents_metadata, forbid=("raise max_bucket_reso",)),
+    # LoRA utilities (issue 17): the same classes
+    Case("merge_lora_save_to_is_a_folder", "networks/merge_lora.py --save_to {W}/dir.safetensors --models "
+         "{OUT}/l.safetensors --overwrite", "is a folder; give a LoRA file name",
+         setup=lambda work, s: (work / "dir.safetensors").mkdir()),
+    Case("merge_lora_save_to_under_a_file", "networks/merge_lora.py --save_to {IMG}/red.png/x.safetensors "
+         "--models {OUT}/l.safetensors", "is a file, not a folder"),
+    Case("merge_lora_ratio_nan", "networks/merge_lora.py --save_to {W}/x.safetensors --models {OUT}/l.safetensors "
+         "--ratios nan", "must be a finite number"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --max_train_steps 3 --resume {STATE}", "this is a state of a lora training"),
 ]

@@ -47,6 +47,24 @@ def test_output_dir_broken_during_the_run_saves_an_emergency_file(tiny_sd1_dir, 
     assert out.read_text() == "the folder was replaced by a file while training"
 
 
+def test_state_that_cannot_be_written_keeps_the_weights_in_an_emergency_file(tiny_sd1_dir, data, tmp_path,
+                                                                              monkeypatch):
+    from library.training.loop import train
+
+    out = tmp_path / "out"
+    run = prepare_run(train_args(tiny_sd1_dir, out, config=data, steps=2, name="l",
+                                 extra=["--save_state_on_train_end"]))
+    out.mkdir()
+    (out / ".l-state.partial").write_text("a file where the state's folder must go")  # the state write fails
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"could not save .*l-state .*saved to .*l-emergency-step00000002"):
+        try:
+            train(run)
+        finally:
+            run.accelerator.end_training()
+    assert (out / "l.safetensors").is_file() and (tmp_path / "l-emergency-step00000002.safetensors").is_file()
+
+
 def test_stale_temporaries_of_this_run_are_removed_and_said(tiny_sd1_dir, data, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

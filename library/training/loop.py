@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -401,17 +401,23 @@ def _prune(run: Run, kind: str, *, state: bool, keep_after: int) -> None:
 
 
 def _save_weights(run: Run, path: Path, progress: Progress) -> None:
-    from library.training.lora_metadata import per_save_metadata
-
     acc = run.accelerator
     if acc.is_main_process:
+        save_or_emergency(_weights_saver(run, progress), path, run.names, progress.global_step)
+    acc.wait_for_everyone()
+
+
+def _weights_saver(run: Run, progress: Progress) -> Callable[[Path], None]:
+    """``save(path)``: the trained weights at ``progress`` with their metadata (side work: RNGs untouched)."""
+    from library.training.lora_metadata import per_save_metadata
+
+    def save(path: Path) -> None:
         with _side_work(run):
             meta = per_save_metadata(run.metadata, global_step=progress.global_step, epoch=progress.epoch,
                                      minimal=bool(getattr(run.args, "no_metadata", False))) if run.metadata else {}
-            info = SaveInfo(progress.global_step, progress.epoch, meta)
-            save_or_emergency(lambda target: run.recipe.save(target, info, run.args), path, run.names,
-                              progress.global_step)
-    acc.wait_for_everyone()
+            run.recipe.save(path, SaveInfo(progress.global_step, progress.epoch, meta), run.args)
+
+    return save
 
 
 def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]) -> None:
@@ -421,9 +427,14 @@ def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]
             "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()}
     if run.group is not None:  # recipes that bring their own data have no dataset group
         info["dataset"] = run.group.fingerprint()
-    save_state(path, acc, progress=progress, weights=run.recipe.state_dict(), optimizer=run.optimizer.state_dict(),
-               scheduler=run.lr_scheduler.state_dict(),
-               scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng, info=info)
+
+    def write(target: Path) -> None:
+        save_state(target, acc, progress=progress, weights=run.recipe.state_dict(),
+                   optimizer=run.optimizer.state_dict(), scheduler=run.lr_scheduler.state_dict(),
+                   scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng, info=info)
+
+    # a state that cannot be written: keep at least the trained weights
+    save_or_emergency(write, path, run.names, progress.global_step, weights=_weights_saver(run, progress))
 
 
 def _sample(run: Run, global_step: int, epoch: int | None) -> None:

@@ -168,15 +168,18 @@ def prune(names: OutputNames, kind: str, *, state: bool, keep_after: int) -> lis
     return removed
 
 
-def save_or_emergency(save: Callable[[Path], None], target: Path, names: OutputNames, step: int) -> None:
+def save_or_emergency(save: Callable[[Path], None], target: Path, names: OutputNames, step: int, *,
+                      weights: Callable[[Path], None] | None = None) -> None:
     """``save(target)``; when that fails (disk full, folder removed or made read-only during the run), the
-    trained weights are written to an emergency file instead (the working folder, else the temporary folder)
-    and a UserError says where, so hours of training are never lost to a failed save."""
+    trained weights are written by ``weights(path)`` (default: ``save``; a state's caller passes its weights
+    saver) to an emergency file instead (the working folder, else the temporary folder) and a UserError says
+    where, so hours of training are never lost to a failed save."""
     try:
         save(target)
         return
     except OSError as err:
         first = err
+    save = weights or save
     name = f"{names.name}-emergency-step{step:08d}{names.suffix}"
     tried = []
     for folder in (Path.cwd(), Path(tempfile.gettempdir()), Path.home()):
