@@ -77,6 +77,40 @@ def atomic_save_file(path: str | os.PathLike, save: Callable[[str], None]) -> No
     _atomic_write(path, save)
 
 
+def replace_folder(new: Path, target: Path) -> None:
+    """Move the folder ``new`` to ``target``; an existing ``target`` is moved aside first and removed only
+    afterwards."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def atomic_save_folder(path: str | os.PathLike, save: Callable[[Path], None]) -> None:
+    """Call ``save(tmp_folder)`` (e.g. a transformers ``save_pretrained``) and move the folder into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save(tmp)
+        match_umask(tmp)
+        replace_folder(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 # --- where outputs may go: checked before any work starts ---------------------------------------------------
 
 _STALE_TEMPORARY = re.compile(r"^\.(?P<name>.+?)(?:\.[A-Za-z0-9_]{8}\.(?:tmp|old)|\.partial|\.old)$")

@@ -65,8 +65,6 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
             print(f"warning: the dataset differs from the one the resumed run trained on (images, repeats, "
                   "resolution or batch size changed), so the data order and position differ from an "
                   "uninterrupted run", flush=True)
-    if accelerator.is_main_process and not args.debug_dataset:
-        _remove_stale_temporaries(checked.names)
     if args.debug_dataset:
         debug_dataset(group, make_train_loader(group, seed=seed, num_workers=0, persistent_workers=False,
                                                grad_accum=ga), epochs=num_epochs, steps=max_train_steps)
@@ -213,6 +211,8 @@ def _current_lrs(run: Run) -> dict[str, float]:
 def train(run: Run) -> Path:
     """The loop; returns the path of the final weights."""
     args, acc, recipe = run.args, run.accelerator, run.recipe
+    if acc.is_main_process:  # every recipe's run, before its first save
+        _remove_stale_temporaries(run.names)
     progress = dataclasses.replace(run.resumed.progress) if run.resumed else Progress()
     if run.resumed:
         restore_rng(run.resumed.rng)
