@@ -49,20 +49,27 @@ def test_output_dir_broken_during_the_run_saves_an_emergency_file(tiny_sd1_dir, 
 
 def test_state_that_cannot_be_written_keeps_the_weights_in_an_emergency_file(tiny_sd1_dir, data, tmp_path,
                                                                               monkeypatch):
-    from library.training.loop import train
+    from library.training.loop import _snapshot, _write_state, train
+    from library.training.state import Progress
 
     out = tmp_path / "out"
-    run = prepare_run(train_args(tiny_sd1_dir, out, config=data, steps=2, name="l",
-                                 extra=["--save_state_on_train_end"]))
-    out.mkdir()
-    (out / ".l-state.partial").write_text("a file where the state's folder must go")  # the state write fails
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"could not save .*l-state .*saved to .*l-emergency-step00000002"):
-        try:
-            train(run)
-        finally:
-            run.accelerator.end_training()
-    assert (out / "l.safetensors").is_file() and (tmp_path / "l-emergency-step00000002.safetensors").is_file()
+    run = prepare_run(train_args(tiny_sd1_dir, out, config=data, steps=2, name="l"))
+    try:
+        train(run)
+        monkeypatch.chdir(tmp_path)
+        blocked = tmp_path / "a-file"
+        blocked.write_text("a file where the state's folder must go")
+        with pytest.raises(UserError, match=r"could not save .*a-file/l-state .*saved to .*l-emergency-step00000002"):
+            _write_state(run, blocked / "l-state", _snapshot(run, Progress(epoch=1, global_step=2)))
+    finally:
+        run.accelerator.end_training()
+    assert (tmp_path / "l-emergency-step00000002.safetensors").is_file()
+    assert blocked.read_text() == "a file where the state's folder must go"
+
+
+def test_output_name_too_long_for_the_temporaries_is_refused(tiny_sd1_dir, data, tmp_path):
+    with pytest.raises(UserError, match="--output_name .* is too long"):
+        run_main(train_args(tiny_sd1_dir, tmp_path / "out", config=data, steps=1, name="x" * 230))
 
 
 def test_stale_temporaries_of_this_run_are_removed_and_said(tiny_sd1_dir, data, tmp_path, capsys):

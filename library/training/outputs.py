@@ -79,6 +79,9 @@ class OutputNames:
         return result
 
 
+MAX_NAME_BYTES = 200  # "<name>-step00000001-state" and ".<name>.safetensors.<random>.tmp" stay below 255
+
+
 def output_name_problem(name: str, option: str = "--output_name") -> str | None:
     """Why ``name`` is not a plain file name (None when it is): output names are names, not paths, so a run
     never writes outside its ``--output_dir``."""
@@ -87,6 +90,9 @@ def output_name_problem(name: str, option: str = "--output_name") -> str | None:
     if "/" in name or "\\" in name or name in (".", "..") or name.startswith("..") or "\0" in name:
         return (f"{option} '{name}' is a path; it must be a plain name (no '/', '\\' or '..'): put the folder "
                 "in --output_dir and the name in --output_name")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return (f"{option} '{name[:40]}...' is too long ({len(name.encode('utf-8'))} bytes); its files and their "
+                f"temporaries must fit the file system's 255-byte names, so use at most {MAX_NAME_BYTES} bytes")
     if name.startswith("."):
         return f"{option} '{name}' starts with a dot (hidden files are the toolkit's temporaries); drop the dot"
     return None
