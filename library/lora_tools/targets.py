@@ -40,21 +40,22 @@ def _sd_version(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str,
 
 @dataclass(frozen=True)
 class LoRAFamily:
-    """How one family's LoRA names look. ``refine`` splits families that share names (SD1/SD2)."""
+    """How one family's LoRA names look. ``spec`` is the model family spec (``library.models.families``) that
+    loads its checkpoints; ``refine`` splits families that share names (SD1/SD2)."""
 
     name: str
     label: str
     pattern: re.Pattern[str]
-    models_supported: bool
+    spec: str
     refine: Callable[[Mapping[str, LoRAModuleWeights], Mapping[str, str]], str] | None = None
 
 
 LORA_FAMILIES: tuple[LoRAFamily, ...] = (
-    LoRAFamily("flux", "FLUX.1", re.compile(r"^lora_unet_(double|single)_blocks_"), False),
-    LoRAFamily("sd3", "SD3/3.5", re.compile(r"^lora_unet_joint_blocks_"), False),
-    LoRAFamily("lumina", "Lumina-2", re.compile(r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_"), False),
-    LoRAFamily("sdxl", "SDXL", re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_|^lora_te2_"), False),
-    LoRAFamily("sd", "SD1.x/2.x", re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"), True,
+    LoRAFamily("flux", "FLUX.1", re.compile(r"^lora_unet_(double|single)_blocks_"), "flux"),
+    LoRAFamily("sd3", "SD3/3.5", re.compile(r"^lora_unet_joint_blocks_"), "sd3"),
+    LoRAFamily("lumina", "Lumina-2", re.compile(r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_"), "lumina"),
+    LoRAFamily("sdxl", "SDXL", re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_|^lora_te2_"), "sdxl"),
+    LoRAFamily("sd", "SD1.x/2.x", re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"), "sd",
                _sd_version),
 )
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", **{f.name: f.label for f in LORA_FAMILIES}}
@@ -73,9 +74,9 @@ def family_label(name: str | None) -> str:
 
 
 def models_supported(name: str | None) -> bool:
-    """Whether this toolkit can load checkpoints of this LoRA family yet."""
+    """Whether this toolkit can load checkpoints of this LoRA family yet (its spec is registered)."""
     base = {"sd1": "sd", "sd2": "sd"}.get(name or "", name)
-    return any(f.name == base and f.models_supported for f in LORA_FAMILIES)
+    return any(f.name == base and f.spec in FAMILY_SPECS for f in LORA_FAMILIES)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -126,7 +127,13 @@ def _family_args(path: str | os.PathLike, family: ModelFamily | None, v_paramete
     """The loader's flags for a checkpoint whose family is read from the file (``--v2`` is what the file says)."""
     from library.models.loading import checkpoint_is_v2
 
-    v2 = family.ss_v2 if family is not None else checkpoint_is_v2(path)
+    if family is not None:
+        v2 = family.ss_v2
+    else:
+        try:
+            v2 = checkpoint_is_v2(path)
+        except UserError:  # not an SD1/SD2 checkpoint: another family's spec recognises it, or reports it
+            v2 = False
     return argparse.Namespace(pretrained_model_name_or_path=str(path), v2=v2, v_parameterization=v_parameterization)
 
 
