@@ -144,6 +144,7 @@ def merge_into_checkpoint(args: argparse.Namespace) -> None:
     fam.output_model_format(save_to)
     device = resolve_device(args.device)
     family = checkpoint_for(args.sd_model, args.v2, args.v_parameterization, "--sd_model")
+    fam.check_can_save(family)
     files = read_loras(args.models)
     wrong = [f"{f.path} is a {fam.family_label(name)} LoRA" for f in files
              if (name := fam.lora_family(f.modules, f.metadata)) != family.name]

@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 from dataclasses import dataclass
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -103,12 +104,32 @@ class ModelForLoRA:
         return {t.lora_name: t.module for t in found}
 
     def save(self, path: Path, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-        """Write the (changed) model: ``.safetensors``/``.ckpt`` single file, or a diffusers folder for a path
-        without a suffix."""
-        from library.models.saving import save_sd_model
-
+        """Write the (changed) model with its family's saver: ``.safetensors``/``.ckpt`` single file, or a
+        diffusers folder for a path without a suffix."""
         fmt = output_model_format(path)
-        save_sd_model(path, self.models, fmt=fmt, dtype=dtype, metadata=metadata if fmt == "safetensors" else None)
+        save = _saver(self.family.spec_name)
+        save(path, self.models, fmt=fmt, dtype=dtype, metadata=metadata if fmt == "safetensors" else None)
+
+
+def _save_sd(path: Path, models: Any, **kwargs: Any) -> None:
+    from library.models.saving import save_sd_model
+
+    save_sd_model(path, models, **kwargs)
+
+
+#: the checkpoint saver of each family spec (the family seam has no save yet)
+_SAVERS: Mapping[str, Callable[..., None]] = MappingProxyType({"sd": _save_sd})
+
+
+def check_can_save(family: ModelFamily) -> None:
+    """Refuse (before any model loads) a family whose checkpoints the tools cannot write yet."""
+    _saver(family.spec_name)
+
+
+def _saver(spec_name: str) -> Callable[..., None]:
+    if spec_name not in _SAVERS:
+        raise UserError(f"saving {spec_name.upper()} checkpoints is not supported by the LoRA tools yet")
+    return _SAVERS[spec_name]
 
 
 def output_model_format(path: Path) -> str:
