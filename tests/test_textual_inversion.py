@@ -212,7 +212,8 @@ def test_refused_options(tiny_sd1_dir, data, tmp_path, extra, message):
 
 
 def test_token_in_vocabulary_is_found_before_the_model_loads(tiny_sd1_dir, data, tmp_path):
-    """Only the tokenizer is read: a model folder without weights still gives the vocabulary error."""
+    """Only the tokenizer is read: a model folder without weights (configs only) still gives the vocabulary
+    error, not a loading error."""
     import shutil
 
     from library.errors import UserError
@@ -220,6 +221,10 @@ def test_token_in_vocabulary_is_found_before_the_model_loads(tiny_sd1_dir, data,
     model = tmp_path / "model"
     shutil.copytree(tiny_sd1_dir / "tokenizer", model / "tokenizer")
     shutil.copy(tiny_sd1_dir / "model_index.json", model)
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        (model / part).mkdir()
+        for config in (tiny_sd1_dir / part).glob("*.json"):
+            shutil.copy(config, model / part)
     with pytest.raises(UserError, match="'hello' already in"):
         prepare(ti_args(model, tmp_path / "out", data["train"], steps=1, extra=["--token_string", "hello"]))
 
@@ -231,6 +236,12 @@ def test_weights_with_another_vector_count_are_refused(tiny_sd1_dir, data, tmp_p
     torch.save({"emb_params": torch.zeros(3, 32)}, path)
     with pytest.raises(UserError, match="holds 3 vector.*use --num_vectors_per_token 3"):
         prepare(ti_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=["--weights", str(path)]))
+    nan = tmp_path / "nan.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.full((2, 32), float("nan"))}, str(nan))
+    with pytest.raises(UserError, match="finite"):
+        prepare(ti_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=["--weights", str(nan)]))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cannot read it as an embedding file"):
@@ -253,3 +264,19 @@ def test_dataset_config_and_metadata_styles(tiny_sd1_dir, data, tmp_path):
     run = prepare(ti_args(tiny_sd1_dir, tmp_path / "b", images, steps=1, extra=["--in_json", str(meta)]))
     run.loader.set_epoch(0)
     assert sorted(c for b in run.loader for c in b["captions"]) == [f"{TOKEN} in metadata {i}" for i in (0, 1)]
+
+
+def test_two_processes_train_xti(tiny_sd1_dir, data, tmp_path):
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{TOKEN} --w 64 --h 64 --s 2 --d 1\na {TOKEN} --w 64 --h 64 --s 2 --d 2\n", encoding="utf-8")
+    proc = run_script(ti_args(tiny_sd1_dir, tmp_path / "a", data["train"], steps=2,
+                              extra=["--save_model_as", "safetensors", "--save_state_on_train_end",
+                                     "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"]),
+                      processes=2, script="train_textual_inversion_XTI.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(str(tmp_path / "a" / f"{TOKEN}.safetensors"))
+    assert len(saved) == 10 and not torch.equal(saved["IN01"], saved["OUT07"])
+    assert len(list((tmp_path / "a" / "sample").glob("*.png"))) == 2  # one prompt per process
+    assert (tmp_path / "a" / f"{TOKEN}-state" / "rng_1.pt").is_file()

@@ -159,6 +159,10 @@ def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"--weights {path}: no tensors in it (keys: {', '.join(map(str, data))})")
+    bad = [k for k, v in tensors.items() if v.ndim not in (1, 2) or not torch.isfinite(v.float()).all()]
+    if bad:
+        raise UserError(f"--weights {path}: {bad[0]!r} is not an embedding (a [vectors, dim] tensor of finite "
+                        "values); the file is damaged or not a textual-inversion embedding")
     return {k: (v.unsqueeze(0) if v.ndim == 1 else v).detach().float() for k, v in tensors.items()}
 
 

@@ -82,12 +82,12 @@ def token_strings(token_string: str, count: int) -> list[str]:
 def _early_tokenizers(args: argparse.Namespace) -> list[Any]:
     """The model's tokenizers when they can be read without loading the model (else none: the model loader
     then reports what is missing)."""
-    from library.models.family import sd_family
+    from library.models.families import resolve_family
     from library.models.tokenizers import load_tokenizer
 
     source = Path(args.pretrained_model_name_or_path or "")
     try:
-        family = sd_family(bool(args.v2), bool(args.v_parameterization))
+        family = resolve_family(args)
         return [load_tokenizer(family, model_dir=source if source.is_dir() else None,
                                cache_dir=args.tokenizer_cache_dir)]
     except UserError:
