@@ -34,6 +34,9 @@ def build_parser() -> ArgumentParser:
                    help="folder of a transformers BLIP captioning model (takes precedence over --model_id)")
     p.add_argument("--model_id", default=DEFAULT_MODEL_ID,
                    help="local folder or Hugging Face id of a transformers BLIP captioning model")
+    p.add_argument("--peft_model", default=None,
+                   help="PEFT LoRA folder from train_blip_network.py, applied to the model (captions then start as "
+                        "trained, without the \"a picture of\" prompt)")
     p.add_argument("--caption_extension", default=".caption")
     p.add_argument("--caption_extention", default=None, help=argparse.SUPPRESS)
     p.add_argument("--beam_search", action="store_true", help="beam search instead of nucleus sampling")
@@ -105,9 +108,10 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def caption_batch(model: Any, tokenizer: Any, pixel_values: torch.Tensor, args: argparse.Namespace) -> list[str]:
+def caption_batch(model: Any, tokenizer: Any, pixel_values: torch.Tensor, args: argparse.Namespace,
+                  prompt_text: str = PROMPT) -> list[str]:
     device = next(model.parameters()).device
-    prompt = tokenizer([PROMPT] * len(pixel_values), return_tensors="pt").input_ids.to(device)
+    prompt = tokenizer([prompt_text] * len(pixel_values), return_tensors="pt").input_ids.to(device)
     if args.beam_search:
         options = dict(num_beams=args.num_beams, repetition_penalty=1.0)
     else:
@@ -129,6 +133,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"--num_beams {args.num_beams} is not used: captions are sampled (top_p {args.top_p}); add "
               "--beam_search to use beams")
     source = model_source(args)
+    if args.peft_model:
+        from library.captioners.peft_io import check_adapter_folder
+
+        check_adapter_folder(args.peft_model)
     images = find_images(args.train_data_dir, args.recursive)
     sink = SidecarSink(args.caption_extention or args.caption_extension)
     todo, skipped = pending_images(images, lambda p: sink.existing(p) is not None, args.overwrite)
@@ -137,10 +145,15 @@ def run(args: argparse.Namespace) -> None:
     if todo:
         seed_everything(args.seed)
         model, tokenizer, image_processor = load_blip(source, default_device())
+        prompt = PROMPT
+        if args.peft_model:
+            from library.captioners.peft_io import apply_adapter
+
+            model, prompt = apply_adapter(model, args.peft_model, merge=True).eval(), ""
         with tqdm(total=len(todo), desc="captioning", unit="img") as bar:
             for batch in reader.batches(todo, bar):
                 pixels = image_processor(images=[item.data for item in batch], return_tensors="pt")["pixel_values"]
-                for item, caption in zip(batch, caption_batch(model, tokenizer, pixels, args)):
+                for item, caption in zip(batch, caption_batch(model, tokenizer, pixels, args, prompt)):
                     sink.write(item.path, caption)
                     written += 1
                     if args.debug:

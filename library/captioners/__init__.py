@@ -1,0 +1,1 @@
+"""Training and using image captioners (BLIP, Florence-2) with PEFT LoRA adapters."""
