@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -73,3 +74,37 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def atomic_save_file(path: str | os.PathLike, save: Callable[[str], None]) -> None:
     """Call ``save(tmp_path)`` (e.g. ``safetensors.torch.save_file``) and move the result into place."""
     _atomic_write(path, save)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Move the folder ``new`` to ``target``; an existing ``target`` is moved aside first and removed only
+    afterwards."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def atomic_save_folder(path: str | os.PathLike, save: Callable[[Path], None]) -> None:
+    """Call ``save(tmp_folder)`` (e.g. a transformers ``save_pretrained``) and move the folder into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save(tmp)
+        match_umask(tmp)
+        replace_folder(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

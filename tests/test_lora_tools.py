@@ -304,10 +304,10 @@ def test_check_reports_other_families_and_metadata_problems(tmp_path, capsys):
     save_file(sd, str(path), {"ss_network_dim": "8", "sshs_model_hash": "0" * 64})
     check_lora_weights.main([str(path)])
     out = capsys.readouterr().out
-    assert "family: FLUX.1 (models of this family are not supported here yet)" in out
+    assert "family: FLUX.1" in out
     assert "without alpha" in out and "unrelated.weight" in out
     assert "ss_network_dim says 8, the tensors say 2" in out and "sshs_model_hash does not match" in out
-    assert "loads in diffusers: not checked" in out
+    assert "loads in diffusers: not checked: no full-size FLUX.1 reference model" in out
 
 
 # ------------------------------------------------------------------------------------------- spellings

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from library.io_utils import atomic_save_file, match_umask
+from library.io_utils import atomic_save_file, match_umask, replace_folder
 from library.models import ldm_conversion as conv
 from library.models.architecture import ARCHITECTURE_METADATA_KEY, architecture_metadata
 from library.models.loading import SDModels
@@ -165,7 +165,7 @@ def _save_diffusers(path: Path, models: SDModels, unet, text_encoder, dtype, saf
         _write_tokenizer(models.tokenizers[0], tmp / "tokenizer")
         write_model_index(tmp)
         match_umask(tmp)
-        _replace_folder(tmp, path)
+        replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -175,22 +175,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and removed only afterwards."""
-    if not target.exists():
-        new.rename(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    old.rmdir()
-    target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

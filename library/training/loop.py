@@ -141,6 +141,9 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
     with torch.set_grad_enabled(te_trains and torch.is_grad_enabled()), acc.autocast():
         context = run.text(list(batch["captions"]), device)
 
+    cond = models.family.spec.conditioning(context, batch, device)
+    if models.family.objective.is_flow_matching:
+        return flow_batch_loss(run, batch, latents, cond, timesteps=timesteps, generator=generator)
     if timesteps is None:
         noise, noisy, t = sample_noise_and_timesteps(latents, run.noise_scheduler, run.noise_settings, run.generator)
     else:
@@ -148,7 +151,6 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
         noisy = run.noise_scheduler.add_noise(latents, noise, t)
 
-    cond = models.family.spec.conditioning(context, batch, device)
     with acc.autocast():
         pred = models.family.spec.forward(models.denoiser, noisy, t, cond, run.weight_dtype)
     if run.noise_scheduler.config.prediction_type == "v_prediction":
@@ -158,6 +160,27 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
     masks = batch.get("alpha_masks")
     return compute_training_loss(pred, target, t, run.noise_scheduler, settings=run.loss_settings,
                                  loss_weights=batch["loss_weights"].to(device), masks=masks)
+
+
+def flow_batch_loss(run: Run, batch: dict[str, Any], latents: torch.Tensor, cond: Any, *,
+                    timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The flow-matching loss of one batch (``library.training.flow_matching``); given ``timesteps`` (validation)
+    are read as ``sigma = t / 1000`` (at least 1/1000) with noise from ``generator``."""
+    from library.training.flow_matching import FlowBatch, flow_matching_loss, make_flow_batch, prediction_and_target
+
+    acc, models, device = run.accelerator, run.models, run.accelerator.device
+    if timesteps is None:
+        fb = make_flow_batch(latents, run.flow_settings, run.noise_settings, run.generator)
+    else:
+        sigmas = (timesteps.to(device).float() / 1000).clamp(min=1e-3)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+        s = sigmas.view(-1, 1, 1, 1)
+        fb = FlowBatch(noise=noise, noisy=(1 - s) * latents + s * noise, sigmas=sigmas)
+    with acc.autocast():
+        pred = models.family.spec.forward(models.denoiser, fb.noisy, fb.timesteps, cond, run.weight_dtype)
+    pred, target, weighting = prediction_and_target(pred.float(), latents, fb, run.flow_settings)
+    return flow_matching_loss(pred, target, fb.sigmas, settings=run.loss_settings, weighting=weighting,
+                              loss_weights=batch["loss_weights"].to(device), masks=batch.get("alpha_masks"))
 
 
 def _all_reduce_gradients(run: Run, params: list[torch.nn.Parameter]) -> None:

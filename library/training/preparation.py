@@ -159,19 +159,6 @@ def training_length(args: argparse.Namespace, steps_per_epoch: int) -> tuple[int
     return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
 
 
-def set_attention(models: Any, args: argparse.Namespace) -> str:
-    """SDPA (the default; also for ``--mem_eff_attn``) or xformers on the UNet and the VAE."""
-    if args.xformers:
-        models.unet.enable_xformers_memory_efficient_attention()
-        models.vae.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    models.unet.set_attn_processor(AttnProcessor2_0())
-    models.vae.set_attn_processor(AttnProcessor2_0())
-    return "sdpa"
-
-
 def module_fingerprint(module: torch.nn.Module) -> str:
     from library.training.text_cache import encoder_fingerprint
 
@@ -234,6 +221,7 @@ class Run:
     noise_scheduler: Any = None
     noise_settings: Any = None
     loss_settings: Any = None
+    flow_settings: Any = None  # FlowMatchingSettings of a flow-matching family
     text: Any = None
     weight_dtype: torch.dtype = torch.float32
     vae_encode: Any = None
@@ -251,6 +239,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     from accelerate.utils import set_seed
 
     from library.dataset import make_train_loader
+    from library.training.flow_matching import FlowMatchingSettings
     from library.training.losses import LossSettings
     from library.training.noise import NoiseSettings, make_noise_scheduler
     from library.training.optimizers import create_optimizer, uses_relative_step
@@ -262,7 +251,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     set_seed(seed)
     family = checked.family
     models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
-    attention = set_attention(models, args)
+    attention = family.spec.set_attention(models, bool(args.xformers))
     for module in (models.unet, models.vae, *models.text_encoders):
         module.requires_grad_(False)
         module.eval()
@@ -293,8 +282,11 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     cache_dir = identity = None
     if args.cache_text_encoder_outputs_to_disk:
         cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
-        identity = (f"{encoder_fingerprint(models.text_encoders[0])}|clip_skip={args.clip_skip}|"
+        fingerprints = "|".join(encoder_fingerprint(te) for te in models.text_encoders)
+        identity = (f"{fingerprints}|clip_skip={args.clip_skip}|"
                     f"max_tokens={args.max_token_length}|weighted={args.weighted_captions}|{dtype}")
+        if getattr(encoding, "cache_settings", ""):
+            identity += f"|{encoding.cache_settings}"
     text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
                            cache_dir=cache_dir, identity=identity or "")
     text = recipe.text_conditioning(text)
@@ -332,6 +324,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         loader=loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names,
         noise_scheduler=make_noise_scheduler(models.family.objective.is_v_prediction, bool(args.zero_terminal_snr)),
         noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
+        flow_settings=FlowMatchingSettings.from_args(args) if family.objective.is_flow_matching else None,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
         fused_backward=bool(getattr(args, "fused_backward_pass", False)),

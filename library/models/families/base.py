@@ -37,6 +37,11 @@ class Objective:
         return self.name == "v_prediction"
 
     @property
+    def is_flow_matching(self) -> bool:
+        """Rectified flow (``library.training.flow_matching``): SD3, FLUX.1, Lumina."""
+        return self.name == "flow_matching"
+
+    @property
     def modelspec_prediction_type(self) -> str:
         """``modelspec.prediction_type``: ``epsilon`` or ``v``."""
         return "v" if self.is_v_prediction else self.name
@@ -44,6 +49,7 @@ class Objective:
 
 EPSILON = Objective("epsilon")
 V_PREDICTION = Objective("v_prediction")
+FLOW_MATCHING = Objective("flow_matching")
 
 
 def objective_for(v_parameterization: bool) -> Objective:
@@ -148,3 +154,16 @@ class FamilySpec(ABC):
     @abstractmethod
     def lora_denoiser_name(self, module_path: str) -> str:
         """The kohya LoRA name body (without ``lora_unet_``) of a denoiser module at ``module_path``."""
+
+    def set_attention(self, models: Any, xformers: bool) -> str:
+        """Choose the attention kernels of the denoiser and VAE; returns their name for the log. The default
+        suits diffusers' generic ``Attention`` modules (SD UNets and VAEs): SDPA, or xformers when asked."""
+        if xformers:
+            models.denoiser.enable_xformers_memory_efficient_attention()
+            models.vae.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        models.denoiser.set_attn_processor(AttnProcessor2_0())
+        models.vae.set_attn_processor(AttnProcessor2_0())
+        return "sdpa"

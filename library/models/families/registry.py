@@ -15,9 +15,10 @@ import torch
 
 from library.errors import UserError
 from library.models.families.base import FamilySpec, ModelFamily
+from library.models.families.flux import FluxSpec
 from library.models.families.sd import SDSpec
 
-FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SDSpec(),)})
+FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (FluxSpec(), SDSpec())})
 
 
 def family_spec(name: str) -> FamilySpec:
