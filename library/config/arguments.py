@@ -11,6 +11,7 @@ import argparse
 from types import MappingProxyType
 from typing import Mapping
 
+from library.cli import non_negative_int
 from library.config.params import DatasetSupport
 
 # The seeds' table of scripts vs. dataset styles: fine_tune.py takes only fine-tuning (metadata) datasets,
@@ -120,7 +121,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, support: DatasetSuppo
                    help="interpolation for resizing (default: area to shrink, lanczos to enlarge)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     g.add_argument("--debug_dataset", action="store_true", help="show the training data instead of training")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="data loader worker processes")
+    g.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=8, help="data loader worker processes")
     g.add_argument("--persistent_data_loader_workers", action="store_true",
                    help="keep data loader workers between epochs")
     g.add_argument("--validation_split", type=float, default=0.0, help="fraction of images held out for validation")

@@ -21,8 +21,9 @@ import torch
 
 from library.dataset.image_files import IMAGE_EXTENSIONS, list_images
 from library.dataset.records import resolve_image_key
-from library.cli import ArgumentParser
+from library.cli import ArgumentParser, non_negative_int
 from library.errors import UserError
+from library.io_utils import check_output_file
 from library.precision import dtype_of
 from library.tools.metadata_files import image_keys, load_metadata, save_metadata
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ".safetensors/.ckpt checkpoint, a VAE file or folder, or a cached Hugging Face id")
     p.add_argument("--v2", action="store_true", help="the model is Stable Diffusion 2.x")
     p.add_argument("--batch_size", type=int, default=1, help="images per VAE batch (default 1)")
-    p.add_argument("--max_data_loader_n_workers", type=int, default=None,
+    p.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=None,
                    help="threads reading image headers (default: automatic)")
     p.add_argument("--max_resolution", default="512,512",
                    help='training resolution "width,height" (or one number for a square; default "512,512")')
@@ -194,6 +195,7 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
                         "file (as written by merge_captions_to_metadata.py)")
     if not out_json.parent.is_dir():
         raise UserError(f"out_json '{out_json}': folder '{out_json.parent}' does not exist; create it first")
+    check_output_file(out_json, "out_json", overwrite=True, example="meta_lat.json")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
     parse_max_resolution(args.max_resolution)

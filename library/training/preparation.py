@@ -23,9 +23,9 @@ from library.models.weights import move_module
 from library.precision import dtype_of
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
-from library.training.outputs import OutputNames, check_output_dir
+from library.training.outputs import OutputNames, check_output_dir, output_problems
 from library.training.recipes import LoopRecipe, Recipe
-from library.training.state import verify_state
+from library.training.state import PROGRESS, verify_state
 from library.training.text_cache import caption_variation_reasons
 
 
@@ -38,8 +38,7 @@ class Checked:
     family: ModelFamily
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
-    resume_seed: int | None = None
-    resume_processes: int | None = None
+    resume_info: dict[str, Any] | None = None  # the validated train_state.json of --resume
 
 
 def uses_cuda() -> bool:
@@ -102,14 +101,27 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
 
     output_name = args.output_name or "last"
     names = OutputNames(Path(args.output_dir or "."), output_name, recipe.file_extension)
+    problems += output_problems(args.output_dir, output_name)
     resume_info = collect(lambda: verify_state(args.resume)) if args.resume else None
+    if resume_info is not None and resume_info.get("recipe", recipe.name) != recipe.name:
+        problems.append(resume_recipe_problem(args.resume, resume_info["recipe"], recipe.name))
     if problems or family is None:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
-        check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
+        check_output_dir(names, resume=args.resume, overwrite=args.overwrite)
     return Checked(params=params, names=names, family=family, cache_text=cache_text, sample_prompts=sample_prompts,
-                   resume_seed=resume_info["seed"] if resume_info else None,
-                   resume_processes=resume_info["num_processes"] if resume_info else None)
+                   resume_info=resume_info)
+
+
+def resume_recipe_problem(folder: str, saved: str, current: str) -> str:
+    """A state of another kind of training (a LoRA state given to train_db.py, ...)."""
+    scripts = {"lora": "train_network.py", "dreambooth": "train_db.py", "fine_tuning": "fine_tune.py",
+               "textual_inversion": "train_textual_inversion.py",
+               "textual_inversion_xti": "train_textual_inversion_XTI.py"}
+    script = scripts.get(saved)
+    hint = f"resume it with {script}" if script else "resume it with the script that saved it"
+    return (f"--resume {folder}: this is a state of a {saved} training ({PROGRESS} field 'recipe'), but this run "
+            f"is a {current} training; {hint}, or give a state of this script")
 
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
