@@ -11,6 +11,7 @@ from pathlib import Path
 
 from library.cli import ArgumentParser
 from library.errors import UserError, run_cli
+from library.io_utils import check_output_file
 from library.tools import post_hoc_ema as ema
 
 
@@ -42,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_file)
     if any(out.resolve() == f.resolve() for f in files):
         raise UserError(f"--output_file {out} is one of the input checkpoints; choose another name.")
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --output_file.")
+    check_output_file(out, "--output_file", overwrite=args.overwrite, example="ema.safetensors")
     from library.models.metadata import save_safetensors
 
     result = ema.merge_checkpoints(files, betas)

@@ -118,7 +118,9 @@ def run_case(name: str, rank: int, conv_rank: int, work: Path) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(proc.stderr[-3000:])
-    return {**json.loads(lines[-1][len("RESULT "):]), "rank": rank, "conv_rank": conv_rank}
+    phases = [ln for ln in proc.stdout.splitlines() if ln.startswith("saved ")]  # merge_lora.py's own timings
+    return {**json.loads(lines[-1][len("RESULT "):]), "rank": rank, "conv_rank": conv_rank,
+            "merge_lora_output": phases[-1] if phases else ""}
 
 
 def main() -> int:
@@ -147,7 +149,8 @@ def main() -> int:
             print(f"{name}: merge into a {result['checkpoint_gib']:.2f} GiB checkpoint ({result['device']}, "
                   f"LoRA {result['lora_mib']:.0f} MiB, rank {args.rank}/conv {args.conv_rank}): "
                   f"{result['seconds']:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB"
-                  + (f", peak CUDA {result['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in result else ""), flush=True)
+                  + (f", peak CUDA {result['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in result else "")
+                  + f"\n  {result['merge_lora_output']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0

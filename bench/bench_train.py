@@ -1,12 +1,17 @@
-"""Training speed and peak memory of train_network.py's loop.
+"""Training speed and peak memory of train_network.py's and sdxl_train_network.py's loop.
 
-    python bench/bench_train.py [--steps 6] [--json results.json]
+    python bench/bench_train.py [--steps 6] [--models tiny sd15 sdxl_tiny] [--json results.json]
+    python bench/bench_train.py --models sdxl --steps 1     # real-size SDXL: needs ~20 GB of RAM on CPU
 
 Models (random weights, saved as diffusers folders first):
   tiny   library.models.tiny defaults (UNet 32/32/64/64 channels, 1.6 M parameters)
   sd15   SD1.5's UNet widths (320/640/1280/1280), 8 heads, cross-attention dim 768, SD1.5 block types, but one
          layer per block instead of two; a 2-layer CLIP-L-width text encoder; the tiny VAE (latents are cached)
-each at two resolutions (CPU: 64/128 and 128/256 px; CUDA: 256/512 and 512/768 px), batch size 1, LoRA rank 16
+  sdxl_tiny  library.models.tiny_sdxl (the SDXL structure: text_time UNet, two text encoders)
+  sdxl   the real SDXL base 1.0 architecture (2.6 B UNet parameters) with random weights, written as one fp16
+         single file in the sd_xl_base_1.0 layout and loaded from it as users do (not in the default set)
+each at two resolutions (CPU: 64/128 and 128/256 px, SDXL 128 px; CUDA: 256/512 and 512/768 px, SDXL 1024 px),
+batch size 1, LoRA rank 16
 on the UNet (text encoder frozen, its outputs cached). Seconds per optimizer step are measured over
 ``--steps`` steps after 2 warm-up steps; peak memory is the process's peak RSS on CPU, and
 ``torch.cuda.max_memory_allocated`` on CUDA (with ``--mixed_precision bf16`` there). Each case runs in its
@@ -34,7 +39,45 @@ CASES = {
     "sd15": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, text_layers=2, text_heads=12,
                  text_intermediate=3072),
 }
-RESOLUTIONS = {"cpu": {"tiny": (64, 128), "sd15": (128, 256)}, "cuda": {"tiny": (256, 512), "sd15": (512, 768)}}
+SDXL_CASES = ("sdxl_tiny", "sdxl")
+DEFAULT_MODELS = ["tiny", "sd15", "sdxl_tiny"]
+RESOLUTIONS = {"cpu": {"tiny": (64, 128), "sd15": (128, 256), "sdxl_tiny": (64, 128), "sdxl": (128,)},
+               "cuda": {"tiny": (256, 512), "sd15": (512, 768), "sdxl_tiny": (256, 512), "sdxl": (1024,)}}
+
+
+def build_model(name: str, work: Path) -> None:
+    """Write the case's model to ``work`` (SDXL real size: built in float16, one module at a time)."""
+    if name == "sdxl":
+        import torch
+
+        from library.models.tiny_sdxl import save_sdxl_base_random_single_file
+
+        torch.manual_seed(0)
+        save_sdxl_base_random_single_file(work / "model_sdxl.safetensors")
+    elif name == "sdxl_tiny":
+        from library.models.tiny_sdxl import save_tiny_sdxl_diffusers_model
+
+        save_tiny_sdxl_diffusers_model(work / "model_sdxl_tiny")
+    else:
+        from library.models.tiny import TinyConfig, save_tiny_diffusers_model
+
+        save_tiny_diffusers_model(work / f"model_{name}", TinyConfig(**CASES[name]))
+
+
+def _prepare(argv: list[str], sdxl: bool):
+    import torch
+
+    import sdxl_train_network
+    import train_network
+    from library.config.arguments import SUPPORT_TRAIN_NETWORK
+    from library.config.run_config import load_run_config
+    from library.training.loop import prepare_training
+    from library.training.recipes import LoRARecipe
+
+    torch.set_num_threads(1)
+    script = sdxl_train_network if sdxl else train_network
+    args = load_run_config(script.build_parser(), argv)
+    return prepare_training(args, LoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("sdxl",) if sdxl else ("sd",))
 
 
 def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
@@ -42,10 +85,9 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
     import torch
     from PIL import Image
 
-    from tests.train_helpers import prepare_run
-
     cuda = torch.cuda.is_available()
-    model = work / f"model_{name}"
+    sdxl = name in SDXL_CASES
+    model = work / ("model_sdxl.safetensors" if name == "sdxl" else f"model_{name}")
     images = work / f"images_{resolution}"
     images.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
@@ -60,10 +102,14 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
             "--overwrite", "--network_dim", "16", "--network_train_unet_only", "--cache_latents",
             "--learning_rate", "1e-4", "--max_train_steps", "2", "--seed", "0", "--max_data_loader_n_workers", "0",
             "--mixed_precision", "bf16" if cuda else "no"]
+    if sdxl:
+        argv += ["--cache_text_encoder_outputs", "--gradient_checkpointing"]
     threads = int(os.environ.get("BENCH_THREADS", torch.get_num_threads()))
     from library.training.loop import train
 
-    run = prepare_run(argv)  # (sets one thread, as the tests use)
+    start_load = time.perf_counter()
+    run = _prepare(argv, sdxl)  # (sets one thread, as the tests use)
+    load_seconds = time.perf_counter() - start_load
     torch.set_num_threads(threads)
     unet_params = sum(p.numel() for p in run.models.unet.parameters())
     train(run)  # warm-up (2 steps)
@@ -81,22 +127,20 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
     return {"model": name, "resolution": resolution, "device": "cuda" if cuda else "cpu",
             "unet_parameters": unet_params, "steps": steps, "seconds_per_step": elapsed / steps,
             "peak_memory_mib": peak / 2**20, "memory_kind": "cuda allocated" if cuda else "process RSS",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "prepare_seconds": load_seconds}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per case (default 6)")
-    parser.add_argument("--models", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, choices=[*CASES, *SDXL_CASES])
     parser.add_argument("--json", type=str, default=None, help="also write the results here")
     parser.add_argument("--case", nargs=3, metavar=("MODEL", "RESOLUTION", "WORKDIR"), help=argparse.SUPPRESS)
     parser.add_argument("--build", nargs=2, metavar=("MODEL", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
-        from library.models.tiny import TinyConfig, save_tiny_diffusers_model
-
         name, work = args.build
-        save_tiny_diffusers_model(Path(work) / f"model_{name}", TinyConfig(**CASES[name]))
+        build_model(name, Path(work))
         return 0
     if args.case:
         name, resolution, work = args.case
@@ -120,7 +164,7 @@ def main() -> int:
                     return 1
                 result = json.loads(lines[-1][len("RESULT "):])
                 results.append(result)
-                print(f"{name:5s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, peak "
+                print(f"{name:9s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, peak "
                       f"{result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), UNet "
                       f"{result['unet_parameters'] / 1e6:.1f} M params, {result['threads']} thread(s)", flush=True)
     if args.json:

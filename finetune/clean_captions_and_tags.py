@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from library.cli import ArgumentParser  # noqa: E402
 from library.errors import run_cli  # noqa: E402
+from library.io_utils import check_output_file  # noqa: E402
 from library.tools.clean_captions import clean_metadata  # noqa: E402
 from library.tools.metadata_files import load_metadata, save_metadata  # noqa: E402
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.paths) != 2:
         p.error("expected: in_json out_json")
     in_json, out_json = args.paths
+    check_output_file(out_json, "out_json", overwrite=True, example="meta_clean.json")
     cleaned, notes = clean_metadata(load_metadata(in_json), source=in_json)
     for note in notes:
         print(f"warning: {note}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from typing import NoReturn, Sequence
 
 from library.errors import UserError
@@ -41,5 +42,24 @@ class ArgumentParser(argparse.ArgumentParser):
             raise UserError.from_problems(f"{self.prog}: unrecognized arguments (see --help)", problems)
         return parsed
 
+    def _get_value(self, action: argparse.Action, arg_string: str) -> object:
+        """Every float option refuses nan and inf (a NaN multiplier or learning rate would only show up as a
+        NaN loss much later, blamed on something else)."""
+        value = super()._get_value(action, arg_string)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentError(action, f"must be a finite number (got {arg_string!r})")
+        return value
+
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type`` for counts where 0 means none (e.g. data loader workers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,3 +109,80 @@ def atomic_save_folder(path: str | os.PathLike, save: Callable[[Path], None]) ->
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+# --- where outputs may go: checked before any work starts ---------------------------------------------------
+
+_STALE_TEMPORARY = re.compile(r"^\.(?P<name>.+?)(?:\.[A-Za-z0-9_]{8}\.(?:tmp|old)|\.partial|\.old)$")
+
+
+def output_dir_problem(path: str | os.PathLike, option: str) -> str | None:
+    """Why ``path`` cannot be (created and) written as an output folder, or None when it can.
+
+    Checked before any model loads, so that a run never trains for hours and then fails at its first save:
+    a path that is a file or lies under a file, or whose nearest existing folder is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{option} {path} is a file, not a folder; give a folder (it is created if missing)"
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{option} {path} lies under {existing}, which is a file, not a folder; give another folder"
+    if not _can_write(existing):
+        where = "" if existing == path else f" (its nearest existing folder {existing})"
+        return f"{option} {path}{where} is not writable; choose a folder you can write to or fix its permissions"
+    return None
+
+
+def check_output_file(path: str | os.PathLike, option: str, *, overwrite: bool, example: str = "output") -> Path:
+    """Refuse an output file path that is a folder, lies under a file, is in an unwritable folder, or exists
+    without ``overwrite`` (UserError naming ``option``; ``example`` is a file name to suggest); returns it."""
+    from library.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name (e.g. {path / example})")
+    problem = output_dir_problem(path.parent if str(path.parent) else Path("."), f"{option}: the folder of")
+    if problem:
+        raise UserError(problem)
+    if path.exists() and not overwrite:
+        raise UserError(f"{option} {path} already exists; it is not replaced unless you pass --overwrite "
+                        "(or choose another name)")
+    return path
+
+
+def _can_write(folder: Path) -> bool:
+    """Try it: ``os.access`` says yes to root even on a read-only file system."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, owns: Callable[[str], bool]) -> list[Path]:
+    """Delete the hidden temporaries that our atomic writers leave when killed (``.<name>.<random>.tmp`` /
+    ``.old`` files or folders, ``.<name>.partial``), but only those whose ``<name>`` this caller ``owns``
+    (a run's own output names), so a concurrent writer of other files is never disturbed. Returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        m = _STALE_TEMPORARY.match(entry.name)
+        if not m or not owns(m.group("name")):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed

@@ -86,7 +86,7 @@ def find_target_modules(
     if unet is not None:
         from library.models.families import spec_for_denoiser
 
-        name_of = spec_for_denoiser(unet).lora_denoiser_name  # the family's kohya name map
+        spec = spec_for_denoiser(unet)  # the family's kohya name map
         targets = UNET_TARGETS + (UNET_CONV_TARGETS if scan_conv_blocks else ())
         for name, module in unet.named_modules():
             if type(module).__name__ not in targets:
@@ -94,7 +94,7 @@ def find_target_modules(
             for child_name, child in module.named_modules():
                 if isinstance(child, (nn.Linear, nn.Conv2d)):
                     is_3x3 = isinstance(child, nn.Conv2d) and tuple(child.kernel_size) != (1, 1)
-                    lora_name = f"{PREFIX_UNET}_{name_of(f'{name}.{child_name}')}"
+                    lora_name = f"{PREFIX_UNET}_{spec.lora_denoiser_name(unet, f'{name}.{child_name}')}"
                     found.append(TargetModule(lora_name, child, True, is_3x3))
     names = [t.lora_name for t in found]
     if len(set(names)) != len(names):

@@ -271,3 +271,13 @@ def test_script_runs_from_repo_root(images, tagger_dir):
     assert read(images / "b_red.txt") == DEFAULT_RED
     bad = subprocess.run(cmd + ["--batch_size", "0"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "error: --batch_size must be at least 1" in bad.stderr
+
+
+def test_caption_path_that_is_a_folder_is_skipped_and_named(images, tagger_dir, capsys):
+    (images / "a_blue.txt").mkdir()  # issue 13 case 6: one target cannot be written
+    tag(images, tagger_dir)
+    out = capsys.readouterr().out
+    assert f"skipping {images / 'a_blue.png'}: {images / 'a_blue.txt'} is a folder" in out
+    assert "1 skipped (their output path is not writable" in out
+    assert (images / "a_blue.txt").is_dir() and not any((images / "a_blue.txt").iterdir())
+    assert read(images / "b_red.txt") == DEFAULT_RED  # the rest are tagged

@@ -17,7 +17,7 @@ from library.errors import UserError
 from library.io_utils import atomic_save_file
 from library.training.arguments import add_loop_arguments, loop_option_problems
 from library.training.index_loader import IndexEpochLoader
-from library.training.outputs import OutputNames, check_output_dir
+from library.training.outputs import OutputNames, check_output_dir, output_problems
 from library.training.recipes import LoopRecipe, SaveInfo
 
 
@@ -80,11 +80,11 @@ def _train(argv: list[str]) -> tuple[Path, ToyRecipe, list[float]]:
     parser.add_argument("--learning_rate", type=float, default=0.01)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     args = parser.parse_args(argv)
-    problems = loop_option_problems(args, cuda=False)
+    problems = loop_option_problems(args, cuda=False) + output_problems(args.output_dir, args.output_name or "last")
     if problems:
         raise UserError.from_problems("cannot start", problems)
     names = OutputNames(Path(args.output_dir), args.output_name or "last", "safetensors")
-    check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
+    check_output_dir(names, resume=args.resume, overwrite=args.overwrite)
     accelerator = make_accelerator(args, "toy")
     recipe = ToyRecipe()
     loader = IndexEpochLoader(_data(48, 1), _collate, batch_size=2, seed=args.seed)
@@ -130,3 +130,21 @@ def test_toy_recipe_resumes_bit_exact(tmp_path, accumulation):
     resumed, _, _ = _train(["--output_dir", str(tmp_path / "b"), *common, "--resume", str(state)])
     a, b = load_file(str(full)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_index_loader_order_depends_only_on_seed_and_epoch_and_shards_evenly():
+    samples = list(range(10))
+    loaders = [IndexEpochLoader(samples, list, batch_size=2, seed=7, process_index=i, num_processes=3)
+               for i in range(3)]
+    assert [len(loader) for loader in loaders] == [2, 2, 2]  # 4 samples each (10 padded to 12)
+    epoch0 = [sum(loader, []) for loader in loaders]
+    seen = sum(epoch0, [])
+    assert len(seen) == 12 and set(seen) == set(samples)  # every sample, two repeated to even the shares
+    for loader in loaders:
+        loader.set_epoch(1)
+    epoch1 = [sum(loader, []) for loader in loaders]
+    assert epoch1 != epoch0 and len(set(sum(epoch1, []))) == 10
+    loaders[0].set_epoch(1, skip_batches=1)
+    assert sum(loaders[0], []) == epoch1[0][2:]  # resuming mid-epoch continues with the same batches
+    again = IndexEpochLoader(samples, list, batch_size=2, seed=7, process_index=0, num_processes=3)
+    assert sum(again, []) == epoch0[0]

@@ -304,10 +304,10 @@ def test_check_reports_other_families_and_metadata_problems(tmp_path, capsys):
     save_file(sd, str(path), {"ss_network_dim": "8", "sshs_model_hash": "0" * 64})
     check_lora_weights.main([str(path)])
     out = capsys.readouterr().out
-    assert "family: FLUX.1 (models of this family are not supported here yet)" in out
+    assert "family: FLUX.1" in out
     assert "without alpha" in out and "unrelated.weight" in out
     assert "ss_network_dim says 8, the tensors say 2" in out and "sshs_model_hash does not match" in out
-    assert "loads in diffusers: not checked" in out
+    assert "loads in diffusers: not checked: no full-size FLUX.1 reference model" in out
 
 
 # ------------------------------------------------------------------------------------------- spellings
@@ -431,3 +431,17 @@ def test_sd2_merge_into_checkpoint_and_family(tiny_sd2_dir, tmp_path, capsys):
     merge_lora.main(["--save_to", str(merged), "--models", str(a)])
     meta = read_lora(merged).metadata
     assert meta["ss_v2"] == "True" and meta["ss_base_model_version"] == "sd_v2"
+
+
+def test_shuffle_keeps_the_deltas_and_pickles_round_trip(tiny_sd1_dir, tmp_path):
+    a = make_lora(tiny_sd1_dir, tmp_path / "a.safetensors", conv_dim=2)
+    shuffled = tmp_path / "shuffled.ckpt"
+    merge_lora.main(["--save_to", str(shuffled), "--models", str(a), "--shuffle", "--ratios", "0.5"])
+    assert set(torch.load(str(shuffled), weights_only=True)) == set(load_file(str(a)))
+    original, result = read_lora(a), read_lora(shuffled)
+    for name, m in original.modules.items():
+        assert torch.allclose(result.modules[name].delta(), 0.5 * m.delta(), atol=1e-6), name
+    plain = tmp_path / "plain.safetensors"
+    merge_lora.main(["--save_to", str(plain), "--models", str(a), "--ratios", "0.5"])
+    in_order = read_lora(plain).modules
+    assert any(not torch.equal(in_order[n].down, m.down) for n, m in result.modules.items())  # ranks moved

@@ -300,7 +300,7 @@ def test_vae_override_from_folder_and_files(tmp_path, tiny_sd1_dir, sd1_ldm):
 # ------------------------------------------------------------------------------------------ tokenizers
 
 
-def test_tokenizer_lookup_order_and_error(tmp_path, monkeypatch):
+def test_tokenizer_lookup_order_and_bundled_fallback(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     from library.models.family import sd_family
@@ -310,11 +310,11 @@ def test_tokenizer_lookup_order_and_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     sd1, sd2 = sd_family(), sd_family(v2=True)
     model, cache = tmp_path / "model", tmp_path / "cache"
-    with pytest.raises(UserError) as err:
-        load_tokenizer(sd1, model_dir=model, cache_dir=cache)
-    assert "openai_clip-vit-large-patch14" in err.value.message and "--tokenizer_cache_dir" in err.value.message
-    with pytest.raises(UserError, match="stabilityai/stable-diffusion-2"):
-        load_tokenizer(sd2)
+    # nothing anywhere: the bundled CLIP vocabulary (SD2 pads with "!", id 0)
+    bundled = load_tokenizer(sd1, model_dir=model, cache_dir=cache)
+    assert bundled("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert bundled.pad_token_id == 49407 and load_tokenizer(sd2).pad_token_id == 0
+    assert not cache.exists()  # the bundled vocabulary is not copied anywhere
 
     # the Hugging Face cache (last resort) is used offline, and copied into --tokenizer_cache_dir
     snapshot = tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / "abc"
@@ -418,8 +418,8 @@ def test_ckpt_family_mismatch_is_reported_before_the_tokenizer(tmp_path, monkeyp
     torch.save({"state_dict": ldm_state_dict(models)}, ckpt)
     with pytest.raises(UserError, match="sd2.ckpt: this is a Stable Diffusion 2.x model.*Add --v2"):
         load_sd_models(_args(ckpt))
-    with pytest.raises(UserError, match="no SD2 tokenizer found offline"):
-        load_sd_models(_args(ckpt, v2=True))
+    # no tokenizer anywhere: the bundled CLIP vocabulary, padding with "!" (id 0) as SD2's
+    assert load_sd_models(_args(ckpt, v2=True)).tokenizers[0].pad_token_id == 0
     loaded = load_sd_models(_args(ckpt, v2=True, tokenizer_cache_dir=str(tiny_sd2_dir)))
     assert_same_weights(loaded.unet, models.unet)
     assert_same_weights(loaded.text_encoders[0], models.text_encoders[0])

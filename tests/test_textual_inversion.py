@@ -280,3 +280,25 @@ def test_two_processes_train_xti(tiny_sd1_dir, data, tmp_path):
     assert len(saved) == 10 and not torch.equal(saved["IN01"], saved["OUT07"])
     assert len(list((tmp_path / "a" / "sample").glob("*.png"))) == 2  # one prompt per process
     assert (tmp_path / "a" / f"{TOKEN}-state" / "rng_1.pt").is_file()
+
+
+def test_pooled_output_stays_at_the_eos_with_a_legacy_config():
+    """SDXL's encoder configs have eos_token_id 2, for which transformers pools at the largest id: a new
+    token. After pool_at_first_eos the pooled state is the EOS's, as for captions without new tokens."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from library.models.embeddings import install_trained_embedding, pool_at_first_eos
+    from library.models.tiny import TinyConfig
+
+    config = CLIPTextConfig(**{**TinyConfig().text_config(), "eos_token_id": 2})
+    torch.manual_seed(0)
+    te = CLIPTextModelWithProjection(config).eval()
+    install_trained_embedding(te, torch.randn(1, 32))
+    ids = torch.tensor([[49406, 320, 49408, 49407, 49407]])  # <BOS> a <new> <EOS> <pad>
+    with torch.no_grad():
+        before = te(ids, output_hidden_states=True)
+        pool_at_first_eos(te, 49407)
+        after = te(ids, output_hidden_states=True)
+        at_eos = te.text_projection(before.last_hidden_state[:, 3])
+    assert not torch.allclose(before.text_embeds, at_eos)
+    assert torch.equal(after.text_embeds, at_eos)

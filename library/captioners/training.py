@@ -16,7 +16,7 @@ from library.captioners.families import Captioner, CaptionerFamily, check_model_
 from library.captioners.recipe import (AdapterOutputNames, CaptionerLoRARecipe, LoraSettings, SampleSettings,
                                        open_image)
 from library.errors import UserError
-from library.training.outputs import check_output_dir
+from library.training.outputs import check_output_dir, output_problems
 
 
 @dataclass
@@ -47,8 +47,11 @@ def check_before_loading(args: argparse.Namespace, family: CaptionerFamily,
     _check_images([p.image for p in data.train + data.held_out])
     check_model_family(args.model_id, family)
     names = AdapterOutputNames(Path(args.output_dir), args.output_name, "")
+    problems = output_problems(args.output_dir, names.name)
+    if problems:
+        raise UserError.from_problems("cannot start training", problems)
     resume_info = verify_state(args.resume) if args.resume else None
-    check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
+    check_output_dir(names, resume=args.resume, overwrite=args.overwrite)
     return data, names, resume_info
 
 

@@ -11,6 +11,7 @@ import argparse
 from types import MappingProxyType
 from typing import Mapping
 
+from library.cli import non_negative_int
 from library.config.params import DatasetSupport
 
 # The seeds' table of scripts vs. dataset styles: fine_tune.py takes only fine-tuning (metadata) datasets,
@@ -19,6 +20,8 @@ SUPPORT_TRAIN_NETWORK = DatasetSupport(dreambooth=True, finetuning=True, caption
                                        script="train_network.py")
 SUPPORT_TRAIN_DB = DatasetSupport(dreambooth=True, finetuning=False, caption_dropout=True, script="train_db.py")
 SUPPORT_FINE_TUNE = DatasetSupport(dreambooth=False, finetuning=True, caption_dropout=True, script="fine_tune.py")
+# sd-scripts' sdxl_train.py takes both styles (fine-tuning metadata and DreamBooth folders)
+SUPPORT_SDXL_TRAIN = DatasetSupport(dreambooth=True, finetuning=True, caption_dropout=True, script="sdxl_train.py")
 
 SUPPORT_BY_SCRIPT: Mapping[str, DatasetSupport] = MappingProxyType(
     {s.script: s for s in (SUPPORT_TRAIN_NETWORK, SUPPORT_TRAIN_DB, SUPPORT_FINE_TUNE)})
@@ -120,7 +123,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, support: DatasetSuppo
                    help="interpolation for resizing (default: area to shrink, lanczos to enlarge)")
     g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
     g.add_argument("--debug_dataset", action="store_true", help="show the training data instead of training")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="data loader worker processes")
+    g.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=8, help="data loader worker processes")
     g.add_argument("--persistent_data_loader_workers", action="store_true",
                    help="keep data loader workers between epochs")
     g.add_argument("--validation_split", type=float, default=0.0, help="fraction of images held out for validation")

@@ -54,6 +54,8 @@ from library.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
+MAX_RESOLUTION = 16384  # pixels per side: bounds resolution and bucket sizes
+MAX_REPEATS = 1_000_000  # num_repeats; the plan's memory is also estimated before it is built (group.py)
 _FULL_SUPPORT = DatasetSupport(dreambooth=True, finetuning=True, caption_dropout=True)
 _CLI_CONVERTERS = {"resolution": parse_resolution, "face_crop_aug_range": parse_float_range}
 
@@ -181,7 +183,7 @@ class _Resolver:
             if key in v and not (low <= v[key][0] and (high is None or v[key][0] <= high)):
                 self.problem(place, key, v[key], what)
 
-        num("num_repeats", 1, None, "must be at least 1")
+        num("num_repeats", 1, MAX_REPEATS, f"must be between 1 and {MAX_REPEATS:,}")
         num("keep_tokens", 0, None, "must be 0 or more")
         num("caption_dropout_rate", 0, 1, "must be between 0 and 1")
         num("caption_tag_dropout_rate", 0, 1, "must be between 0 and 1")
@@ -218,6 +220,10 @@ class _Resolver:
     def check_dataset(self, place: str, v: dict[str, Value]) -> None:
         if "resolution" in v and min(v["resolution"][0]) <= 0:
             self.problem(place, "resolution", v["resolution"], "must be positive")
+        for key in ("resolution", "max_bucket_reso", "min_bucket_reso"):
+            if key in v and max(_sides(v[key][0])) > MAX_RESOLUTION:
+                self.problem(place, key, v[key], f"must be at most {MAX_RESOLUTION} pixels per side (no supported "
+                             "model trains larger images; one such image alone would not fit in memory)")
         if "batch_size" in v and v["batch_size"][0] < 1:
             self.problem(place, "batch_size", v["batch_size"], "must be at least 1")
         if "validation_split" in v and not 0 <= v["validation_split"][0] < 1:
@@ -246,6 +252,10 @@ class _Resolver:
                 self.problem(place, "resolution", v["resolution"],
                              f"must lie within min_bucket_reso = {lo[0]} and max_bucket_reso = {hi[0]} when "
                              "enable_bucket is true")
+
+
+def _sides(value: Any) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _subset_params(place: str, kind: str, v: dict[str, Any]) -> DreamBoothSubsetParams | FineTuningSubsetParams:

@@ -9,6 +9,7 @@ on the command line override the file.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,13 @@ def _convert_one(action: argparse.Action, value: Any) -> Any:
                 pass
         raise ValueError(f"expected an integer, found {describe_value(value)}")
     if t is float:
-        if isinstance(value, (int, float)):
-            return float(value)
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"expected a number, found {describe_value(value)}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, found {describe_value(value)}")
+        return number
     if t is None or t is str:
         return value if isinstance(value, str) else str(value)
     try:

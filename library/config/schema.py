@@ -8,6 +8,7 @@ the table below follows the seeds (sd-scripts' config README). Type validators r
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -97,9 +98,9 @@ def v_int(value: Any) -> int:
 
 
 def v_float(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
-    raise _expect("a number", hint_unquote=True)(value)
+    raise _expect("a finite number", hint_unquote=True)(value)
 
 
 def v_str(value: Any) -> str:
@@ -126,7 +127,7 @@ def v_resolution(value: Any) -> tuple[int, int]:
 
 def v_float_pair(value: Any) -> tuple[float, float]:
     if (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
         return (float(value[0]), float(value[1]))
     raise _expect("two numbers like [1.0, 3.0]")(value)
 

@@ -131,8 +131,9 @@ class BucketManager:
             if width % LATENT_FACTOR or height % LATENT_FACTOR:
                 raise UserError(
                     f"{where}: resolution {width}x{height} must be a multiple of {LATENT_FACTOR} (the VAE's "
-                    f"downscaling); use e.g. {_round_down(width, LATENT_FACTOR)}x{_round_down(height, LATENT_FACTOR)}"
-                    f" ({required_step}x{required_step} steps are best), or set enable_bucket = true"
+                    f"downscaling); use e.g. {_nearest_multiple(width, LATENT_FACTOR)}x"
+                    f"{_nearest_multiple(height, LATENT_FACTOR)} ({required_step}x{required_step} steps are best), "
+                    "or set enable_bucket = true"
                 )
             return min_size, max_size
         steps = self.reso_steps
@@ -160,11 +161,16 @@ class BucketManager:
             raise UserError(
                 f"{where}: min_bucket_reso ({min_size}) is larger than max_bucket_reso ({max_size}); swap them"
             )
-        if min(width, height) < adj_min or max(width, height) > adj_max:
+        fixes = []
+        if min(width, height) < adj_min:
+            fixes.append(f"lower min_bucket_reso ({adj_min}) to at most {min(width, height)}")
+        if max(width, height) > adj_max:
+            fixes.append(f"raise max_bucket_reso ({adj_max}) to at least {max(width, height)}")
+        if fixes:
             raise UserError(
                 f"{where}: resolution {width}x{height} is outside the bucket range "
-                f"min_bucket_reso = {adj_min} .. max_bucket_reso = {adj_max}; lower min_bucket_reso to at most "
-                f"{min(width, height)} and raise max_bucket_reso to at least {max(width, height)}"
+                f"min_bucket_reso = {adj_min} .. max_bucket_reso = {adj_max}; {' and '.join(fixes)}, or change the "
+                "resolution"
             )
         return adj_min, adj_max
 
@@ -217,6 +223,11 @@ class BucketManager:
     def _round_to_steps(self, value: float) -> int:
         rounded = int(value + 0.5)
         return rounded - rounded % self.reso_steps
+
+
+def _nearest_multiple(value: int, step: int) -> int:
+    """The multiple of ``step`` closest to ``value``, at least ``step`` (a size to suggest)."""
+    return max(step, int(round(value / step)) * step)
 
 
 def _round_down(value: int, step: int) -> int:

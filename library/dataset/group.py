@@ -9,7 +9,9 @@ batches per dataset. The batches of all datasets are then shuffled together. All
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -190,6 +192,16 @@ class DatasetGroup:
         """Optimizer steps per epoch: a final partial accumulation group still makes a step."""
         return math.ceil(self.batches_per_epoch(num_processes) / max(1, grad_accum))
 
+    def fingerprint(self) -> str:
+        """A short hash of what decides the batches: every training image (path, size), its repeats, and
+        each dataset's resolution and batch size. Stored in states to warn when a run resumes on other data."""
+        h = hashlib.sha256()
+        for ds in self.train:
+            h.update(f"{ds.params.resolution}|{ds.batch_size}\n".encode())
+            for img in ds.images:
+                h.update(f"{img.record.path}|{img.record.size}|{img.repeats}\n".encode())
+        return h.hexdigest()[:16]
+
     def latent_cacheable(self) -> list[str]:
         """Why latents cannot be cached (empty: they can): options that change the image every step."""
         reasons = []
@@ -211,6 +223,7 @@ class DatasetGroup:
         process_index: int = 0,
         num_processes: int = 1,
         recompute: bool = False,
+        family_suffix: str = "_sd",
     ) -> None:
         """Encode every image once (see :mod:`library.dataset.latent_cache`); batches then carry ``latents``.
 
@@ -224,7 +237,7 @@ class DatasetGroup:
                 "latents cannot be cached with these dataset options (remove --cache_latents or the options):\n"
                 + "\n".join(f"  - {r}" for r in reasons)
             )
-        store = LatentStore(cache_key=cache_key, to_disk=to_disk)
+        store = LatentStore(cache_key=cache_key, to_disk=to_disk, family_suffix=family_suffix)
         store.build(self, encode, batch_size=batch_size, process_index=process_index, num_processes=num_processes,
                     recompute=recompute)
         self.latents = store
@@ -271,6 +284,40 @@ def balance_regularization(num_train_samples: int, reg: list[DatasetImage]) -> l
                 break
         first_loop = False
     return used
+
+
+# bytes per sample of an epoch's plan (bucket lists, shuffles, batch tuples) and per batch (its references)
+_PLAN_BYTES_PER_SAMPLE = 40
+_PLAN_BYTES_PER_BATCH = 300
+
+
+def check_plan_memory(params: DatasetParams, num_samples: int, available: int | None = None) -> None:
+    """Refuse a plan (images x num_repeats) whose sample lists would take more than half the available
+    memory, before they are built: the process would otherwise be killed by the system with no message."""
+    need = num_samples * _PLAN_BYTES_PER_SAMPLE + -(-num_samples // params.batch_size) * _PLAN_BYTES_PER_BATCH
+    available = available_memory() if available is None else available
+    if available is None or need <= available // 2:
+        return
+    repeats = ", ".join(f"{sub.origin}: num_repeats = {sub.num_repeats}" for sub in params.subsets)
+    raise UserError(f"{params.origin}: {num_samples:,} samples per epoch (images x num_repeats; {repeats}) would "
+                    f"need about {need / 2**30:.1f} GiB of memory just to plan the epochs, more than half of the "
+                    f"{available / 2**30:.1f} GiB available; lower num_repeats (an epoch that long is never "
+                    "needed: use more epochs or --max_train_steps instead)")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (MemAvailable on Linux), None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _scan(subset: SubsetParams, max_workers: int | None) -> SubsetScan:
@@ -325,6 +372,7 @@ def _build_dataset(index: int, params: DatasetParams, scans: list[SubsetScan], *
                                                len(vimgs)))
 
     num_train_samples = sum(img.repeats for img in train_imgs)
+    check_plan_memory(params, num_train_samples * (2 if reg_imgs else 1))
     used_reg = balance_regularization(num_train_samples, reg_imgs)
     notes: list[str] = []
     for s_i, summary in enumerate(summaries):

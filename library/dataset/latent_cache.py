@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from library.dataset.group import DatasetGroup, DatasetImage, ImageDataset
 
 CACHE_FORMAT = 1
-_NPZ_SUFFIX = "_sd.npz"
 
 
 @dataclass
@@ -49,11 +48,13 @@ class LatentEntry:
     original_size: tuple[int, int]  # (w, h)
 
 
-def npz_path(image_path: Path, original_size: tuple[int, int], variant: str | None = None) -> Path:
-    """``<stem>_<WWWW>x<HHHH>[_<variant>]_sd.npz`` beside the image."""
+def npz_path(image_path: Path, original_size: tuple[int, int], variant: str | None = None,
+             family_suffix: str = "_sd") -> Path:
+    """``<stem>_<WWWW>x<HHHH>[_<variant>]<family suffix>.npz`` beside the image (``_sd`` for SD1.x/2.x,
+    ``_sdxl`` for SDXL: caches of two families never mix, as with sd-scripts)."""
     w, h = original_size
     extra = f"_{variant}" if variant else ""
-    return image_path.with_name(f"{image_path.stem}_{w:04d}x{h:04d}{extra}{_NPZ_SUFFIX}")
+    return image_path.with_name(f"{image_path.stem}_{w:04d}x{h:04d}{extra}{family_suffix}.npz")
 
 
 def content_stamp(path: Path, known: dict | None = None) -> dict:
@@ -149,7 +150,8 @@ def _batch_key(item: _Item) -> tuple:
 class LatentStore:
     """Where every image's latents are: in memory, or in a checked ``.npz`` read when the batch is loaded."""
 
-    def __init__(self, *, cache_key: str, to_disk: bool):
+    def __init__(self, *, cache_key: str, to_disk: bool, family_suffix: str = "_sd"):
+        self.family_suffix = family_suffix
         self.cache_key = cache_key
         self.to_disk = to_disk
         self.memory: dict[tuple[bool, int, int], LatentEntry] = {}
@@ -168,11 +170,11 @@ class LatentStore:
         taken: dict[Path, tuple[str, str]] = {}
         for item in ordered:
             rec = item.image.record
-            path = npz_path(rec.path, rec.size)
+            path = npz_path(rec.path, rec.size, family_suffix=self.family_suffix)
             ident = (rec.path.name, json.dumps(item.key, sort_keys=True))
             if taken.setdefault(path, ident) != ident:
                 variant = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:8]
-                path = npz_path(rec.path, rec.size, variant)
+                path = npz_path(rec.path, rec.size, variant, self.family_suffix)
             item.npz = path
         return ordered
 

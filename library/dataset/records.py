@@ -114,6 +114,13 @@ def scan_dreambooth_subset(subset: DreamBoothSubsetParams, *, max_workers: int |
                 continue
             caption = subset.class_tokens
         records.append(ImageRecord(path=p, size=sizes[p], caption=caption))
+    not_files = [c.name for c in (p.with_name(p.stem + ext) for p in uncaptioned) if c.exists()]
+    if not_files:
+        raise UserError(
+            f"{subset.origin}: {len(not_files)} caption path(s) in '{image_dir}' are folders, not caption files:\n"
+            f"{_listing(not_files)}\n  Rename or move those folders (their images would otherwise silently train "
+            "without their captions)."
+        )
     other_ext = _other_caption_extension(uncaptioned, ext)
     if missing:
         hint = (f" (they have '<name>{other_ext}' files: set caption_extension = '{other_ext}' if those are "

@@ -152,7 +152,7 @@ def check_loaders(lora: LoRAFile, family: str | None) -> dict[str, str]:
     """``{"networks.lora": verdict, "diffusers": verdict}`` against full-size models of the family on meta."""
     reference = fam.reference_model(family) if family else None
     if reference is None:
-        why = f"not checked: no {fam.family_label(family)} models in this toolkit yet"
+        why = f"not checked: no full-size {fam.family_label(family)} reference model in the LoRA tools yet"
         return {"networks.lora": why, "diffusers": why}
     verdicts = {"networks.lora": _our_loader(lora, *reference)}
     verdicts["diffusers"] = _diffusers_loader(lora, *reference)  # our check leaves the models unchanged

@@ -144,14 +144,19 @@ def merge_into_checkpoint(args: argparse.Namespace) -> None:
     fam.output_model_format(save_to)
     device = resolve_device(args.device)
     family = checkpoint_for(args.sd_model, args.v2, args.v_parameterization, "--sd_model")
+    fam.check_can_save(family)
     files = read_loras(args.models)
     wrong = [f"{f.path} is a {fam.family_label(name)} LoRA" for f in files
              if (name := fam.lora_family(f.modules, f.metadata)) != family.name]
     if wrong:
         raise UserError.from_problems(f"--sd_model {args.sd_model} is {fam.family_label(family.name)}", wrong)
-    start = time.perf_counter()
+    times = [time.perf_counter()]
     model = fam.load_model_for_lora(args.sd_model, family, dtype=outputs.precision_dtype(args.precision))
+    times.append(time.perf_counter())
     changed = merge.merge_into_model(model, files, ratios, device=device)
+    times.append(time.perf_counter())
     model.save(save_to, save_dtype(args), _checkpoint_metadata(args, family, save_to))
+    times.append(time.perf_counter())
+    load_s, merge_s, save_s = (b - a for a, b in zip(times, times[1:]))
     print(f"saved {save_to}: {changed} weights changed by {len(files)} LoRA file(s) "
-          f"in {time.perf_counter() - start:.1f}s")
+          f"(load {load_s:.1f}s, merge {merge_s:.1f}s, save {save_s:.1f}s)")

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 import torch
 
 from library.errors import UserError
+from library.io_utils import output_dir_problem
 from library.lora_tools.lora_file import LORA_SUFFIXES, LoRAFile, LoRAModuleWeights, dims_metadata
 from library.models.families import ModelFamily, sd_family
 from library.models.metadata import IMPL_DIFFUSERS, modelspec
@@ -39,6 +40,11 @@ def check_output(
     for source in inputs:
         if Path(source).expanduser().resolve() == path.resolve():
             raise UserError(f"--save_to {path} is also an input; write the result to another file")
+    if lora and path.is_dir():
+        raise UserError(f"--save_to {path} is a folder; give a LoRA file name (e.g. {path / 'merged.safetensors'})")
+    problem = output_dir_problem(path.parent, "--save_to: the folder of the output,")
+    if problem:
+        raise UserError(problem)
     if path.exists() and not overwrite:
         raise UserError(f"--save_to {path} already exists; nothing was written. Pass --overwrite to replace it")
     return path

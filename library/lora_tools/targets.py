@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 from dataclasses import dataclass
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -40,21 +41,22 @@ def _sd_version(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str,
 
 @dataclass(frozen=True)
 class LoRAFamily:
-    """How one family's LoRA names look. ``refine`` splits families that share names (SD1/SD2)."""
+    """How one family's LoRA names look. ``spec`` is the model family spec (``library.models.families``) that
+    loads its checkpoints; ``refine`` splits families that share names (SD1/SD2)."""
 
     name: str
     label: str
     pattern: re.Pattern[str]
-    models_supported: bool
+    spec: str
     refine: Callable[[Mapping[str, LoRAModuleWeights], Mapping[str, str]], str] | None = None
 
 
 LORA_FAMILIES: tuple[LoRAFamily, ...] = (
-    LoRAFamily("flux", "FLUX.1", re.compile(r"^lora_unet_(double|single)_blocks_"), False),
-    LoRAFamily("sd3", "SD3/3.5", re.compile(r"^lora_unet_joint_blocks_"), False),
-    LoRAFamily("lumina", "Lumina-2", re.compile(r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_"), False),
-    LoRAFamily("sdxl", "SDXL", re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_|^lora_te2_"), False),
-    LoRAFamily("sd", "SD1.x/2.x", re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"), True,
+    LoRAFamily("flux", "FLUX.1", re.compile(r"^lora_unet_(double|single)_blocks_"), "flux"),
+    LoRAFamily("sd3", "SD3/3.5", re.compile(r"^lora_unet_joint_blocks_"), "sd3"),
+    LoRAFamily("lumina", "Lumina-2", re.compile(r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_"), "lumina"),
+    LoRAFamily("sdxl", "SDXL", re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_|^lora_te2_"), "sdxl"),
+    LoRAFamily("sd", "SD1.x/2.x", re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"), "sd",
                _sd_version),
 )
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", **{f.name: f.label for f in LORA_FAMILIES}}
@@ -73,9 +75,9 @@ def family_label(name: str | None) -> str:
 
 
 def models_supported(name: str | None) -> bool:
-    """Whether this toolkit can load checkpoints of this LoRA family yet."""
+    """Whether this toolkit can load checkpoints of this LoRA family yet (its spec is registered)."""
     base = {"sd1": "sd", "sd2": "sd"}.get(name or "", name)
-    return any(f.name == base and f.models_supported for f in LORA_FAMILIES)
+    return any(f.name == base and f.spec in FAMILY_SPECS for f in LORA_FAMILIES)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -102,12 +104,32 @@ class ModelForLoRA:
         return {t.lora_name: t.module for t in found}
 
     def save(self, path: Path, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-        """Write the (changed) model: ``.safetensors``/``.ckpt`` single file, or a diffusers folder for a path
-        without a suffix."""
-        from library.models.saving import save_sd_model
-
+        """Write the (changed) model with its family's saver: ``.safetensors``/``.ckpt`` single file, or a
+        diffusers folder for a path without a suffix."""
         fmt = output_model_format(path)
-        save_sd_model(path, self.models, fmt=fmt, dtype=dtype, metadata=metadata if fmt == "safetensors" else None)
+        save = _saver(self.family.spec_name)
+        save(path, self.models, fmt=fmt, dtype=dtype, metadata=metadata if fmt == "safetensors" else None)
+
+
+def _save_sd(path: Path, models: Any, **kwargs: Any) -> None:
+    from library.models.saving import save_sd_model
+
+    save_sd_model(path, models, **kwargs)
+
+
+#: the checkpoint saver of each family spec (the family seam has no save yet)
+_SAVERS: Mapping[str, Callable[..., None]] = MappingProxyType({"sd": _save_sd})
+
+
+def check_can_save(family: ModelFamily) -> None:
+    """Refuse (before any model loads) a family whose checkpoints the tools cannot write yet."""
+    _saver(family.spec_name)
+
+
+def _saver(spec_name: str) -> Callable[..., None]:
+    if spec_name not in _SAVERS:
+        raise UserError(f"saving {spec_name.upper()} checkpoints is not supported by the LoRA tools yet")
+    return _SAVERS[spec_name]
 
 
 def output_model_format(path: Path) -> str:
@@ -126,7 +148,13 @@ def _family_args(path: str | os.PathLike, family: ModelFamily | None, v_paramete
     """The loader's flags for a checkpoint whose family is read from the file (``--v2`` is what the file says)."""
     from library.models.loading import checkpoint_is_v2
 
-    v2 = family.ss_v2 if family is not None else checkpoint_is_v2(path)
+    if family is not None:
+        v2 = family.ss_v2
+    else:
+        try:
+            v2 = checkpoint_is_v2(path)
+        except UserError:  # not an SD1/SD2 checkpoint: another family's spec recognises it, or reports it
+            v2 = False
     return argparse.Namespace(pretrained_model_name_or_path=str(path), v2=v2, v_parameterization=v_parameterization)
 
 

@@ -25,9 +25,10 @@ from library.models.families import ModelFamily
 ARCHITECTURE_METADATA_KEY = "sd_architecture"
 
 _ALLOWED = {
-    "unet": {"attention_head_dim", "norm_num_groups", "sample_size", "upcast_attention"},
+    "unet": {"attention_head_dim", "norm_num_groups", "sample_size", "upcast_attention", "addition_time_embed_dim"},
     "vae": {"norm_num_groups", "sample_size"},
     "text_encoder": {"num_attention_heads"},
+    "text_encoder_2": {"num_attention_heads"},
 }
 
 

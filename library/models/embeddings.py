@@ -68,6 +68,15 @@ def install_trained_embedding(text_encoder: torch.nn.Module, rows: torch.Tensor)
     return module
 
 
+def pool_at_first_eos(text_encoder: torch.nn.Module, eos_token_id: int) -> None:
+    """Make the pooled output (SDXL's second encoder) come from the first EOS. A config with the legacy
+    ``eos_token_id`` 2 (e.g. SDXL's) makes transformers pool at the largest token id, which is a new token
+    once tokens are added; for captions without new tokens both give the same position."""
+    model = getattr(text_encoder, "text_model", text_encoder)
+    if getattr(model, "eos_token_id", None) == 2:
+        model.eos_token_id = eos_token_id
+
+
 # ---------------------------------------------------------------------------------------------- XTI blocks
 
 

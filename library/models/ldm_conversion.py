@@ -133,6 +133,8 @@ def _unet_pairs(s: Structure) -> list[_Pair]:
         _Pair("middle_block.2", "mid_block.resnets.1", _UNET_RESNET),
         _Pair("out.0", "conv_norm_out"),
         _Pair("out.2", "conv_out"),
+        _Pair("label_emb.0.0", "add_embedding.linear_1"),  # SDXL's size/pooled-text embedding
+        _Pair("label_emb.0.2", "add_embedding.linear_2"),
     ]
     for i, attn in enumerate(s.attention):
         for j in range(L):
@@ -160,6 +162,13 @@ def unet_ldm_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def unet_diffusers_to_ldm(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     return _apply(tensors, _unet_pairs(unet_structure_from_config(config)), True, "UNet")
+
+
+def unet_module_to_ldm(path: str, config) -> str:
+    """The original-layout path of the diffusers UNet module at ``path`` (e.g. ``down_blocks.1.attentions.0``
+    -> ``input_blocks.4.1`` for SDXL), for LoRA names that follow the original layout."""
+    return next(iter(_apply({f"{path}.weight": None}, _unet_pairs(unet_structure_from_config(config)), True,
+                            "UNet")))[: -len(".weight")]
 
 
 # ----------------------------------------------------------------------------------------------- VAE
@@ -243,18 +252,20 @@ def clip_bare_to_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {"text_model." + k: v for k, v in strip_text_model_prefix(tensors).items()}
 
 
-def openclip_to_bare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def openclip_to_bare(tensors: dict[str, torch.Tensor], *, with_projection: bool = False) -> dict[str, torch.Tensor]:
     """SD2 OpenCLIP text encoder -> transformers CLIP keys.
 
     SD2 uses the penultimate layer, so in a complete OpenCLIP model (one with ``text_projection``) the
     last residual block, ``text_projection`` and ``logit_scale`` are not part of the converted model and
     are dropped. Files written by converters that already removed them (no ``text_projection``, e.g.
-    diffusers' script, 23 blocks for SD2) keep all their blocks.
+    diffusers' script, 23 blocks for SD2) keep all their blocks. ``with_projection`` (SDXL's second encoder)
+    keeps every block and gives ``text_projection.weight``: OpenCLIP computes ``x @ text_projection``, so the
+    ``nn.Linear`` weight is its transpose (as diffusers and ComfyUI read it).
     """
     layers = _indices(tensors, r"transformer\.resblocks\.(\d+)\.")
     if not layers:
         raise UserError("text encoder: no OpenCLIP residual blocks found (cond_stage_model.model.transformer.*)")
-    last = layers[-1] if "text_projection" in tensors else layers[-1] + 1
+    last = layers[-1] if "text_projection" in tensors and not with_projection else layers[-1] + 1
     pairs = [
         _Pair("ln_final", "final_layer_norm"),
         _Pair("token_embedding", "embeddings.token_embedding"),
@@ -273,13 +284,20 @@ def openclip_to_bare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         kind = "weight" if key.endswith("weight") else "bias"
         for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
             out[f"encoder.layers.{i}.self_attn.{name}.{kind}"] = part.clone()
+    if with_projection:
+        if "text_projection" not in tensors:
+            raise UserError("text encoder 2: text_projection is missing (conditioner.embedders.1.model.text_projection)")
+        out["text_projection.weight"] = tensors["text_projection"].t().contiguous()
     return out
 
 
 def bare_to_openclip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers CLIP keys -> SD2 OpenCLIP layout, adding the unused last block (a copy of the one before),
-    an identity ``text_projection`` and ``logit_scale`` so that other SD2 tools find a complete model."""
+    an identity ``text_projection`` and ``logit_scale`` so that other SD2 tools find a complete model. With a
+    ``text_projection.weight`` (SDXL's second encoder) every block is real and the projection is stored
+    transposed (OpenCLIP's ``x @ text_projection``)."""
     tensors = strip_text_model_prefix(tensors)
+    projection = tensors.pop("text_projection.weight", None)
     tensors.pop("embeddings.position_ids", None)
     n = len(_indices(tensors, r"encoder\.layers\.(\d+)\."))
     pairs = [_Pair("ln_final", "final_layer_norm"), _Pair("token_embedding", "embeddings.token_embedding")]
@@ -293,9 +311,13 @@ def bare_to_openclip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         for kind in ("weight", "bias"):
             parts = [qkv[f"encoder.layers.{i}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
             out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+    width = position.shape[1]
+    if projection is not None:
+        out["text_projection"] = projection.t().contiguous()
+        out["logit_scale"] = torch.tensor(4.6052, dtype=position.dtype)
+        return out
     for key in [k for k in out if k.startswith(f"transformer.resblocks.{n - 1}.")]:
         out[key.replace(f"resblocks.{n - 1}.", f"resblocks.{n}.", 1)] = out[key].clone()
-    width = position.shape[1]
     out["text_projection"] = torch.eye(width, dtype=position.dtype)
     out["logit_scale"] = torch.tensor(4.6052, dtype=position.dtype)
     return out

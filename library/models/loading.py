@@ -111,10 +111,11 @@ def resolve_model_path(name: str | None) -> Path:
             raise UserError(f"{name}: file or folder not found")
         path = _hub_snapshot(name)
     if path.is_dir():
-        if not (path / "unet").is_dir():
+        if not ((path / "unet").is_dir() or (path / "transformer").is_dir()):
             raise UserError(
-                f"{path}: this folder is not a diffusers model (no unet/ subfolder). Give a diffusers model folder "
-                "(with model_index.json, unet/, vae/, text_encoder/) or a .safetensors/.ckpt file."
+                f"{path}: this folder is not a diffusers model (no unet/ or transformer/ subfolder). Give a diffusers "
+                "model folder (with model_index.json, unet/ or transformer/, vae/, text_encoder/) or a "
+                ".safetensors/.ckpt file."
             )
         return path
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:

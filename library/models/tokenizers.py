@@ -1,9 +1,12 @@
 """CLIP tokenizers, found offline.
 
-Lookup order: the model folder's ``tokenizer/``; ``--tokenizer_cache_dir`` (``<dir>/<hub id with / as _>``
-as sd-scripts stores it, ``<dir>/tokenizer`` or ``<dir>`` itself); the local Hugging Face cache
-(``openai/clip-vit-large-patch14`` for SD1, ``stabilityai/stable-diffusion-2`` subfolder ``tokenizer`` for
-SD2). Nothing is downloaded.
+Lookup order: the model folder's ``tokenizer/`` (``tokenizer_2/`` for SDXL's second encoder);
+``--tokenizer_cache_dir`` (``<dir>/<hub id with / as _>`` as sd-scripts stores it, ``<dir>/tokenizer`` or
+``<dir>`` itself); the local Hugging Face cache (``openai/clip-vit-large-patch14`` for SD1 and SDXL's
+first encoder, ``stabilityai/stable-diffusion-2`` subfolder ``tokenizer`` for SD2,
+``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`` for SDXL's second); last, the CLIP BPE vocabulary bundled
+in ``library/models/assets`` (every one of these tokenizers is that vocabulary; they differ only in the
+padding token). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from library.errors import UserError
@@ -20,27 +24,50 @@ logger = logging.getLogger(__name__)
 
 SD1_TOKENIZER_ID = "openai/clip-vit-large-patch14"
 SD2_TOKENIZER_ID = "stabilityai/stable-diffusion-2"
+SDXL_TE2_TOKENIZER_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 CLIP_VOCAB_SIZE = 49408
 
 
-def _hub_source(family: ModelFamily) -> tuple[str, str | None]:
-    return (SD2_TOKENIZER_ID, "tokenizer") if family.name == "sd2" else (SD1_TOKENIZER_ID, None)
+@dataclass(frozen=True)
+class ClipTokenizerSpec:
+    """Where one CLIP tokenizer is looked for, and how it pads (``!``, id 0, for OpenCLIP encoders)."""
+
+    label: str
+    hub_id: str
+    hub_subfolder: str | None = None
+    model_subfolder: str = "tokenizer"
+    pad_zero: bool = False
+
+
+SD1_TOKENIZER = ClipTokenizerSpec("SD1", SD1_TOKENIZER_ID)
+SD2_TOKENIZER = ClipTokenizerSpec("SD2", SD2_TOKENIZER_ID, "tokenizer", pad_zero=True)
+SDXL_TOKENIZERS = (
+    ClipTokenizerSpec("SDXL text encoder 1", SD1_TOKENIZER_ID),
+    ClipTokenizerSpec("SDXL text encoder 2", SDXL_TE2_TOKENIZER_ID, model_subfolder="tokenizer_2", pad_zero=True),
+)
+
+
+def _family_spec(family: ModelFamily) -> ClipTokenizerSpec:
+    return SD2_TOKENIZER if family.name == "sd2" else SD1_TOKENIZER
 
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def tokenizer_candidates(family: ModelFamily, model_dir: Path | None, cache_dir: Path | None) -> list[Path]:
-    """Local folders tried, in order."""
-    hub_id, _ = _hub_source(family)
+def _candidates(spec: ClipTokenizerSpec, model_dir: Path | None, cache_dir: Path | None) -> list[Path]:
     folders = []
     if model_dir is not None:
-        folders.append(model_dir / "tokenizer")
+        folders.append(model_dir / spec.model_subfolder)
     if cache_dir is not None:
-        folders += [cache_dir / hub_id.replace("/", "_"), cache_dir / "tokenizer", cache_dir]
+        folders += [cache_dir / spec.hub_id.replace("/", "_"), cache_dir / "tokenizer", cache_dir]
     return folders
+
+
+def tokenizer_candidates(family: ModelFamily, model_dir: Path | None, cache_dir: Path | None) -> list[Path]:
+    """Local folders tried, in order."""
+    return _candidates(_family_spec(family), model_dir, cache_dir)
 
 
 def _is_clip_vocabulary(tokenizer) -> bool:
@@ -49,15 +76,29 @@ def _is_clip_vocabulary(tokenizer) -> bool:
     return len(tokenizer) >= CLIP_VOCAB_SIZE and tokenizer.eos_token_id == eos
 
 
-def _finish(tokenizer, family: ModelFamily):
-    """SD2 (OpenCLIP) pads with ``!`` (id 0); SD1 pads with ``<|endoftext|>``."""
-    if family.name == "sd2" and tokenizer.pad_token_id != 0:
+def _finish(tokenizer, spec: ClipTokenizerSpec):
+    """OpenCLIP encoders (SD2, SDXL's second) pad with ``!`` (id 0); CLIP ViT-L pads with ``<|endoftext|>``."""
+    if spec.pad_zero and tokenizer.pad_token_id != 0:
         tokenizer.pad_token = "!"
     return tokenizer
 
 
-def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, cache_dir: str | Path | None = None):
-    """The ``CLIPTokenizer`` for ``family``, from local files only (see the module docstring for the order).
+def bundled_clip_tokenizer(pad_zero: bool = False):
+    """The CLIP tokenizer built from the bundled BPE vocabulary (no files needed besides the package)."""
+    from transformers import CLIPTokenizer
+
+    from library.models.tiny import write_clip_tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="clip-tokenizer-"))
+    try:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, sd2=pad_zero)), local_files_only=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_clip_tokenizer(spec: ClipTokenizerSpec, *, model_dir: str | Path | None = None,
+                        cache_dir: str | Path | None = None, bundled_fallback: bool = True):
+    """The ``CLIPTokenizer`` of ``spec``, from local files only (see the module docstring for the order).
 
     A tokenizer found only in the Hugging Face cache is also copied to ``cache_dir`` when given, as
     sd-scripts does, so that the run works without that cache later.
@@ -66,7 +107,7 @@ def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, 
 
     model_dir = Path(model_dir) if model_dir is not None else None
     cache_dir = Path(cache_dir) if cache_dir is not None else None
-    tried = tokenizer_candidates(family, model_dir, cache_dir)
+    tried = _candidates(spec, model_dir, cache_dir)
     for folder in tried:
         if folder.is_dir() and _has_tokenizer(folder):
             try:
@@ -78,28 +119,34 @@ def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, 
                     f"{folder}: not a complete CLIP tokenizer ({len(tokenizer)} tokens); it needs vocab.json + "
                     "merges.txt or tokenizer.json with the 49,408-token CLIP vocabulary"
                 )
-            return _finish(tokenizer, family)
-    hub_id, subfolder = _hub_source(family)
+            return _finish(tokenizer, spec)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(hub_id, subfolder=subfolder, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(spec.hub_id, subfolder=spec.hub_subfolder, local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
     if tokenizer is None or not _is_clip_vocabulary(tokenizer):
+        if bundled_fallback:
+            return _finish(bundled_clip_tokenizer(spec.pad_zero), spec)
         where = "".join(f"\n  - {p}" for p in tried)
-        hub = f"{hub_id}" + (f" (subfolder {subfolder})" if subfolder else "")
+        hub = f"{spec.hub_id}" + (f" (subfolder {spec.hub_subfolder})" if spec.hub_subfolder else "")
         raise UserError(
-            f"no {family.name.upper()} tokenizer found offline. Looked in:{where}\n"
+            f"no {spec.label} tokenizer found offline. Looked in:{where}\n"
             f"  - the Hugging Face cache for {hub}\n"
             f"Fix: give --tokenizer_cache_dir DIR and copy a tokenizer folder (vocab.json + merges.txt or "
-            f"tokenizer.json) to DIR/{hub_id.replace('/', '_')}, or use a diffusers model folder that has "
-            f"tokenizer/, or download {hub} into the Hugging Face cache on a machine with internet."
+            f"tokenizer.json) to DIR/{spec.hub_id.replace('/', '_')}, or use a diffusers model folder that has "
+            f"{spec.model_subfolder}/, or download {hub} into the Hugging Face cache on a machine with internet."
         )
     if cache_dir is not None:
         try:
-            _copy_to_cache(tokenizer, cache_dir / hub_id.replace("/", "_"))
+            _copy_to_cache(tokenizer, cache_dir / spec.hub_id.replace("/", "_"))
         except OSError as err:
             logger.warning("could not copy the tokenizer to %s: %s", cache_dir, err)
-    return _finish(tokenizer, family)
+    return _finish(tokenizer, spec)
+
+
+def load_tokenizer(family: ModelFamily, *, model_dir: str | Path | None = None, cache_dir: str | Path | None = None):
+    """The ``CLIPTokenizer`` of an SD1.x/SD2.x ``family`` (see :func:`load_clip_tokenizer`)."""
+    return load_clip_tokenizer(_family_spec(family), model_dir=model_dir, cache_dir=cache_dir)
 
 
 def _copy_to_cache(tokenizer, target: Path) -> None:

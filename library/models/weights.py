@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import pickletools
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -33,31 +37,74 @@ def safetensors_keys(path: Path) -> list[str]:
         raise UserError(f"{path}: cannot read this .safetensors file's header ({err}); is it complete?") from err
 
 
-def load_pickle(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors a user can act on.
+_PICKLE_ADVICE = "Use a .safetensors file of the same data, or convert this one with a tool you trust."
 
-    A pickle that needs anything but tensors and plain containers is refused (its code is never run) with an
-    explanation, instead of torch's advice to retry with ``weights_only=False``.
+
+def load_pickle(path: str | Path, what: str = "checkpoint", advice: str = _PICKLE_ADVICE) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; any failure is one :class:`UserError` naming ``path``.
+
+    torch raises ``UnpicklingError`` for every pickle its restricted loader refuses (and for pickles it
+    cannot parse); a refused pickle is explained by naming the object it would import (its code is never
+    run), and torch's advice to retry with ``weights_only=False`` (which would run it) is never passed on.
     """
     path = Path(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        marker = "WeightsUnpickler error:"
-        detail = text.split(marker, 1)[1].strip().split("\n")[0] if marker in text else text.splitlines()[0]
-        if "global" not in detail.lower():
+        blocked = blocked_pickle_global(path, str(err))
+        if blocked:
             raise UserError(
-                f"{path}: cannot read this checkpoint: not a valid PyTorch file ({detail}); is it complete?"
-            ) from err
-        detail = detail.split(" was not an allowed global")[0]
-        raise UserError(
-            f"{path}: refused to load this pickle file: it contains objects other than plain tensors "
-            f"({detail}), and loading it would run code from the file. If you trust it, convert it to "
-            ".safetensors with a tool you trust, or use a .safetensors download of the same model."
-        ) from err
-    except (RuntimeError, OSError, EOFError) as err:
-        raise UserError(f"{path}: cannot read this checkpoint ({err}); is it complete?") from err
+                f"{path}: refused to load this pickle file: it would import {blocked}, which is neither a tensor "
+                f"nor a plain container, so loading it could run code from the file (it was not run). {advice}"
+            ) from None
+        raise UserError(f"{path}: cannot read this {what}: it is not a valid PyTorch file; is it complete?") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
+            zipfile.BadZipFile) as err:
+        detail = " ".join(line for line in str(err).splitlines()[:2] if "weights_only" not in line).strip()
+        reason = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+        raise UserError(f"{path}: cannot read this {what}: not a valid PyTorch file ({reason}); is it "
+                        "complete?") from None
+
+
+_ALLOWED_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set",
+                            "builtins.frozenset", "builtins.bytearray", "builtins.complex", "builtins.slice")
+
+
+def blocked_pickle_global(path: Path, message: str) -> str | None:
+    """The importable object (``module.name``) that made torch's restricted loader refuse ``path``: from its
+    message when it names one, else the first non-torch global found by reading the pickle's opcodes."""
+    found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"global:? ['`]?([\w.]+\.[\w]+)", message)
+    if found:
+        return found.group(1)
+    for name in _pickle_globals(path):
+        if not name.startswith(_ALLOWED_GLOBAL_PREFIXES):
+            return name
+    return None
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            data = archive.read(member) if member else b""
+    except (zipfile.BadZipFile, OSError):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return []
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a damaged pickle: what was read so far is all there is to report
+        pass
+    return names
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -157,11 +204,10 @@ def build_with_weights(
             f"{what}: {len(wrong)} weights have unexpected shapes, e.g. {k}: file {tuple(state_dict[k].shape)}, "
             f"model {tuple(own[k].shape)}"
         )
-    module.load_state_dict(
-        {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()},
-        strict=True,
-        assign=True,
-    )
+    for k in list(state_dict):  # converted in place: each stored tensor is freed once its copy exists
+        v = state_dict[k]
+        state_dict[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    module.load_state_dict(state_dict, strict=True, assign=True)
     module.to(device=device)
     meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
     if meta:

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from library.errors import UserError
-from library.tools.caption_output import SidecarSink
-from library.cli import ArgumentParser
+from library.tools.caption_output import SidecarSink, without_blocked
+from library.cli import ArgumentParser, non_negative_int
 from library.tools.hub_files import hub_offline
 from library.tools.image_batches import (BatchReader, check_positive, default_device, find_images, open_rgb,
                                          pending_images, summary)
@@ -41,7 +41,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--caption_extention", default=None, help=argparse.SUPPRESS)
     p.add_argument("--beam_search", action="store_true", help="beam search instead of nucleus sampling")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--max_data_loader_n_workers", type=int, default=None, help="threads that read images")
+    p.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=None, help="threads that read images")
     p.add_argument("--num_beams", type=int, default=1, help="beams with --beam_search")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold")
     p.add_argument("--max_length", type=int, default=75, help="longest caption in tokens (prompt included)")
@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> None:
         check_adapter_folder(args.peft_model)
     images = find_images(args.train_data_dir, args.recursive)
     sink = SidecarSink(args.caption_extention or args.caption_extension)
+    images, blocked = without_blocked(images, sink)
+    for line in blocked:
+        print(f"skipping {line}")
     todo, skipped = pending_images(images, lambda p: sink.existing(p) is not None, args.overwrite)
     written = 0
     reader: BatchReader = BatchReader(open_rgb_sized, args.batch_size, workers=args.max_data_loader_n_workers or 2)
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> None:
                     if args.debug:
                         tqdm.write(f"{item.path}: {caption}")
                 bar.update(len(batch))
-    print(summary(written, skipped, reader.failed, "captions"))
+    print(summary(written, skipped, reader.failed, "captions", blocked=len(blocked)))
 
 
 def open_rgb_sized(path: Path) -> tuple[Any, tuple[int, int]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from library.errors import UserError
-from library.io_utils import atomic_write_json, atomic_write_text
+from library.io_utils import atomic_write_json, atomic_write_text, check_output_file
 
 
 def _key(path: str | Path) -> str:
@@ -23,6 +23,8 @@ def _key(path: str | Path) -> str:
 
 class CaptionSink(Protocol):
     def existing(self, image: Path) -> str | None: ...
+
+    def blocked(self, image: Path) -> str | None: ...
 
     def write(self, image: Path, text: str, extra: dict[str, Any] | None = None) -> None: ...
 
@@ -47,6 +49,11 @@ class SidecarSink:
             return None
         return _read_text(path).strip()
 
+    def blocked(self, image: Path) -> str | None:
+        """Why the image's text file cannot be written (a folder of that name), or None."""
+        path = self.path_for(image)
+        return f"{path} is a folder, not a file" if path.exists() and not path.is_file() else None
+
     def write(self, image: Path, text: str, extra: dict[str, Any] | None = None) -> None:
         atomic_write_text(self.path_for(image), text + ("\n" if self.trailing_newline else ""))
 
@@ -54,10 +61,17 @@ class SidecarSink:
         pass
 
 
-def _check_output_file(path: Path, option: str) -> None:
-    """An output file the tools can read and append to: not a folder, and text when it exists."""
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name (e.g. {path / 'captions.jsonl'})")
+def without_blocked(images: list[Path], sink: CaptionSink) -> tuple[list[Path], list[str]]:
+    """The images whose output can be written, and a line naming each one that cannot (it is skipped, the
+    others are still captioned)."""
+    keep, blocked = [], []
+    for image in images:
+        why = sink.blocked(image)
+        if why:
+            blocked.append(f"{image}: {why}; skipped (rename or remove it)")
+        else:
+            keep.append(image)
+    return keep, blocked
 
 
 def _read_text(path: Path) -> str:
@@ -99,7 +113,7 @@ class JsonlSink:
         self.text_key = text_key
         self.entries: dict[str, dict[str, Any]] = {}
         self.replaced = False
-        _check_output_file(self.path, option)
+        check_output_file(self.path, option, overwrite=True, example="captions.jsonl")
         if self.path.is_file():
             entries, dropped = _read_jsonl(self.path)
             for entry in entries:
@@ -112,6 +126,9 @@ class JsonlSink:
             self._file = open(self.path, "a", encoding="utf-8")
         except OSError as err:
             raise UserError(f"{option} {self.path}: cannot be written ({err.strerror})") from err
+
+    def blocked(self, image: Path) -> str | None:
+        return None  # one file for all images, checked when opened
 
     def existing(self, image: Path) -> str | None:
         entry = self.entries.get(_key(image))
@@ -148,7 +165,7 @@ class JsonMetadataSink:
         self.save_every = save_every
         self.pending = 0
         self.metadata: dict[str, dict[str, Any]] = {}
-        _check_output_file(self.path, option)
+        check_output_file(self.path, option, overwrite=True, example="meta.json")
         if self.path.is_file():
             try:
                 data = json.loads(_read_text(self.path))
@@ -159,6 +176,9 @@ class JsonMetadataSink:
                 raise UserError(f"{self.path}: expected a JSON object mapping image paths to entries")
             self.metadata = data
         self.index = {_key(k): k for k in self.metadata}
+
+    def blocked(self, image: Path) -> str | None:
+        return None  # one file for all images, checked when opened
 
     def existing(self, image: Path) -> str | None:
         name = self.index.get(_key(image))

@@ -115,10 +115,12 @@ def check_positive(name: str, value: int) -> None:
         raise UserError(f"{name} must be at least 1 (got {value})")
 
 
-def summary(done: int, skipped_existing: int, failed: list[tuple[Path, str]], what: str) -> str:
+def summary(done: int, skipped_existing: int, failed: list[tuple[Path, str]], what: str, *, blocked: int = 0) -> str:
     parts = [f"{done} {what} written"]
     if skipped_existing:
         parts.append(f"{skipped_existing} skipped (already done; --overwrite redoes them)")
+    if blocked:
+        parts.append(f"{blocked} skipped (their output path is not writable, listed above)")
     if failed:
         parts.append(f"{len(failed)} unreadable: " + ", ".join(str(p) for p, _ in failed))
     return "; ".join(parts)

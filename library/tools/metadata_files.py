@@ -14,7 +14,7 @@ from typing import Any
 
 from library.dataset.image_files import list_images
 from library.errors import UserError
-from library.io_utils import atomic_write_json
+from library.io_utils import atomic_write_json, check_output_file
 
 
 def load_metadata(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -24,6 +24,10 @@ def load_metadata(path: str | Path) -> dict[str, dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: metadata file not found.") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a metadata file.") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the metadata file ({err.strerror or err}).") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}).") from None
     try:
@@ -84,6 +88,7 @@ def merge_text_files(
     root = Path(train_data_dir)
     if not root.is_dir():
         raise UserError(f"{root}: image folder not found.")
+    check_output_file(out_json, "out_json", overwrite=True, example="meta.json")  # updated in place if it exists
     if not extension.startswith("."):
         extension = "." + extension
     source = Path(in_json) if in_json else Path(out_json)

@@ -80,6 +80,13 @@ def order_checkpoints(paths: list[str | os.PathLike], sort: bool = True) -> list
     files = [Path(p) for p in paths]
     problems = [f"{p}: file not found" for p in files if not p.is_file()]
     problems += [f"{p}: not a .safetensors file" for p in files if p.is_file() and p.suffix.lower() != ".safetensors"]
+    seen: dict[Path, Path] = {}
+    for p in files:
+        if p.is_file():
+            real = p.resolve()
+            if real in seen:
+                problems.append(f"{p}: given twice (also as {seen[real]}); each checkpoint counts once")
+            seen.setdefault(real, p)
     if problems:
         raise UserError.from_problems("cannot merge these checkpoints", problems)
     if len(files) < 2:
@@ -91,9 +98,15 @@ def order_checkpoints(paths: list[str | os.PathLike], sort: bool = True) -> list
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as err:  # safetensors raises several types for damaged files
         raise UserError(f"{path}: cannot read it as safetensors ({err}). Is the file complete?") from err
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UserError(f"{path}: tensor(s) {', '.join(repr(k) for k in broken[:3])}"
+                        f"{' ...' if len(broken) > 3 else ''} contain NaN or infinite values, which would make the "
+                        "whole average NaN; leave this checkpoint out (the run diverged when it was saved)")
+    return tensors
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

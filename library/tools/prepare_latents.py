@@ -21,8 +21,9 @@ import torch
 
 from library.dataset.image_files import IMAGE_EXTENSIONS, list_images
 from library.dataset.records import resolve_image_key
-from library.cli import ArgumentParser
+from library.cli import ArgumentParser, non_negative_int
 from library.errors import UserError
+from library.io_utils import check_output_file
 from library.precision import dtype_of
 from library.tools.metadata_files import image_keys, load_metadata, save_metadata
 
@@ -41,11 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_name_or_path", help="model whose VAE encodes the images: a diffusers folder, a "
                    ".safetensors/.ckpt checkpoint, a VAE file or folder, or a cached Hugging Face id")
     p.add_argument("--v2", action="store_true", help="the model is Stable Diffusion 2.x")
+    p.add_argument("--sdxl", action="store_true", help="a VAE given alone is SDXL's: name the latent files for "
+                   "SDXL training (a whole SDXL checkpoint or folder is recognised without it)")
     p.add_argument("--batch_size", type=int, default=1, help="images per VAE batch (default 1)")
-    p.add_argument("--max_data_loader_n_workers", type=int, default=None,
+    p.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=None,
                    help="threads reading image headers (default: automatic)")
-    p.add_argument("--max_resolution", default="512,512",
-                   help='training resolution "width,height" (or one number for a square; default "512,512")')
+    p.add_argument("--max_resolution", default=None,
+                   help='training resolution "width,height" (or one number for a square; default "512,512", '
+                        '"1024,1024" for SDXL)')
     p.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side (default 256)")
     p.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side (default 1024)")
     p.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket side step (default 64)")
@@ -123,7 +127,7 @@ def _resolves_to(key: str, root: Path, image: Path) -> bool:
     return found is not None and _same_file(found, image)
 
 
-def dataset_params(args: argparse.Namespace, metadata_file: Path):
+def dataset_params(args: argparse.Namespace, metadata_file: Path, resolution: str | None = None):
     """The one-dataset, one-subset fine-tuning configuration training uses with the same options."""
     from library.config.params import DatasetGroupParams, DatasetParams, FineTuningSubsetParams
 
@@ -131,7 +135,7 @@ def dataset_params(args: argparse.Namespace, metadata_file: Path):
                                     flip_aug=args.flip_aug, alpha_mask=args.alpha_mask)
     dataset = DatasetParams(
         origin="prepare_buckets_latents.py", kind="finetuning", subsets=[subset],
-        resolution=parse_max_resolution(args.max_resolution), batch_size=max(1, args.batch_size), enable_bucket=True,
+        resolution=parse_max_resolution(resolution or args.max_resolution or "512,512"), batch_size=max(1, args.batch_size), enable_bucket=True,
         min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
         bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale,
     )
@@ -146,14 +150,13 @@ def model_path(name: str) -> Path:
     return path if path.exists() else resolve_model_path(name)
 
 
-def load_latent_vae(path: Path, *, v2: bool, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def load_latent_vae(path: Path, family: Any, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Only the VAE in ``path``, loaded as training loads it (float32, then cast to ``dtype``)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from library.models.family import sd_family
     from library.models.loading import load_vae
 
-    vae = load_vae(str(path), sd_family(v2, False), dtype=torch.float32, device="cpu")
+    vae = load_vae(str(path), family, dtype=torch.float32, device="cpu")
     vae.set_attn_processor(AttnProcessor2_0())
     vae.requires_grad_(False)
     vae.eval()
@@ -194,16 +197,29 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
                         "file (as written by merge_captions_to_metadata.py)")
     if not out_json.parent.is_dir():
         raise UserError(f"out_json '{out_json}': folder '{out_json.parent}' does not exist; create it first")
+    check_output_file(out_json, "out_json", overwrite=True, example="meta_lat.json")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    parse_max_resolution(args.max_resolution)
+    if args.max_resolution is not None:
+        parse_max_resolution(args.max_resolution)
     return root, in_json, out_json
+
+
+def latent_family(args: argparse.Namespace, model: Path) -> Any:
+    """The family whose training reads these latents: recognised from a whole checkpoint or model folder;
+    for a VAE alone, ``--sdxl`` (else SD1.x/2.x)."""
+    from library.models.families import sd_family, sdxl_family
+    from library.models.families.registry import recognised_spec
+
+    spec = recognised_spec(model) if model.exists() else None
+    if args.sdxl or (spec is not None and spec.name == "sdxl"):
+        return sdxl_family()
+    return sd_family(args.v2, False)
 
 
 def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
     """Check everything, bucket the images, cache their latents, then write ``out_json`` atomically."""
     from library.dataset.group import build_dataset_group
-    from library.models.family import sd_family
     from library.training.preparation import make_vae_encoder, uses_cuda, vae_cache_key
 
     root, in_json, out_json = _check_paths(args)
@@ -215,6 +231,8 @@ def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
                         + ("" if args.recursive else "; add --recursive for images in subfolders"))
     matched = match_images(metadata, images, root, args.full_path)
     model = model_path(args.model_name_or_path)
+    family = latent_family(args, model)
+    side = family.default_resolution
     by_path = {image.resolve(): key for image, key in matched.keys.items()}
 
     with tempfile.TemporaryDirectory(prefix="prepare_latents_") as tmp:
@@ -223,9 +241,9 @@ def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
                    for p, key in by_path.items()}
         work_meta.write_text(json.dumps(entries), encoding="utf-8")
         try:
-            group = build_dataset_group(dataset_params(args, work_meta), seed=0,
-                                        max_workers=args.max_data_loader_n_workers,
-                                        required_step=sd_family(args.v2, False).bucket_step)
+            group = build_dataset_group(dataset_params(args, work_meta, args.max_resolution or f"{side},{side}"),
+                                        seed=0, max_workers=args.max_data_loader_n_workers,
+                                        required_step=family.bucket_step)
         except UserError as err:
             if str(work_meta) not in err.message:  # not about the working copy: bucket options etc.
                 raise
@@ -237,10 +255,10 @@ def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:
 
     device = torch.device("cuda" if uses_cuda() else "cpu")
     dtype = dtype_of(args.mixed_precision)
-    vae = load_latent_vae(model, v2=args.v2, device=device, dtype=dtype)
+    vae = load_latent_vae(model, family, device=device, dtype=dtype)
     encoder = CountingEncoder(make_vae_encoder(vae, device, dtype))
     group.cache_latents(encoder, cache_key=vae_cache_key(vae, dtype), to_disk=True, batch_size=args.batch_size,
-                        recompute=not args.skip_existing)
+                        recompute=not args.skip_existing, family_suffix=family.cache_suffix)
     encoded = encoder.images // (2 if args.flip_aug else 1)
 
     out = {key: dict(value) for key, value in metadata.items()}

@@ -18,8 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.errors import UserError
-from library.tools.caption_output import CaptionSink, JsonlSink, SidecarSink
-from library.cli import ArgumentParser
+from library.tools.caption_output import CaptionSink, JsonlSink, SidecarSink, without_blocked
+from library.cli import ArgumentParser, non_negative_int
 from library.tools.image_batches import (BatchReader, check_positive, default_device, find_images, open_rgb,
                                          pending_images, summary)
 from library.tools.qwen_vl_model import QwenVL, load_qwen_vl
@@ -54,7 +54,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--recursive", action="store_true", help="also caption images in sub-folders")
     p.add_argument("--overwrite", action="store_true", help="caption images that already have a caption again")
-    p.add_argument("--max_data_loader_n_workers", type=int, default=None, help="threads that read images")
+    p.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=None,
+                   help="threads that read images")
     return p
 
 
@@ -166,6 +167,9 @@ def run(args: argparse.Namespace) -> None:
     prompt = args.prompt.replace("\\n", "\n")
     images = find_images(args.image_dir, args.recursive)
     sink = _sink(args)
+    images, blocked = without_blocked(images, sink)
+    for line in blocked:
+        print(f"skipping {line}")
     todo, skipped = pending_images(images, lambda p: sink.existing(p) is not None, args.overwrite)
     reader = BatchReader(lambda p: _load(p, args.max_size), args.batch_size,
                          workers=args.max_data_loader_n_workers or 2)
@@ -183,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
                     bar.update(len(batch))
     finally:
         sink.close()
-    print(summary(written, skipped, reader.failed, "captions"))
+    print(summary(written, skipped, reader.failed, "captions", blocked=len(blocked)))
 
 
 def _load(path: Path, max_size: int) -> tuple[Any, tuple[int, int]]:

@@ -12,8 +12,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from library.errors import UserError
-from library.cli import ArgumentParser
-from library.tools.caption_output import CaptionSink, JsonlSink, JsonMetadataSink, SidecarSink
+from library.cli import ArgumentParser, non_negative_int
+from library.tools.caption_output import (CaptionSink, JsonlSink, JsonMetadataSink, SidecarSink,
+                                          without_blocked)
 from library.tools.hub_files import download_files
 from library.tools.image_batches import (BatchReader, check_positive, find_images, open_rgb, pending_images,
                                          summary)
@@ -35,7 +36,7 @@ def build_parser() -> ArgumentParser:
                    help="folder for the model files: <model_dir>/<repo_id with / as _>, or the files directly")
     p.add_argument("--force_download", action="store_true", help="download the model files again")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--max_data_loader_n_workers", type=int, default=None, help="threads that read images")
+    p.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=None, help="threads that read images")
     p.add_argument("--output_path", default=None,
                    help="write a metadata .json or .jsonl instead of one tag file per image")
     p.add_argument("--caption_extension", default=".txt")
@@ -182,11 +183,14 @@ def run(args: argparse.Namespace) -> None:
     opts = tag_options(args)
     images = find_images(args.train_data_dir, args.recursive)
     sink = _sink(args)
+    images, blocked = without_blocked(images, sink)
+    for line in blocked:
+        print(f"skipping {line}")
     todo, skipped = pending_images(images, lambda p: sink.existing(p) is not None,
                                    args.overwrite or args.append_tags)
     if not todo:
         sink.close()
-        print(summary(0, skipped, [], "tag files"))
+        print(summary(0, skipped, [], "tag files", blocked=len(blocked)))
         return
     tagger = OnnxTagger(locate_model(args.repo_id, args.model_dir, args.force_download))
     batch_size = args.batch_size
@@ -230,4 +234,5 @@ def run(args: argparse.Namespace) -> None:
         print("tag frequencies:")
         for tag, count in sorted(frequency.items(), key=lambda kv: (-kv[1], kv[0])):
             print(f"  {tag}: {count}")
-    print(summary(written, skipped, reader.failed, "tag files" if args.output_path is None else "entries"))
+    print(summary(written, skipped, reader.failed, "tag files" if args.output_path is None else "entries",
+                  blocked=len(blocked)))

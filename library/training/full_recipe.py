@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -262,13 +262,11 @@ class FullWeightRecipe(Recipe):
                 remove_orphaned_ema_files(path.parent, args.output_name or "last", self.file_extension)
 
     def _write(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
-        from library.models.saving import save_dtype, save_sd_model
+        from library.models.saving import save_dtype
 
         dtype = save_dtype(args.save_precision) or next(self.models.unet.parameters()).dtype
-        text_encoder = self.models.text_encoders[0]
-        save_sd_model(path, self.models, fmt=self.save_format, dtype=dtype, unet=self.models.unet,
-                      text_encoder=text_encoder, metadata=info.metadata or None, epoch=info.epoch,
-                      global_step=info.global_step)
+        self.models.family.spec.save(path, self.models, fmt=self.save_format, dtype=dtype,
+                                     metadata=info.metadata or None, epoch=info.epoch, global_step=info.global_step)
 
     def metadata(self, args: argparse.Namespace) -> dict[str, str]:
         return {"ss_training_style": self.style, "ss_text_encoder_trained": str(self.train_te)}
@@ -348,18 +346,25 @@ def uses_prepared_latents(args: argparse.Namespace) -> bool:
     return isinstance(entries, dict) and any(isinstance(e, dict) and "train_resolution" in e for e in entries.values())
 
 
-def build_full_parser(prog: str, description: str, support: Any, style: str) -> argparse.ArgumentParser:
-    """The parser of train_db.py / fine_tune.py: the groups of train_network.py with the full-weight group in
-    place of the network options."""
+def build_full_parser(prog: str, description: str, support: Any, style: str,
+                      extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    """The parser of train_db.py / fine_tune.py / sdxl_train.py: the groups of train_network.py with the
+    full-weight group (and a family's ``extra`` options) in place of the network options."""
     from library.training.parser import build_training_parser
 
-    return build_training_parser(prog=prog, description=description, support=support,
-                                 add_recipe_arguments=lambda parser: add_full_weight_arguments(parser, style))
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_full_weight_arguments(parser, style)
+        if extra is not None:
+            extra(parser)
+
+    return build_training_parser(prog=prog, description=description, support=support, add_recipe_arguments=add)
 
 
 def run_full_training(parser: argparse.ArgumentParser, argv: list[str] | None, support: Any, style: str, *,
-                      tracker_name: str) -> Path | None:
-    """Parse ``argv`` (with ``--config_file``) and train; returns the final model's path."""
+                      tracker_name: str, recipe_class: type | None = None,
+                      families: Sequence[str] = ("sd",)) -> Path | None:
+    """Parse ``argv`` (with ``--config_file``) and train; returns the final model's path. ``recipe_class``
+    (default :class:`FullWeightRecipe`) and ``families`` come from the script."""
     from library.config.run_config import load_run_config
     from library.training.loop import run_training
 
@@ -372,5 +377,6 @@ def run_full_training(parser: argparse.ArgumentParser, argv: list[str] | None, s
         args.cache_latents_to_disk = True
         print(f"{args.in_json} comes from prepare_buckets_latents.py (it has train_resolution): its latents are "
               "used, as with --cache_latents_to_disk", flush=True)
-    return run_training(args, FullWeightRecipe(args, style), support, tracker_name=tracker_name,
-                        metadata=full_model_metadata)
+    recipe = (recipe_class or FullWeightRecipe)(args, style)
+    return run_training(args, recipe, support, tracker_name=tracker_name, metadata=full_model_metadata,
+                        families=families)

@@ -17,10 +17,9 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -28,12 +27,14 @@ from tqdm import tqdm
 from library.config.params import DatasetSupport
 from library.errors import UserError
 from library.training.logging_utils import LossRecorder, describe_lr_groups
-from library.training.outputs import prune
+from library.training.outputs import prune, save_or_emergency
 from library.training.preparation import (Run, build_run, check_run, init_trackers, make_accelerator,
                                           optimizer_class_name, shared_seed, training_length)
 from library.training.recipes import Recipe, SaveInfo
 from library.training.sampling import sampling_due
-from library.training.state import Progress, capture_rng, check_process_count, restore_rng, save_state
+from library.training.state import (Progress, capture_rng, check_position, check_process_count, restore_rng,
+                                    save_state)
+from library.training.stopping import StopRequest, stop_signals
 
 VALIDATION_TIMESTEP_POINTS = 4
 
@@ -48,14 +49,22 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
 
     checked = check_run(args, recipe, support, families)
     accelerator = make_accelerator(args, tracker_name)
-    if checked.resume_processes is not None:  # before any model loads
-        check_process_count(args.resume, checked.resume_processes, accelerator.num_processes)
-    seed = shared_seed(args, accelerator, checked.resume_seed)
+    resume = checked.resume_info
+    if resume is not None:  # before any model loads
+        check_process_count(args.resume, resume["num_processes"], accelerator.num_processes)
+    seed = shared_seed(args, accelerator, resume.get("seed") if resume else None)
     group = build_dataset_group(checked.params, seed=seed)
     recipe.prepare_dataset(group)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
     max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
     group.set_max_train_steps(max_train_steps)  # before any loader: token warmup may be a ratio of it
+    if resume is not None:
+        check_position(args.resume, resume, max_train_steps=max_train_steps,
+                       batches_per_epoch=group.batches_per_epoch(n))
+        if resume.get("dataset", group.fingerprint()) != group.fingerprint() and accelerator.is_main_process:
+            print(f"warning: the dataset differs from the one the resumed run trained on (images, repeats, "
+                  "resolution or batch size changed), so the data order and position differ from an "
+                  "uninterrupted run", flush=True)
     if args.debug_dataset:
         debug_dataset(group, make_train_loader(group, seed=seed, num_workers=0, persistent_workers=False,
                                                grad_accum=ga), epochs=num_epochs, steps=max_train_steps)
@@ -71,6 +80,18 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     return run
 
 
+def _remove_stale_temporaries(names: Any) -> None:
+    """Hidden temporaries of this run's names left by a killed save (``kill -9``): removed, and said."""
+    from library.io_utils import remove_stale_temporaries
+    from library.training.outputs import owns_temporary
+
+    removed = remove_stale_temporaries(names.output_dir, owns_temporary(names))
+    if removed:
+        shown = ", ".join(p.name for p in removed)
+        print(f"removed {len(removed)} unfinished temporary save(s) left in {names.output_dir} by an interrupted "
+              f"run: {shown}", flush=True)
+
+
 def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport, *,
                  tracker_name: str = "network_train", metadata: Any = None,
                  families: Sequence[str] = ("sd",)) -> Path | None:
@@ -82,22 +103,6 @@ def run_training(args: argparse.Namespace, recipe: Recipe, support: DatasetSuppo
         return train(run)
     finally:
         run.accelerator.end_training()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -141,6 +146,9 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
     with torch.set_grad_enabled(te_trains and torch.is_grad_enabled()), acc.autocast():
         context = run.text(list(batch["captions"]), device)
 
+    cond = models.family.spec.conditioning(context, batch, device)
+    if models.family.objective.is_flow_matching:
+        return flow_batch_loss(run, batch, latents, cond, timesteps=timesteps, generator=generator)
     if timesteps is None:
         noise, noisy, t = sample_noise_and_timesteps(latents, run.noise_scheduler, run.noise_settings, run.generator)
     else:
@@ -148,7 +156,6 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
         noisy = run.noise_scheduler.add_noise(latents, noise, t)
 
-    cond = models.family.spec.conditioning(context, batch, device)
     with acc.autocast():
         pred = models.family.spec.forward(models.denoiser, noisy, t, cond, run.weight_dtype)
     if run.noise_scheduler.config.prediction_type == "v_prediction":
@@ -158,6 +165,27 @@ def batch_loss(run: Run, batch: dict[str, Any], global_step: int, *, timesteps: 
     masks = batch.get("alpha_masks")
     return compute_training_loss(pred, target, t, run.noise_scheduler, settings=run.loss_settings,
                                  loss_weights=batch["loss_weights"].to(device), masks=masks)
+
+
+def flow_batch_loss(run: Run, batch: dict[str, Any], latents: torch.Tensor, cond: Any, *,
+                    timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The flow-matching loss of one batch (``library.training.flow_matching``); given ``timesteps`` (validation)
+    are read as ``sigma = t / 1000`` (at least 1/1000) with noise from ``generator``."""
+    from library.training.flow_matching import FlowBatch, flow_matching_loss, make_flow_batch, prediction_and_target
+
+    acc, models, device = run.accelerator, run.models, run.accelerator.device
+    if timesteps is None:
+        fb = make_flow_batch(latents, run.flow_settings, run.noise_settings, run.generator)
+    else:
+        sigmas = (timesteps.to(device).float() / 1000).clamp(min=1e-3)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+        s = sigmas.view(-1, 1, 1, 1)
+        fb = FlowBatch(noise=noise, noisy=(1 - s) * latents + s * noise, sigmas=sigmas)
+    with acc.autocast():
+        pred = models.family.spec.forward(models.denoiser, fb.noisy, fb.timesteps, cond, run.weight_dtype)
+    pred, target, weighting = prediction_and_target(pred.float(), latents, fb, run.flow_settings)
+    return flow_matching_loss(pred, target, fb.sigmas, settings=run.loss_settings, weighting=weighting,
+                              loss_weights=batch["loss_weights"].to(device), masks=batch.get("alpha_masks"))
 
 
 def _all_reduce_gradients(run: Run, params: list[torch.nn.Parameter]) -> None:
@@ -206,6 +234,8 @@ def _current_lrs(run: Run) -> dict[str, float]:
 def train(run: Run) -> Path:
     """The loop; returns the path of the final weights."""
     args, acc, recipe = run.args, run.accelerator, run.recipe
+    if acc.is_main_process:  # every recipe's run, before its first save
+        _remove_stale_temporaries(run.names)
     progress = dataclasses.replace(run.resumed.progress) if run.resumed else Progress()
     if run.resumed:
         restore_rng(run.resumed.rng)
@@ -231,7 +261,7 @@ def train(run: Run) -> Path:
     ga = args.gradient_accumulation_steps
     group_loss = torch.zeros((), device=acc.device)
     try:
-        with _sigterm_as_interrupt():
+        with stop_signals(acc.num_processes) as stop:
             while progress.epoch < run.num_epochs and progress.global_step < run.max_train_steps:
                 run.loader.set_epoch(progress.epoch, skip_batches=progress.batches_done)
                 recipe.on_epoch_start(progress.epoch)
@@ -249,7 +279,7 @@ def train(run: Run) -> Path:
                     progress.batches_done += 1
                     if progress.batches_done - group_start < group_len:
                         continue
-                    step_loss, extra = _optimizer_step(run, params, progress, group_loss)
+                    step_loss, extra = _optimizer_step(run, params, progress, group_loss, stop)
                     group_loss = torch.zeros((), device=acc.device)
                     if keep_snapshots:
                         snapshot = _snapshot(run, progress)
@@ -261,6 +291,9 @@ def train(run: Run) -> Path:
                     _after_step(run, progress, snapshot, logs)
                     if acc.log_with:
                         acc.log(logs, step=progress.global_step)
+                    if stop.agreed and progress.global_step < run.max_train_steps:
+                        print(f"process {acc.process_index}: stopped after step {progress.global_step}", flush=True)
+                        raise KeyboardInterrupt
                     if progress.global_step >= run.max_train_steps:
                         if progress.batches_done == n_batches:  # the last step also ended the epoch
                             _end_epoch(run, progress, recorder)
@@ -271,22 +304,29 @@ def train(run: Run) -> Path:
                         snapshot = _snapshot(run, progress)
     except KeyboardInterrupt:
         bar.close()
-        if args.save_state and acc.num_processes == 1:
+        if args.save_state and (acc.num_processes == 1 or stop.agreed):
             path = run.names.step_state(snapshot[0].global_step)
             _write_state(run, path, snapshot)
-            print(f"\ninterrupted: state of step {snapshot[0].global_step} saved to {path}; continue with "
-                  f"--resume {path}", flush=True)
+            if acc.is_main_process:
+                print(f"\ninterrupted: state of step {snapshot[0].global_step} saved to {path}; continue with "
+                      f"--resume {path}", flush=True)
         raise
     bar.close()
     return _finish(run, progress, _snapshot(run, progress))
 
 
 def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progress,
-                    group_loss: torch.Tensor) -> tuple[float, dict[str, float]]:
+                    group_loss: torch.Tensor, stop: StopRequest) -> tuple[float, dict[str, float]]:
     """Check the step's loss, average the gradients over processes, clip, step; returns the loss (mean over
-    processes) and the recipe's values to log."""
+    processes) and the recipe's values to log. A stop request of any process is shared in the same reduction
+    (``stop.agreed``)."""
     args, acc = run.args, run.accelerator
-    step_loss = _reduce_mean(run, group_loss)  # the one host sync of the step
+    if acc.num_processes > 1:  # the one host sync of the step carries the stop requests
+        flag = torch.tensor(float(stop.requested), device=group_loss.device)
+        both = _reduce_mean(run, torch.stack([group_loss.float(), flag]))
+        step_loss, stop.agreed = both[0], both[1] > 0
+    else:
+        step_loss = float(group_loss)
     _check_finite(step_loss, progress, args)
     if not run.fused_backward:  # with a fused backward pass each parameter was stepped during backward
         _all_reduce_gradients(run, params)
@@ -299,12 +339,13 @@ def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progre
     return step_loss, run.recipe.after_optimizer_step(args, acc.device)
 
 
-def _reduce_mean(run: Run, value: torch.Tensor | float) -> float:
-    """The mean of ``value`` over processes, as a Python float."""
+def _reduce_mean(run: Run, value: torch.Tensor | float) -> Any:
+    """The mean of ``value`` over processes: a Python float, or a list of floats for a 1-d tensor."""
     if run.accelerator.num_processes == 1:
-        return float(value)
-    tensor = torch.as_tensor(value, device=run.accelerator.device, dtype=torch.float64).reshape(1)
-    return float(run.accelerator.reduce(tensor, reduction="mean").item())
+        return value.tolist() if isinstance(value, torch.Tensor) and value.dim() == 1 else float(value)
+    tensor = torch.as_tensor(value, device=run.accelerator.device, dtype=torch.float64)
+    reduced = run.accelerator.reduce(tensor.reshape(-1), reduction="mean")
+    return reduced.tolist() if tensor.dim() == 1 else float(reduced[0].item())
 
 
 def _snapshot(run: Run, progress: Progress) -> tuple[Progress, dict[str, Any]]:
@@ -383,25 +424,40 @@ def _prune(run: Run, kind: str, *, state: bool, keep_after: int) -> None:
 
 
 def _save_weights(run: Run, path: Path, progress: Progress) -> None:
-    from library.training.lora_metadata import per_save_metadata
-
     acc = run.accelerator
     if acc.is_main_process:
+        save_or_emergency(_weights_saver(run, progress), path, run.names, progress.global_step)
+    acc.wait_for_everyone()
+
+
+def _weights_saver(run: Run, progress: Progress) -> Callable[[Path], None]:
+    """``save(path)``: the trained weights at ``progress`` with their metadata (side work: RNGs untouched)."""
+    from library.training.lora_metadata import per_save_metadata
+
+    def save(path: Path) -> None:
         with _side_work(run):
             meta = per_save_metadata(run.metadata, global_step=progress.global_step, epoch=progress.epoch,
                                      minimal=bool(getattr(run.args, "no_metadata", False))) if run.metadata else {}
             run.recipe.save(path, SaveInfo(progress.global_step, progress.epoch, meta), run.args)
-    acc.wait_for_everyone()
+
+    return save
 
 
 def _write_state(run: Run, path: Path, snapshot: tuple[Progress, dict[str, Any]]) -> None:
     progress, rng = snapshot
     acc = run.accelerator
-    save_state(path, acc, progress=progress, weights=run.recipe.state_dict(), optimizer=run.optimizer.state_dict(),
-               scheduler=run.lr_scheduler.state_dict(),
-               scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng,
-               info={"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
-                     "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()})
+    info = {"recipe": run.recipe.name, "seed": run.seed, "output_name": run.names.name,
+            "optimizer": optimizer_class_name(run.optimizer), "saved_at": time.time()}
+    if run.group is not None:  # recipes that bring their own data have no dataset group
+        info["dataset"] = run.group.fingerprint()
+
+    def write(target: Path) -> None:
+        save_state(target, acc, progress=progress, weights=run.recipe.state_dict(),
+                   optimizer=run.optimizer.state_dict(), scheduler=run.lr_scheduler.state_dict(),
+                   scaler=acc.scaler.state_dict() if acc.scaler is not None else None, rng=rng, info=info)
+
+    # a state that cannot be written: keep at least the trained weights
+    save_or_emergency(write, path, run.names, progress.global_step, weights=_weights_saver(run, progress))
 
 
 def _sample(run: Run, global_step: int, epoch: int | None) -> None:
@@ -432,7 +488,7 @@ def sample_images(run: Run, global_step: int, epoch: int | None) -> None:
             tag=sample_tag(step=global_step, epoch=epoch), default_size=resolution,
             device=acc.device, dtype=run.weight_dtype, v_parameterization=models.family.objective.is_v_prediction,
             latent_scale=models.family.latent_scale, sampler=args.sample_sampler,
-            zero_terminal_snr=bool(args.zero_terminal_snr),
+            zero_terminal_snr=bool(args.zero_terminal_snr), spec=models.family.spec,
         )
 
 

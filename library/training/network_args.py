@@ -65,12 +65,18 @@ def parse_network_args(items: list[str] | None, network_module: str = DEFAULT_NE
             problems.append(f"{key!r} is given twice ({result[key]!r} and {value.strip()!r})")
         else:
             result[key] = value.strip()
+    if network_module == DEFAULT_NETWORK_MODULE:
+        from networks.lora_options import NETWORK_ARGS, parse_network_kwargs
+
+        known = {k: v for k, v in result.items() if k in NETWORK_ARGS}
+        # unknown keys first, then the values of the known ones: every problem is reported at once
+        for given in (result, known) if len(known) < len(result) else (result,):
+            try:
+                parse_network_kwargs(given)
+            except UserError as err:
+                problems += err.problems or [err.message]
     if problems:
         raise UserError.from_problems("--network_args", problems)
-    if network_module == DEFAULT_NETWORK_MODULE:
-        from networks.lora_options import parse_network_kwargs
-
-        parse_network_kwargs(result)
     return result
 
 
@@ -105,5 +111,5 @@ def network_option_problems(args: argparse.Namespace) -> list[str]:
     try:
         parse_network_args(g("network_args"), g("network_module") or DEFAULT_NETWORK_MODULE)
     except UserError as err:
-        problems.append(err.message)
+        problems += err.items()
     return problems

@@ -23,9 +23,9 @@ from library.models.weights import move_module
 from library.precision import dtype_of
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
-from library.training.outputs import OutputNames, check_output_dir
+from library.training.outputs import OutputNames, check_output_dir, output_problems
 from library.training.recipes import LoopRecipe, Recipe
-from library.training.state import verify_state
+from library.training.state import PROGRESS, verify_state
 from library.training.text_cache import caption_variation_reasons
 
 
@@ -38,8 +38,7 @@ class Checked:
     family: ModelFamily
     cache_text: bool
     sample_prompts: list[Any] = field(default_factory=list)
-    resume_seed: int | None = None
-    resume_processes: int | None = None
+    resume_info: dict[str, Any] | None = None  # the validated train_state.json of --resume
 
 
 def uses_cuda() -> bool:
@@ -102,14 +101,27 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
 
     output_name = args.output_name or "last"
     names = OutputNames(Path(args.output_dir or "."), output_name, recipe.file_extension)
+    problems += output_problems(args.output_dir, output_name)
     resume_info = collect(lambda: verify_state(args.resume)) if args.resume else None
+    if resume_info is not None and resume_info.get("recipe", recipe.name) != recipe.name:
+        problems.append(resume_recipe_problem(args.resume, resume_info["recipe"], recipe.name))
     if problems or family is None:
         raise UserError.from_problems("cannot start training", problems)
     if args.output_dir is not None:
-        check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
+        check_output_dir(names, resume=args.resume, overwrite=args.overwrite)
     return Checked(params=params, names=names, family=family, cache_text=cache_text, sample_prompts=sample_prompts,
-                   resume_seed=resume_info["seed"] if resume_info else None,
-                   resume_processes=resume_info["num_processes"] if resume_info else None)
+                   resume_info=resume_info)
+
+
+def resume_recipe_problem(folder: str, saved: str, current: str) -> str:
+    """A state of another kind of training (a LoRA state given to train_db.py, ...)."""
+    scripts = {"lora": "train_network.py", "dreambooth": "train_db.py", "fine_tuning": "fine_tune.py",
+               "textual_inversion": "train_textual_inversion.py",
+               "textual_inversion_xti": "train_textual_inversion_XTI.py"}
+    script = scripts.get(saved)
+    hint = f"resume it with {script}" if script else "resume it with the script that saved it"
+    return (f"--resume {folder}: this is a state of a {saved} training ({PROGRESS} field 'recipe'), but this run "
+            f"is a {current} training; {hint}, or give a state of this script")
 
 
 def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
@@ -157,19 +169,6 @@ def training_length(args: argparse.Namespace, steps_per_epoch: int) -> tuple[int
     if args.max_train_epochs is not None:
         return args.max_train_epochs * steps_per_epoch, args.max_train_epochs
     return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
-
-
-def set_attention(models: Any, args: argparse.Namespace) -> str:
-    """SDPA (the default; also for ``--mem_eff_attn``) or xformers on the UNet and the VAE."""
-    if args.xformers:
-        models.unet.enable_xformers_memory_efficient_attention()
-        models.vae.enable_xformers_memory_efficient_attention()
-        return "xformers"
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    models.unet.set_attn_processor(AttnProcessor2_0())
-    models.vae.set_attn_processor(AttnProcessor2_0())
-    return "sdpa"
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -234,6 +233,7 @@ class Run:
     noise_scheduler: Any = None
     noise_settings: Any = None
     loss_settings: Any = None
+    flow_settings: Any = None  # FlowMatchingSettings of a flow-matching family
     text: Any = None
     weight_dtype: torch.dtype = torch.float32
     vae_encode: Any = None
@@ -251,6 +251,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     from accelerate.utils import set_seed
 
     from library.dataset import make_train_loader
+    from library.training.flow_matching import FlowMatchingSettings
     from library.training.losses import LossSettings
     from library.training.noise import NoiseSettings, make_noise_scheduler
     from library.training.optimizers import create_optimizer, uses_relative_step
@@ -262,13 +263,15 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     set_seed(seed)
     family = checked.family
     models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
-    attention = set_attention(models, args)
+    attention = family.spec.set_attention(models, bool(args.xformers))
     for module in (models.unet, models.vae, *models.text_encoders):
         module.requires_grad_(False)
         module.eval()
     recipe.setup(models, args, device)
     trained = recipe.trained_base_modules()
-    vae_dtype = torch.float32 if args.no_half_vae else dtype
+    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
+    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
+        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
     move_module(models.vae, device, vae_dtype)
     move_module(models.unet, device, torch.float32 if "unet" in trained else dtype)
     for te in models.text_encoders:
@@ -286,15 +289,18 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         group.cache_latents(vae_encode, cache_key=vae_cache_key(models.vae, vae_dtype),
                             to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
                             process_index=accelerator.process_index,
-                            num_processes=accelerator.num_processes)
+                            num_processes=accelerator.num_processes, family_suffix=family.cache_suffix)
         accelerator.wait_for_everyone()
 
     encoding = models.family.spec.text_encoding(models, args)
     cache_dir = identity = None
     if args.cache_text_encoder_outputs_to_disk:
         cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
-        identity = (f"{encoder_fingerprint(models.text_encoders[0])}|clip_skip={args.clip_skip}|"
+        fingerprints = "|".join(encoder_fingerprint(te) for te in models.text_encoders)
+        identity = (f"{fingerprints}|clip_skip={args.clip_skip}|"
                     f"max_tokens={args.max_token_length}|weighted={args.weighted_captions}|{dtype}")
+        if getattr(encoding, "cache_settings", ""):
+            identity += f"|{encoding.cache_settings}"
     text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
                            cache_dir=cache_dir, identity=identity or "")
     text = recipe.text_conditioning(text)
@@ -332,6 +338,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         loader=loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names,
         noise_scheduler=make_noise_scheduler(models.family.objective.is_v_prediction, bool(args.zero_terminal_snr)),
         noise_settings=NoiseSettings.from_args(args), loss_settings=LossSettings.from_args(args), text=text,
+        flow_settings=FlowMatchingSettings.from_args(args) if family.objective.is_flow_matching else None,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
         fused_backward=bool(getattr(args, "fused_backward_pass", False)),

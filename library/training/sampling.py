@@ -323,17 +323,32 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def _denoise(unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor,
-             uncond: torch.Tensor | None, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """The sampling loop; scheduler math in float32, the U-Net in its own dtype."""
+def _as_conditioning(text: Any, spec: Any, size: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The denoiser's conditioning for one prompt's text output (SDXL: size ids from ``--w``/``--h``, no crop)."""
+    if spec is None:
+        return {"encoder_hidden_states": text.to(device)}
+    width, height = size
+    hw = torch.tensor([[height, width]])
+    cond = spec.conditioning(text, {"original_sizes_hw": hw, "crop_top_lefts": torch.zeros_like(hw),
+                                    "target_sizes_hw": hw}, device)
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def _denoise(unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+             uncond: dict[str, torch.Tensor] | None, scale: float, generator: torch.Generator,
+             spec: Any = None) -> torch.Tensor:
+    """The sampling loop; scheduler math in float32, the denoiser in its own dtype (``spec.forward`` when
+    the family is given)."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     unet_dtype = next(unet.parameters()).dtype
-    cond = cond.to(unet_dtype)
-    uncond = uncond.to(unet_dtype) if uncond is not None else None
-    batched = uncond is not None and uncond.shape == cond.shape
+    cond = {k: v.to(unet_dtype) for k, v in cond.items()}
+    uncond = {k: v.to(unet_dtype) for k, v in uncond.items()} if uncond is not None else None
+    batched = uncond is not None and all(uncond[k].shape == cond[k].shape for k in cond)
 
-    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(x.to(unet_dtype), t, encoder_hidden_states=context).sample.float()
+    def predict(x: torch.Tensor, t: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        if spec is not None:
+            return spec.forward(unet, x, t, context, unet_dtype).float()
+        return unet(x.to(unet_dtype), t, encoder_hidden_states=context["encoder_hidden_states"]).sample.float()
 
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(latents, t)
@@ -341,7 +356,8 @@ def _denoise(unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor, cond:
             pred = predict(model_in, t, cond)
         else:
             if batched:
-                pred_u, pred_c = predict(torch.cat([model_in, model_in]), t, torch.cat([uncond, cond])).chunk(2)
+                both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+                pred_u, pred_c = predict(torch.cat([model_in, model_in]), t, both).chunk(2)
             else:
                 pred_u, pred_c = predict(model_in, t, uncond), predict(model_in, t, cond)
             pred = pred_u + scale * (pred_c - pred_u)
@@ -360,13 +376,14 @@ def generate_samples(
     *, unet: torch.nn.Module, vae: torch.nn.Module, text_encode: Callable[[list[str]], torch.Tensor],
     prompts: Sequence[SamplePrompt], output_dir: str | Path, output_name: str | None, tag: str,
     default_size: tuple[int, int], device: torch.device | str, dtype: torch.dtype, v_parameterization: bool,
-    latent_scale: float, sampler: str = "ddim", zero_terminal_snr: bool = False,
+    latent_scale: float, sampler: str = "ddim", zero_terminal_snr: bool = False, spec: Any = None,
 ) -> list[Path]:
     """Generate one image per prompt with classifier-free guidance and save it as PNG; returns the paths.
 
-    ``text_encode(list_of_prompts) -> Tensor[B, seq, dim]`` is the trainer's text encoding (long prompts and
-    weights included). ``dtype`` is the autocast dtype on CUDA. Models are put in eval mode and restored;
-    RNG states are restored afterwards.
+    ``text_encode(list_of_prompts) -> Tensor[B, seq, dim]`` (or a family's mapping) is the trainer's text
+    encoding (long prompts and weights included); ``spec`` (a ``FamilySpec``) turns it into the denoiser's
+    conditioning and calls the denoiser (SD1.x/2.x without it). ``dtype`` is the autocast dtype on CUDA.
+    Models are put in eval mode and restored; RNG states are restored afterwards.
     """
     device = torch.device(device)
     folder = Path(output_dir) / "sample"
@@ -383,12 +400,14 @@ def generate_samples(
             scheduler.set_timesteps(p.sample_steps, device=device)
             autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext()
             with autocast:
-                cond = text_encode([p.prompt]).to(device)
-                uncond = text_encode([p.negative_prompt]).to(device) if p.scale != 1.0 else None
+                size = (width, height)
+                cond = _as_conditioning(text_encode([p.prompt]), spec, size, device)
+                uncond = (_as_conditioning(text_encode([p.negative_prompt]), spec, size, device)
+                          if p.scale != 1.0 else None)
                 shape = (1, vae.config.latent_channels, height // 8, width // 8)
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
                 latents = latents * scheduler.init_noise_sigma
-                latents = _denoise(unet, scheduler, latents, cond, uncond, p.scale, generator)
+                latents = _denoise(unet, scheduler, latents, cond, uncond, p.scale, generator, spec)
                 image = vae.decode(latents.to(next(vae.parameters()).dtype) / latent_scale).sample[0]
             stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
             seed_suffix = f"_{p.seed}" if p.seed is not None else ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -76,7 +76,7 @@ class TextConditioner:
             return self.encoding.encode(ids.to(device), weights.to(device))
         return self.encoding.encode(self.encoding.tokenize(captions).to(device))
 
-    def __call__(self, captions: list[str], device: torch.device) -> torch.Tensor:
+    def __call__(self, captions: list[str], device: torch.device) -> Any:
         if not self.cache:
             return self.encode(captions, device)
         keys = [self._key(c) for c in captions]
@@ -85,11 +85,11 @@ class TextConditioner:
             todo = list(dict.fromkeys(captions[i] for i in missing))
             with torch.no_grad():
                 out = self.encode(todo, device)
-            for caption, tensor in zip(todo, out):
+            for i, caption in enumerate(todo):
                 key = self._key(caption)
-                self._memory[key] = tensor.detach()
-                self._store(key, tensor)
-        return torch.stack([self._memory[k].to(device) for k in keys])
+                self._memory[key] = _row(out, i)
+                self._store(key, self._memory[key])
+        return _stack([self._memory[k] for k in keys], device)
 
     def _key(self, caption: str) -> str:
         return hashlib.sha256(f"{self.identity}\0{caption}".encode("utf-8")).hexdigest()
@@ -100,11 +100,28 @@ class TextConditioner:
         path = self.cache_dir / f"{key}.safetensors"
         if not path.is_file():
             return False
-        self._memory[key] = load_file(str(path))["hidden_states"]
+        data = load_file(str(path))
+        self._memory[key] = data["hidden_states"] if set(data) == {"hidden_states"} else {
+            k.removeprefix("cond."): v for k, v in data.items()}
         return True
 
-    def _store(self, key: str, tensor: torch.Tensor) -> None:
+    def _store(self, key: str, entry: Any) -> None:
         if self.cache_dir is None:
             return
-        data = {"hidden_states": tensor.detach().cpu().contiguous()}
+        items = entry.items() if isinstance(entry, Mapping) else [("hidden_states", entry)]
+        prefix = "cond." if isinstance(entry, Mapping) else ""
+        data = {prefix + k: v.cpu().contiguous() for k, v in items}
         atomic_save_file(self.cache_dir / f"{key}.safetensors", lambda tmp: save_file(data, tmp))
+
+
+def _row(out: Any, i: int) -> Any:
+    """Caption ``i``'s part of an encoder output: a tensor, or a mapping of tensors (FLUX, SDXL)."""
+    if isinstance(out, Mapping):
+        return {k: v[i].detach() for k, v in out.items()}
+    return out[i].detach()
+
+
+def _stack(entries: list[Any], device: torch.device) -> Any:
+    if isinstance(entries[0], Mapping):
+        return {k: torch.stack([e[k].to(device) for e in entries]) for k in entries[0]}
+    return torch.stack([e.to(device) for e in entries])

@@ -25,13 +25,14 @@ import torch
 from library.config.arguments import SUPPORT_TRAIN_NETWORK
 from library.errors import UserError
 from library.models.embeddings import (SD_KEY, TrainedTokenEmbedding, install_block_contexts,
-                                       install_trained_embedding, read_embedding_file, token_embedding,
-                                       write_embedding_file)
+                                       install_trained_embedding, pool_at_first_eos, read_embedding_file,
+                                       token_embedding, write_embedding_file)
 from library.training.recipes import Recipe, SaveInfo
 
 TI_FORMATS = ("ckpt", "pt", "safetensors")
 SUPPORT_TEXTUAL_INVERSION = dataclasses.replace(SUPPORT_TRAIN_NETWORK, script="train_textual_inversion.py")
 SUPPORT_XTI = dataclasses.replace(SUPPORT_TRAIN_NETWORK, script="train_textual_inversion_XTI.py")
+SUPPORT_SDXL_TEXTUAL_INVERSION = dataclasses.replace(SUPPORT_TRAIN_NETWORK, script="sdxl_train_textual_inversion.py")
 
 # The caption templates of the textual inversion paper (``{}`` is the token), as sd-scripts uses them.
 OBJECT_TEMPLATES = (
@@ -79,17 +80,22 @@ def token_strings(token_string: str, count: int) -> list[str]:
     return [token_string] + [f"{token_string}{i}" for i in range(1, count)]
 
 
-def _early_tokenizers(args: argparse.Namespace) -> list[Any]:
+def _early_tokenizers(args: argparse.Namespace, families: Sequence[str]) -> list[Any]:
     """The model's tokenizers when they can be read without loading the model (else none: the model loader
     then reports what is missing)."""
     from library.models.families import resolve_family
     from library.models.tokenizers import load_tokenizer
 
     source = Path(args.pretrained_model_name_or_path or "")
+    model_dir = source if source.is_dir() else None
     try:
-        family = resolve_family(args)
-        return [load_tokenizer(family, model_dir=source if source.is_dir() else None,
-                               cache_dir=args.tokenizer_cache_dir)]
+        family = resolve_family(args, families)
+        if family.name == "sdxl":
+            from library.models.tokenizers import SDXL_TOKENIZERS, load_clip_tokenizer
+
+            return [load_clip_tokenizer(spec, model_dir=model_dir, cache_dir=args.tokenizer_cache_dir)
+                    for spec in SDXL_TOKENIZERS]
+        return [load_tokenizer(family, model_dir=model_dir, cache_dir=args.tokenizer_cache_dir)]
     except UserError:
         return []
 
@@ -112,8 +118,9 @@ def vocabulary_problems(tokenizers: Sequence[Any], tokens: Sequence[str], init_w
 class TextualInversionRecipe(Recipe):
     """Train ``num_vectors_per_token`` new token rows per text encoder (XTI: per UNet cross-attention block)."""
 
-    def __init__(self, args: argparse.Namespace, *, xti: bool = False):
+    def __init__(self, args: argparse.Namespace, *, xti: bool = False, families: Sequence[str] = ("sd",)):
         self.xti = xti
+        self.families = tuple(families)
         self.name = "textual_inversion_xti" if xti else "textual_inversion"
         self.file_extension = args.save_model_as or "pt"
         self.token_string: str = args.token_string or ""
@@ -154,7 +161,7 @@ class TextualInversionRecipe(Recipe):
             if self.initial is not None:
                 problems += self._weights_count_problems(args.weights)
         if args.token_string and not problems:
-            problems += vocabulary_problems(_early_tokenizers(args), self.tokens, args.init_word)
+            problems += vocabulary_problems(_early_tokenizers(args, self.families), self.tokens, args.init_word)
         return problems
 
     def _weights_count_problems(self, path: str) -> list[str]:
@@ -191,6 +198,7 @@ class TextualInversionRecipe(Recipe):
             rows = self._initial_rows(tokenizer, base, args.init_word).repeat(sets, 1)
             if self.initial is not None:
                 rows = self._rows_from_file(i, base.shape[1], args.weights)
+            pool_at_first_eos(te, tokenizer.eos_token_id)
             embedding = install_trained_embedding(te, rows)
             embedding.trained.requires_grad_(True)
             self.embeddings.append(embedding)
@@ -395,12 +403,13 @@ def load_textual_inversion_args(parser: argparse.ArgumentParser, argv: list[str]
 
 
 def run_textual_inversion(parser: argparse.ArgumentParser, argv: list[str] | None, support: Any, *,
-                          xti: bool) -> Path | None:
+                          xti: bool, families: Sequence[str] = ("sd",)) -> Path | None:
     """Parse ``argv`` (with ``--config_file``) and train; returns the final embedding file."""
     from library.training.loop import run_training
 
     args = load_textual_inversion_args(parser, argv)
     if args is None:
         return None
-    return run_training(args, TextualInversionRecipe(args, xti=xti), support, tracker_name="textual_inversion",
-                        metadata=textual_inversion_metadata)
+    recipe = TextualInversionRecipe(args, xti=xti, families=families)
+    return run_training(args, recipe, support, tracker_name="textual_inversion",
+                        metadata=textual_inversion_metadata, families=families)

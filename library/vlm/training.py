@@ -235,7 +235,7 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
     ``check_data`` runs on the tokenized data before the model loads; ``add`` adds batch entries."""
     from library.training.loop import train
     from library.training.optimizers import create_optimizer, validate_optimizer_args
-    from library.training.outputs import OutputNames, check_output_dir
+    from library.training.outputs import OutputNames, check_output_dir, output_problems
     from library.training.preparation import (assemble_run, init_trackers, make_accelerator, shared_seed,
                                               training_length)
     from library.training.schedulers import create_scheduler, validate_scheduler_args
@@ -250,7 +250,10 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
     if problems:
         raise UserError.from_problems("cannot start training", problems)
     names = OutputNames(Path(args.output_dir), args.output_name or "last", "")
-    check_output_dir(names, resume=bool(args.resume), overwrite=args.overwrite)
+    problems = output_problems(args.output_dir, names.name)
+    if problems:
+        raise UserError.from_problems("cannot start training", problems)
+    check_output_dir(names, resume=args.resume, overwrite=args.overwrite)
     resume_info = verify_state(args.resume) if args.resume else None
     data = prepare_data(args, prompts_only=prompts_only)
     if check_data is not None:

@@ -37,6 +37,11 @@ class Objective:
         return self.name == "v_prediction"
 
     @property
+    def is_flow_matching(self) -> bool:
+        """Rectified flow (``library.training.flow_matching``): SD3, FLUX.1, Lumina."""
+        return self.name == "flow_matching"
+
+    @property
     def modelspec_prediction_type(self) -> str:
         """``modelspec.prediction_type``: ``epsilon`` or ``v``."""
         return "v" if self.is_v_prediction else self.name
@@ -44,6 +49,7 @@ class Objective:
 
 EPSILON = Objective("epsilon")
 V_PREDICTION = Objective("v_prediction")
+FLOW_MATCHING = Objective("flow_matching")
 
 
 def objective_for(v_parameterization: bool) -> Objective:
@@ -81,6 +87,7 @@ class ModelFamily:
     cache_suffix: str = ""
     ss_v2: bool = False
     lora_blocks: LoRABlockLayout = LoRABlockLayout(12)
+    vae_half_safe: bool = True  # False: the VAE overflows in fp16 and stays float32 under fp16 mixed precision
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
@@ -128,6 +135,14 @@ class FamilySpec(ABC):
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         """The model's components (``denoiser``, ``vae``, ``text_encoders``, ``tokenizers``)."""
 
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        """Write the whole model (its single-file layout, or a diffusers folder) atomically; a family without
+        full-weight training says so."""
+        from library.errors import UserError
+
+        raise UserError(f"saving whole {self.name} models is not supported; train a LoRA for this family instead")
+
     @abstractmethod
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         """The object that tokenizes and encodes captions for this family's text encoders."""
@@ -146,5 +161,18 @@ class FamilySpec(ABC):
         """Whether this loaded denoiser is of this family (LoRA networks ask, through the kohya interface)."""
 
     @abstractmethod
-    def lora_denoiser_name(self, module_path: str) -> str:
-        """The kohya LoRA name body (without ``lora_unet_``) of a denoiser module at ``module_path``."""
+    def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
+        """The kohya LoRA name body (without ``lora_unet_``) of the ``denoiser`` module at ``module_path``."""
+
+    def set_attention(self, models: Any, xformers: bool) -> str:
+        """Choose the attention kernels of the denoiser and VAE; returns their name for the log. The default
+        suits diffusers' generic ``Attention`` modules (SD UNets and VAEs): SDPA, or xformers when asked."""
+        if xformers:
+            models.denoiser.enable_xformers_memory_efficient_attention()
+            models.vae.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        models.denoiser.set_attn_processor(AttnProcessor2_0())
+        models.vae.set_attn_processor(AttnProcessor2_0())
+        return "sdpa"

@@ -15,9 +15,12 @@ import torch
 
 from library.errors import UserError
 from library.models.families.base import FamilySpec, ModelFamily
+from library.models.families.flux import FluxSpec
 from library.models.families.sd import SDSpec
+from library.models.families.sdxl import SDXLSpec
 
-FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SDSpec(),)})
+FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType(
+    {spec.name: spec for spec in (SDXLSpec(), FluxSpec(), SDSpec())})
 
 
 def family_spec(name: str) -> FamilySpec:
@@ -44,6 +47,11 @@ def _header_keys(source: Path) -> Collection[str] | None:
     if source.is_file() and source.suffix.lower() == ".safetensors":
         return safetensors_keys(source)
     return None
+
+
+def recognised_spec(source: Path) -> FamilySpec | None:
+    """The spec that recognises this checkpoint file (header only) or model folder; None if none does."""
+    return _recognised(source, _header_keys(source))
 
 
 def _recognised(source: Path, keys: Collection[str] | None) -> FamilySpec | None:

@@ -26,7 +26,7 @@ def sd_family(v2: bool = False, v_parameterization: bool = False) -> ModelFamily
     """
     objective = objective_for(v_parameterization)
     common = dict(objective=objective, latent_scale=SD_LATENT_SCALE, bucket_step=64, spec_name="sd",
-                  scheduler_config=SD_SCHEDULE)
+                  scheduler_config=SD_SCHEDULE, cache_suffix="_sd")
     if not v2:
         return ModelFamily(name="sd1", default_resolution=512, modelspec_architecture="stable-diffusion-v1",
                            base_model_version="sd_v1_v" if v_parameterization else "sd_v1", **common)
@@ -64,6 +64,13 @@ class SDSpec(FamilySpec):
 
         return load_sd_models(args, device=device, dtype=dtype, family=family)
 
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        from library.models.saving import save_sd_model
+
+        return save_sd_model(path, models, fmt=fmt, dtype=dtype, unet=models.unet, text_encoder=models.text_encoders[0],
+                             metadata=metadata, epoch=epoch, global_step=global_step)
+
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         from library.models.arguments import parse_max_token_length
         from library.models.text_encoding import TextEncoding
@@ -83,5 +90,5 @@ class SDSpec(FamilySpec):
         config = getattr(denoiser, "config", None)
         return getattr(config, "addition_embed_type", None) is None
 
-    def lora_denoiser_name(self, module_path: str) -> str:
+    def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")

@@ -1,0 +1,136 @@
+"""Training speed and peak memory of flux_train_network.py's loop (FLUX.1 LoRA, rank 16).
+
+    python bench/bench_flux_train.py [--steps 6] [--models tiny wide] [--json results.json]
+
+Models (random weights, saved as BFL single files + clip_l/t5xxl/ae first):
+  tiny   library.models.flux.tiny defaults (2 double + 2 single blocks, width 64)
+  wide   FLUX.1's width (24 heads x 128 = 3072, MLP 12288) with 1 double + 2 single blocks, T5 width 4096
+each at two resolutions (CPU: tiny 64/128 px; CUDA: 512/1024 px), batch size 1, LoRA rank 16 on the
+transformer (text encoders frozen, outputs and latents cached), ``--mixed_precision bf16`` on CUDA. Seconds
+per optimizer step over ``--steps`` steps after 2 warm-up steps; peak memory is the process's peak RSS on
+CPU and ``torch.cuda.max_memory_allocated`` on CUDA. Each case runs in its own process.
+``--blocks_to_swap`` / ``--fp8_base`` cases will be added when those options exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = {
+    "tiny": {},
+    "wide": dict(depth=1, depth_single=2, heads=24, head_dim=128, clip_width=768, t5_width=4096),
+}
+RESOLUTIONS = {"cpu": {"tiny": (64, 128), "wide": (128,)}, "cuda": {"tiny": (512, 1024), "wide": (512, 1024)}}
+
+
+def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import flux_train_network
+    from library.config.arguments import SUPPORT_TRAIN_NETWORK
+    from library.config.run_config import load_run_config
+    from library.models.flux.recipe import FluxLoRARecipe
+    from library.training.loop import prepare_training, train
+
+    cuda = torch.cuda.is_available()
+    files = work / f"model_{name}"
+    images = work / f"images_{resolution}"
+    images.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.caption").write_text(f"a photo {i}", encoding="utf-8")
+    toml = work / f"data_{resolution}.toml"
+    toml.write_text(f"[general]\nresolution = {resolution}\nbatch_size = 1\n[[datasets]]\n[[datasets.subsets]]\n"
+                    f"image_dir = '{images.as_posix()}'\n", encoding="utf-8")
+    argv = ["--pretrained_model_name_or_path", str(files / "flux.safetensors"), "--clip_l",
+            str(files / "clip_l.safetensors"), "--t5xxl", str(files / "t5xxl.safetensors"), "--ae",
+            str(files / "ae.safetensors"), "--tokenizer_cache_dir", str(files / "tokenizers"),
+            "--dataset_config", str(toml), "--output_dir", str(work / f"out_{name}_{resolution}"), "--overwrite",
+            "--network_dim", "16", "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
+            "--learning_rate", "1e-4", "--max_train_steps", "2", "--seed", "0", "--max_data_loader_n_workers", "0",
+            "--mixed_precision", "bf16" if cuda else "no", "--t5xxl_max_token_length", "64"]
+    args = load_run_config(flux_train_network.build_parser(), argv)
+    run = prepare_training(args, FluxLoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("flux",))
+    params = sum(p.numel() for p in run.models.unet.parameters())
+    train(run)  # warm-up (2 steps)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    run.max_train_steps = steps
+    start = time.perf_counter()
+    train(run)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"model": name, "resolution": resolution, "device": "cuda" if cuda else "cpu",
+            "transformer_parameters": params, "steps": steps, "seconds_per_step": elapsed / steps,
+            "peak_memory_mib": peak / 2**20, "memory_kind": "cuda allocated" if cuda else "process RSS",
+            "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per case (default 6)")
+    parser.add_argument("--models", nargs="*", default=["tiny"], choices=list(CASES))
+    parser.add_argument("--json", type=str, default=None, help="also write the results here")
+    parser.add_argument("--case", nargs=3, metavar=("MODEL", "RESOLUTION", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--build", nargs=2, metavar=("MODEL", "WORKDIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        from library.models.flux.tiny import TinyFluxConfig, save_tiny_flux_files
+
+        name, work = args.build
+        save_tiny_flux_files(Path(work) / f"model_{name}", TinyFluxConfig(**CASES[name]))
+        return 0
+    if args.case:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        name, resolution, work = args.case
+        print("RESULT " + json.dumps(one_case(name, int(resolution), args.steps, Path(work))), flush=True)
+        return 0
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_flux_") as work:
+        for name in args.models:
+            subprocess.run([sys.executable, __file__, "--build", name, work], check=True, cwd=ROOT,
+                           capture_output=True)
+            for resolution in RESOLUTIONS[device][name]:
+                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--case", name,
+                                       str(resolution), work], capture_output=True, text=True, cwd=ROOT)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    return 1
+                result = json.loads(lines[-1][len("RESULT "):])
+                results.append(result)
+                print(f"{name:5s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, peak "
+                      f"{result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), transformer "
+                      f"{result['transformer_parameters'] / 1e6:.1f} M params, {result['threads']} thread(s)",
+                      flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

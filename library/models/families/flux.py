@@ -1,0 +1,148 @@
+"""FLUX.1 dev / schnell: a flow-matching transformer, CLIP-L (pooled) + T5 (sequence), a 16-channel AE.
+
+Models come as the files people download, each given separately as in sd-scripts
+(``--pretrained_model_name_or_path`` the BFL single file, ``--clip_l``, ``--t5xxl``, ``--ae``), or as a
+diffusers ``FluxPipeline`` folder. dev and schnell are told apart by the guidance embedding. The compute
+model is diffusers' ``FluxTransformer2DModel`` (latents packed 2x2 into 64-channel tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Collection, Mapping
+
+import torch
+
+from library.errors import UserError
+from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, ModelFamily
+from library.models.flux.conversion import COMFY_PREFIX, layout_of, read_architecture
+
+FLUX_LATENT_SCALE = 0.3611
+FLUX_LATENT_SHIFT = 0.1159
+
+
+def flux_family(variant: str) -> ModelFamily:
+    """FLUX.1 ``dev`` or ``schnell``."""
+    return ModelFamily(
+        name=f"flux1-{variant}", objective=FLOW_MATCHING, latent_scale=FLUX_LATENT_SCALE,
+        latent_shift=FLUX_LATENT_SHIFT, bucket_step=16, default_resolution=1024, base_model_version="flux1",
+        modelspec_architecture=f"flux-1-{variant}", spec_name="flux", cache_suffix="_flux",
+        scheduler_config={"shift": 3.0},
+    )
+
+
+def is_dev(family: ModelFamily) -> bool:
+    return family.name == "flux1-dev"
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C] (2x2 patches, FLUX's token order)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for a latent of size ``h`` x ``w``."""
+    b, _, d = tokens.shape
+    c = d // 4
+    x = tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Position ids [(h/2)(w/2), 3] of the packed latent tokens (0, row, column)."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] = torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def _strip(keys: Collection[str]) -> set[str]:
+    return {k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in keys}
+
+
+class FluxSpec(FamilySpec):
+    """FLUX.1 behind the family seam."""
+
+    name = "flux"
+    scripts = ("flux_train_network.py",)
+
+    def recognises_file(self, keys: Collection[str]) -> bool:
+        return layout_of(keys) is not None
+
+    def recognises_folder(self, folder: Path) -> bool:
+        return (folder / "transformer" / "config.json").is_file() and (folder / "text_encoder_2").is_dir()
+
+    def family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        from library.models.flux.arguments import flux_family_problems
+        from library.models.flux.loading import component_problems
+
+        family = self._variant(source, keys)
+        problems = component_problems(args, source) + flux_family_problems(args, family)
+        if problems:
+            raise UserError.from_problems("FLUX.1 model files", problems)
+        return family
+
+    def _variant(self, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        if source.is_dir():
+            config = json.loads((source / "transformer" / "config.json").read_text(encoding="utf-8"))
+            return flux_family("dev" if config.get("guidance_embeds") else "schnell")
+        if keys is None:
+            raise UserError(f"{source}: FLUX models are read from .safetensors files or diffusers folders")
+        if layout_of(keys) is None:
+            from library.models.flux.loading import describe_file
+
+            raise UserError(f"{source}: this file is {describe_file(keys)}, not a FLUX.1 transformer; give "
+                            "--pretrained_model_name_or_path the FLUX model (flux1-dev.safetensors or a diffusers "
+                            "FLUX folder)")
+        if layout_of(keys) == "diffusers":
+            return flux_family("dev" if any(k.startswith("time_text_embed.guidance_embedder") for k in keys)
+                               else "schnell")
+        return flux_family("dev" if "guidance_in.in_layer.weight" in _strip(keys) else "schnell")
+
+    def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
+        from library.models.flux.loading import load_flux_models
+
+        return load_flux_models(args, family, device=device)
+
+    def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
+        from library.models.flux.text import FluxTextEncoding
+
+        return FluxTextEncoding.from_args(models, args)
+
+    def conditioning(self, text: Any, batch: Mapping[str, Any], device: torch.device) -> Conditioning:
+        return {k: v.to(device) for k, v in text.items()}
+
+    def forward(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: Conditioning, dtype: torch.dtype) -> torch.Tensor:
+        """``timesteps`` are ``1000 * sigma``; the output is the velocity in the latents' layout."""
+        b, _, h, w = noisy.shape
+        device = noisy.device
+        mask = cond.get("t5_attn_mask")
+        kwargs = {}
+        if mask is not None:  # text tokens first, then image tokens (always attended)
+            full = torch.cat([mask.bool(), torch.ones(b, (h // 2) * (w // 2), dtype=torch.bool, device=device)], 1)
+            kwargs["joint_attention_kwargs"] = {"attention_mask": full[:, None, None, :]}
+        out = denoiser(
+            hidden_states=pack_latents(noisy).to(dtype), encoder_hidden_states=cond["t5_out"].to(dtype),
+            pooled_projections=cond["l_pooled"].to(dtype), timestep=(timesteps.float() / 1000).to(dtype),
+            img_ids=image_ids(h, w, device), txt_ids=torch.zeros(cond["t5_out"].shape[1], 3, device=device),
+            guidance=cond["guidance"].to(dtype) if denoiser.config.guidance_embeds else None, **kwargs,
+        ).sample
+        return unpack_latents(out, h, w)
+
+    def set_attention(self, models: Any, xformers: bool) -> str:
+        """diffusers' FLUX attention already runs on SDPA; the AE gets SDPA too."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        models.vae.set_attn_processor(AttnProcessor2_0())
+        return "sdpa"
+
+    def owns_denoiser(self, denoiser: torch.nn.Module) -> bool:
+        return type(denoiser).__name__ == "FluxTransformer2DModel"
+
+    def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
+        return module_path.replace(".", "_")  # networks.lora_flux names the BFL modules itself

@@ -1,0 +1,318 @@
+"""Kohya-format FLUX.1 LoRA (sd-scripts' ``networks.lora_flux`` files) on diffusers' ``FluxTransformer2DModel``.
+
+sd-scripts puts its LoRAs on the original (BFL) layers, where q, k and v (and, in single blocks, the MLP input)
+are one fused ``Linear`` with one shared down-projection. diffusers computes with split layers
+(``to_q``/``to_k``/``to_v``/``proj_mlp``; its outputs equal the original model's). :class:`FusedLoRAModule`
+keeps sd-scripts' parameterisation on the split layers: one ``lora_down [r, in]`` shared by every part and
+one ``lora_up [sum(out), r]`` whose row blocks feed each part, so the file holds the fused shapes and
+``W_part += scale * up[rows of part] @ down`` is exactly the fused update.
+
+Names (sd-scripts'): ``lora_unet_double_blocks_{i}_{img,txt}_{attn_qkv,attn_proj,mlp_0,mlp_2,mod_lin}``,
+``lora_unet_single_blocks_{i}_{linear1,linear2,modulation_lin}`` (FLUX.1-dev: 19 x 10 + 38 x 3 = 304),
+with ``in_dims`` also ``lora_unet_{img_in,time_in_*,vector_in_*,guidance_in_*,txt_in}``; CLIP-L as
+``lora_te1_text_model_encoder_layers_*`` (72 modules), T5 as ``lora_te3_encoder_block_*`` with ``train_t5xxl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import UserError
+from networks.lora import (
+    LoRAModule, LoRANetwork, _listing, _split_by_module, find_target_modules, load_lora_file, standard_key,
+)
+from networks.lora_flux_options import (
+    SHAPE_ARGS, FluxLoRAOptions, parse_block_selection, parse_flux_network_kwargs,
+)
+
+logger = logging.getLogger(__name__)
+
+PREFIX_UNET = "lora_unet"
+PREFIX_CLIP = "lora_te1"
+PREFIX_T5 = "lora_te3"
+T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")
+# (sd-scripts module name within a block, diffusers layers in fused row order)
+DOUBLE_TARGETS = (
+    ("img_mod_lin", ("norm1.linear",)), ("img_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ("img_attn_proj", ("attn.to_out.0",)), ("img_mlp_0", ("ff.net.0.proj",)), ("img_mlp_2", ("ff.net.2",)),
+    ("txt_mod_lin", ("norm1_context.linear",)),
+    ("txt_attn_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    ("txt_attn_proj", ("attn.to_add_out",)), ("txt_mlp_0", ("ff_context.net.0.proj",)),
+    ("txt_mlp_2", ("ff_context.net.2",)),
+)
+SINGLE_TARGETS = (
+    ("modulation_lin", ("norm.linear",)), ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+    ("linear2", ("proj_out",)),
+)
+# in_dims order [img, time, vector, guidance, txt] -> (name, diffusers layer)
+EMBEDDER_TARGETS = (
+    (("img_in", "x_embedder"),),
+    (("time_in_in_layer", "time_text_embed.timestep_embedder.linear_1"),
+     ("time_in_out_layer", "time_text_embed.timestep_embedder.linear_2")),
+    (("vector_in_in_layer", "time_text_embed.text_embedder.linear_1"),
+     ("vector_in_out_layer", "time_text_embed.text_embedder.linear_2")),
+    (("guidance_in_in_layer", "time_text_embed.guidance_embedder.linear_1"),
+     ("guidance_in_out_layer", "time_text_embed.guidance_embedder.linear_2")),
+    (("txt_in", "context_embedder"),),
+)
+
+
+class FusedLoRAModule(nn.Module):
+    """One LoRA over one or more ``Linear`` layers that read the same input (the split parts of a fused layer).
+
+    ``lora_down [r, in]`` is shared; ``lora_up [sum(out_i), r]`` is cut into row blocks, one per part, in order.
+    Each part's output becomes ``org_i(x) + up_i(down(x)) * multiplier * alpha / r``. With one part this is a
+    plain kohya LoRA. Dropouts are drawn per part call.
+    """
+
+    def __init__(self, lora_name: str, org_modules: Sequence[nn.Linear], multiplier: float | torch.Tensor = 1.0,
+                 lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__()
+        in_features = {m.in_features for m in org_modules}
+        if len(in_features) != 1:
+            raise ValueError(f"{lora_name}: the fused parts have different inputs {sorted(in_features)}")
+        self.lora_name = lora_name
+        self.lora_dim = lora_dim
+        self.sizes = [m.out_features for m in org_modules]
+        self.lora_down = nn.Linear(in_features.pop(), lora_dim, bias=False)
+        self.lora_up = nn.Linear(lora_dim, sum(self.sizes), bias=False)
+        alpha = float(lora_dim if not alpha else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / lora_dim
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.multiplier = multiplier
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        object.__setattr__(self, "org_modules", list(org_modules))  # not submodules: their weights stay the model's
+        self.org_forwards: list[Any] = []
+        self.register_load_state_dict_post_hook(FusedLoRAModule._refresh_scale)
+
+    @staticmethod
+    def _refresh_scale(module: "FusedLoRAModule", incompatible_keys: Any) -> None:
+        module.scale = float(module.alpha.detach().float()) / module.lora_dim
+
+    def _rows(self, part: int) -> slice:
+        start = sum(self.sizes[:part])
+        return slice(start, start + self.sizes[part])
+
+    def apply_to(self) -> None:
+        if self.org_forwards:
+            raise RuntimeError(f"{self.lora_name} is already applied")
+        for part, module in enumerate(self.org_modules):
+            self.org_forwards.append(module.forward)
+            module.forward = self._part_forward(part, module.forward)
+
+    def _part_forward(self, part: int, org_forward: Any) -> Any:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return org_forward(x, *args, **kwargs) + self.delta(x, part).to(x.dtype)
+        return forward
+
+    def delta(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        """The LoRA's contribution to part ``part``'s output for input ``x``."""
+        w = self.lora_down.weight
+        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+            return torch.zeros((*x.shape[:-1], self.sizes[part]), device=x.device, dtype=w.dtype)
+        lx = F.linear(x.to(w.dtype), w)
+        if self.dropout is not None and self.training:
+            lx = F.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout is not None and self.training:
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            lx = lx * (mask.unsqueeze(1) if lx.dim() == 3 else mask)
+            scale = scale / (1.0 - self.rank_dropout)
+        out = F.linear(lx, self.lora_up.weight[self._rows(part)])
+        multiplier = self.multiplier
+        if isinstance(multiplier, torch.Tensor):  # one multiplier per sample
+            multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))
+        return out * (multiplier * scale)
+
+    @torch.no_grad()
+    def merge_to(self, sd: Mapping[str, torch.Tensor], multiplier: float, dtype: torch.dtype | None,
+                 device: Any) -> None:
+        """Add ``multiplier * alpha / r * up[rows] @ down`` from ``sd`` to each part's weight."""
+        down = sd["lora_down.weight"].to(torch.float32)
+        up = sd["lora_up.weight"].to(torch.float32)
+        rank = down.shape[0]
+        alpha = float(sd["alpha"]) if "alpha" in sd else rank
+        delta = up @ down * (multiplier * alpha / rank)
+        for part, module in enumerate(self.org_modules):
+            weight = module.weight
+            target = weight.device if device is None else device
+            merged = weight.to(target, torch.float32) + delta[self._rows(part)].to(target)
+            weight.copy_(merged.to(dtype or weight.dtype))
+
+
+def _get(root: nn.Module, path: str) -> nn.Linear:
+    return root.get_submodule(path)
+
+
+def flux_block_targets(transformer: nn.Module, options: FluxLoRAOptions) -> list[tuple[str, list[nn.Linear], int, float]]:
+    """(name, diffusers layers, rank, alpha) of every FLUX transformer module that gets a LoRA."""
+    n_double, n_single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+    double = parse_block_selection(options.double_blocks, n_double, "train_double_block_indices")
+    single = parse_block_selection(options.single_blocks, n_single, "train_single_block_indices")
+    found = []
+    kinds = [("double_blocks", "transformer_blocks", DOUBLE_TARGETS, double),
+             ("single_blocks", "single_transformer_blocks", SINGLE_TARGETS, single)]
+    for bfl, dif, targets, selected in kinds:
+        if options.modules_dim is None and options.train_blocks not in ("all", bfl.split("_")[0]):
+            continue
+        for i in range(len(selected)):
+            for suffix, parts in targets:
+                name = f"{PREFIX_UNET}_{bfl}_{i}_{suffix}"
+                rank = options.rank_for(name, selected[i])
+                if rank is not None:
+                    found.append((name, [_get(transformer, f"{dif}.{i}.{p}") for p in parts], *rank))
+    for k, group in enumerate(EMBEDDER_TARGETS):
+        for suffix, path in group:
+            name = f"{PREFIX_UNET}_{suffix}"
+            if options.modules_dim is not None:
+                rank = options.rank_for(name)
+            else:
+                rank = (options.in_dims[k], options.alpha) if options.in_dims and options.in_dims[k] else None
+            if rank is not None:
+                try:
+                    found.append((name, [_get(transformer, path)], *rank))
+                except AttributeError:  # schnell has no guidance embedder
+                    if options.modules_dim is not None:
+                        raise UserError(f"{name}: the LoRA has a module this model does not have (a dev LoRA on "
+                                        "schnell?)") from None
+    return found
+
+
+def t5_targets(t5: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """T5 attention and gated-MLP Linear layers with sd-scripts' ``lora_te3_`` names."""
+    found = []
+    for name, module in t5.named_modules():
+        if type(module).__name__ in T5_TARGETS:
+            for child_name, child in module.named_modules():
+                if isinstance(child, nn.Linear):
+                    found.append((f"{PREFIX_T5}_{name}.{child_name}".replace(".", "_"), child))
+    return found
+
+
+def _text_encoders(text_encoders: Any) -> tuple[nn.Module | None, nn.Module | None]:
+    """(CLIP-L, T5) from sd-scripts' ``[clip_l, t5xxl]`` list (either may be None or missing)."""
+    if text_encoders is None:
+        return None, None
+    if not isinstance(text_encoders, (list, tuple)):
+        return text_encoders, None
+    items = list(text_encoders) + [None, None]
+    return items[0], items[1]
+
+
+class FluxLoRANetwork(LoRANetwork):
+    """FLUX.1 LoRA with the kohya network interface (``apply_to``, ``prepare_optimizer_params``, save/load/merge).
+
+    It shares everything but module discovery and parameter groups with ``networks.lora.LoRANetwork``.
+    """
+
+    def __init__(self, text_encoders: Any, transformer: nn.Module | None, options: FluxLoRAOptions,
+                 multiplier: float = 1.0):
+        nn.Module.__init__(self)  # the parent's __init__ discovers SD modules; the state below is what it sets up
+        self.options = options
+        self.multiplier = multiplier
+        self.applied = False
+        self.dropped: list[str] = []
+        self.text_encoder_loras: list[nn.Module] = []
+        self.unet_loras: list[nn.Module] = []
+        clip, t5 = _text_encoders(text_encoders)
+        drop = dict(dropout=options.dropout, rank_dropout=options.rank_dropout, module_dropout=options.module_dropout)
+        te_targets = [(t.lora_name, t.module) for t in find_target_modules([clip, None], None, False)]
+        if t5 is not None and (options.train_t5xxl or options.modules_dim is not None):
+            te_targets += t5_targets(t5)
+        for name, module in te_targets:
+            rank = options.rank_for(name) if options.modules_dim is not None else (options.dim, options.alpha)
+            if rank is not None:
+                self._add(LoRAModule(name, module, multiplier, rank[0], rank[1], **drop), self.text_encoder_loras)
+        if transformer is not None:
+            for name, parts, dim, alpha in flux_block_targets(transformer, options):
+                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **drop), self.unet_loras)
+        logger.info("FLUX LoRA: %d text encoder modules, %d transformer modules", len(self.text_encoder_loras),
+                    len(self.unet_loras))
+        if options.verbose:
+            for lora in self.all_loras():
+                logger.info("  %-56s rank %d alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
+
+    def _add(self, lora: nn.Module, into: list[nn.Module]) -> None:
+        self.add_module(lora.lora_name, lora)
+        into.append(lora)
+
+    def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
+                                 default_lr: float | None) -> tuple[list[dict[str, Any]], list[str]]:
+        """Groups: CLIP-L (``text_encoder_lr[0]``), T5 (``text_encoder_lr[1]``, else the CLIP value), the
+        transformer (``unet_lr``); each falls back to ``default_lr``. LoRA+ puts ``lora_up`` in its own group at
+        ``lr * ratio``. Groups with lr 0 are left out."""
+        self.requires_grad_(True)
+        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else (
+            [] if text_encoder_lr is None else [text_encoder_lr])
+        o = self.options
+        groups: list[dict[str, Any]] = []
+        descriptions: list[str] = []
+
+        def add(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
+            plain = [p for m in loras for n, p in m.named_parameters() if ratio is None or "lora_up" not in n]
+            plus = [p for m in loras for n, p in m.named_parameters() if ratio is not None and "lora_up" in n]
+            for params, group_lr, suffix in ((plain, lr, ""), (plus, None if lr is None else lr * (ratio or 1), " plus")):
+                if params and group_lr != 0:
+                    groups.append({"params": params} if group_lr is None else {"params": params, "lr": group_lr})
+                    descriptions.append(description + suffix)
+
+        te_ratio = o.loraplus_text_encoder_lr_ratio or o.loraplus_lr_ratio
+        for i, (prefix, label) in enumerate(((PREFIX_CLIP, "textencoder1"), (PREFIX_T5, "textencoder3"))):
+            loras = [m for m in self.text_encoder_loras if m.lora_name.startswith(prefix + "_")]
+            lr = te_lrs[min(i, len(te_lrs) - 1)] if te_lrs else default_lr
+            add(loras, lr, te_ratio, label)
+        add(self.unet_loras, unet_lr if unet_lr is not None else default_lr,
+            o.loraplus_unet_lr_ratio or o.loraplus_lr_ratio, "unet")
+        return groups, descriptions
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, ae: Any,
+                   text_encoders: Any, flux: nn.Module | None, neuron_dropout: float | None = None,
+                   **kwargs: Any) -> FluxLoRANetwork:
+    """A fresh FLUX LoRA (``network_dim`` default 4, ``network_alpha`` default 1); ``kwargs`` are ``--network_args``."""
+    options = parse_flux_network_kwargs(kwargs, network_dim, network_alpha, neuron_dropout)
+    return FluxLoRANetwork(text_encoders, flux, options, multiplier)
+
+
+def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, ae: Any, text_encoders: Any,
+                                flux: nn.Module | None, weights_sd: Mapping[str, torch.Tensor] | None = None,
+                                for_inference: bool = False, **kwargs: Any) -> tuple[FluxLoRANetwork, dict]:
+    """A network shaped like a FLUX LoRA file (ranks and alphas from the file); the weights are not loaded."""
+    source = str(file) if file is not None else "the given weights"
+    weights_sd = load_lora_file(file) if weights_sd is None else dict(weights_sd)
+    modules_dim: dict[str, int] = {}
+    modules_alpha: dict[str, float] = {}
+    for name, sd in _split_by_module(weights_sd).items():
+        if "lora_down.weight" in sd:
+            modules_dim[name] = int(sd["lora_down.weight"].shape[0])
+            modules_alpha[name] = float(sd["alpha"]) if "alpha" in sd else modules_dim[name]
+    if not modules_dim:
+        raise UserError(f"{source} has no lora_down weights: it is not a kohya-format LoRA file")
+    rest = {k: v for k, v in kwargs.items() if k not in SHAPE_ARGS}
+    parsed = parse_flux_network_kwargs(rest)
+    options = FluxLoRAOptions(
+        dropout=parsed.dropout, rank_dropout=parsed.rank_dropout, module_dropout=parsed.module_dropout,
+        loraplus_lr_ratio=parsed.loraplus_lr_ratio, loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
+        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio,
+        modules_dim=modules_dim, modules_alpha=modules_alpha,
+    )
+    network = FluxLoRANetwork(text_encoders, flux, options, multiplier)
+    unmatched = set(modules_dim) - {lora.lora_name for lora in network.all_loras()}
+    if unmatched:
+        raise UserError(f"{source}: {len(unmatched)} LoRA modules match nothing in this FLUX model "
+                        f"({_listing(unmatched)}); is the file for another model family, or does it train T5 "
+                        "while no T5 was given?")
+    if for_inference:
+        network.requires_grad_(False)
+        network.eval()
+    return network, {standard_key(k): v for k, v in weights_sd.items()}

@@ -1,0 +1,197 @@
+"""flux_train_network.py end to end on the tiny FLUX model: every sampling and prediction type, text caching,
+diffusers folders, schnell, metadata, bit-exact resume, and bad input refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from library.errors import UserError
+from library.models.flux.tiny import TinyFluxConfig, save_tiny_flux_diffusers, save_tiny_flux_files
+from library.training.flow_matching import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, FlowMatchingSettings
+from train_helpers import dataset_toml, load_lora, make_images, run_script, train_args
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    files = save_tiny_flux_files(root / "dev", seed=0)
+    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
+    return files
+
+
+def _argv(flux, out, *, steps=2, model=None, extra=()):
+    argv = train_args(model or flux["flux"], out, config=flux["data"], steps=steps)
+    argv += ["--tokenizer_cache_dir", str(flux["tokenizer_cache_dir"]), "--t5xxl_max_token_length", "16"]
+    if model is None:
+        argv += ["--clip_l", str(flux["clip_l"]), "--t5xxl", str(flux["t5xxl"]), "--ae", str(flux["ae"])]
+    return argv + list(extra)
+
+
+def _main(argv):
+    import flux_train_network
+
+    torch.set_num_threads(1)
+    return flux_train_network.main(argv)
+
+
+def _prepare(argv):
+    import flux_train_network
+    from library.config.arguments import SUPPORT_TRAIN_NETWORK
+    from library.config.run_config import load_run_config
+    from library.models.flux.recipe import FluxLoRARecipe
+    from library.training.loop import prepare_training
+
+    torch.set_num_threads(1)
+    args = load_run_config(flux_train_network.build_parser(), argv)
+    return prepare_training(args, FluxLoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("flux",))
+
+
+def test_trains_a_flux_lora_with_sd_scripts_names_and_metadata(flux, tmp_path):
+    out = _main(_argv(flux, tmp_path / "out", steps=3, extra=["--cache_latents"]))
+    sd, meta = load_lora(out)
+    names = {k.split(".")[0] for k in sd}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
+    assert sum(n.startswith("lora_te1_text_model_") for n in names) == 12 and len(names) == 26 + 12
+    assert sd["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (4 * 64 + 3 * 64, 4)
+    assert any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["ss_network_module"] == "networks.lora_flux"
+    assert (meta["ss_guidance_scale"], meta["ss_timestep_sampling"], meta["ss_model_prediction_type"]) == (
+        "3.5", "sigma", "raw")
+
+
+def test_every_sampling_and_prediction_type_gives_a_finite_loss_and_gradient(flux, tmp_path):
+    from library.training.loop import batch_loss
+
+    run = _prepare(_argv(flux, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
+    batch = next(iter(run.loader))
+    combos = [(s, "raw") for s in TIMESTEP_SAMPLINGS] + [("sigma", p) for p in MODEL_PREDICTION_TYPES[1:]]
+    combos.append(("sigma", "sigma_scaled"))
+    for sampling, prediction in combos:
+        weighting = "sigma_sqrt" if prediction == "sigma_scaled" else "uniform"
+        run.flow_settings = FlowMatchingSettings(timestep_sampling=sampling, model_prediction_type=prediction,
+                                                 weighting_scheme=weighting)
+        run.recipe.network.zero_grad(set_to_none=True)
+        loss = batch_loss(run, batch, 0)
+        loss.backward()
+        grads = [p.grad for p in run.recipe.network.parameters() if p.grad is not None]
+        assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), (sampling, prediction)
+
+
+def test_cached_and_uncached_text_give_the_same_first_loss(flux, tmp_path):
+    from library.training.loop import batch_loss
+
+    losses = []
+    for i, extra in enumerate(([], ["--cache_text_encoder_outputs_to_disk", "--apply_t5_attn_mask"],
+                               ["--apply_t5_attn_mask"])):
+        run = _prepare(_argv(flux, tmp_path / f"o{i}", extra=["--network_train_unet_only", *extra]))
+        if i == 1:
+            assert run.text.cache and run.text.cache_dir is not None
+        batch = next(iter(run.loader))
+        with torch.no_grad():
+            losses.append(float(batch_loss(run, batch, 0)))
+            if i == 1:  # a second pass reads the disk cache
+                assert float(batch_loss(run, batch, 0)) != losses[-1]  # other noise, same text
+    assert losses[1] == pytest.approx(losses[2], rel=1e-6)
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)  # the T5 mask changes the conditioning
+    assert list((tmp_path / "o1" / ".cache" / "text_encoder_outputs").glob("*.safetensors"))
+
+
+def test_diffusers_folder_and_schnell(tmp_path, flux):
+    folder = save_tiny_flux_diffusers(tmp_path / "schnell", TinyFluxConfig(guidance=False), seed=1)
+    argv = train_args(folder, tmp_path / "out", config=flux["data"], steps=2)
+    out = _main(argv + ["--t5xxl_max_token_length", "8", "--network_train_unet_only"])
+    sd, meta = load_lora(out)
+    assert meta["modelspec.architecture"] == "flux-1-schnell/lora" and meta["ss_guidance_scale"] == "1.0"
+    assert all(k.startswith("lora_unet_") for k in sd)
+    with pytest.raises(UserError, match="schnell has no guidance embedding"):
+        _main(argv + ["--guidance_scale", "3.5"])
+
+
+def _sdxl_like_file(path):
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("sdxl", "this is a SDXL model, which this script does not train; use sdxl_train_network.py"),
+    ("t5_as_clip", "--clip_l .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP text encoder"),
+    ("no_ae", "--ae is missing"),
+    ("fp8", "--fp8_base is a GPU memory option for FLUX and this machine has no CUDA device"),
+    ("swap", "--blocks_to_swap is a GPU memory option"),
+    ("sd_flags", "--clip_skip does not apply to FLUX.1"),
+    ("flow", "--min_snr_gamma does not apply to flow-matching training"),
+    ("network", "use --network_module networks.lora_flux"),
+    ("network_args", "did you mean 'img_attn_dim'"),
+])
+def test_bad_input_is_one_message_before_any_model_loads(flux, tmp_path, monkeypatch, case, message):
+    import library.models.flux.loading as loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loading, "load_flux_models", no_loading)
+    argv = _argv(flux, tmp_path / "out")
+    edits = {
+        "sdxl": lambda a: a[:1] + [str(_sdxl_like_file(tmp_path / "sdxl.safetensors"))] + a[2:],
+        "t5_as_clip": lambda a: [flux["t5xxl"].as_posix() if x == str(flux["clip_l"]) else x for x in a],
+        "no_ae": lambda a: a[: a.index("--ae")] + a[a.index("--ae") + 2:],
+        "fp8": lambda a: a + ["--fp8_base"],
+        "swap": lambda a: a + ["--blocks_to_swap", "8"],
+        "sd_flags": lambda a: a + ["--clip_skip", "2"],
+        "flow": lambda a: a + ["--min_snr_gamma", "5"],
+        "network": lambda a: a + ["--network_module", "networks.lora"],
+        "network_args": lambda a: a + ["--network_args", "img_atn_dim=4"],
+    }
+    with pytest.raises(UserError, match=message):
+        _main(edits[case](argv))
+
+
+def test_resume_is_bit_exact(flux, tmp_path):
+    extra = ["--cache_latents", "--network_train_unet_only", "--save_every_n_steps", "2", "--save_state",
+             "--network_dropout", "0.1", "--noise_offset", "0.05", "--timestep_sampling", "shift"]
+    full = run_script(_argv(flux, tmp_path / "a", steps=4, extra=extra), script="flux_train_network.py")
+    assert full.returncode == 0, full.stderr[-3000:]
+    state = tmp_path / "a" / "lora-step00000002-state"
+    assert json.loads((state / "train_state.json").read_text())["global_step"] == 2
+    resumed = run_script(_argv(flux, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
+                         script="flux_train_network.py")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, _ = load_lora(tmp_path / "a" / "lora.safetensors")
+    b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes(flux, tmp_path):
+    data = dataset_toml(tmp_path / "d.toml", make_images(tmp_path / "img", count=4), resolution=64, batch_size=1)
+    argv = train_args(flux["flux"], tmp_path / "out", config=data, steps=2)
+    argv += ["--clip_l", str(flux["clip_l"]), "--t5xxl", str(flux["t5xxl"]), "--ae", str(flux["ae"]),
+             "--tokenizer_cache_dir", str(flux["tokenizer_cache_dir"]), "--t5xxl_max_token_length", "16",
+             "--cache_latents"]
+    result = run_script(argv, processes=2, script="flux_train_network.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 per process with 2 process(es)" in result.stdout
+    sd, _ = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert len(sd) == 3 * (26 + 12) and any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+
+
+def test_post_hoc_ema_of_flux_loras(flux, tmp_path):
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT
+
+    _main(_argv(flux, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
+                                                        "--save_every_n_steps", "1"]))
+    files = sorted(str(p) for p in (tmp_path / "out").glob("lora-step*.safetensors"))
+    result = subprocess.run([sys.executable, str(ROOT / "lora_post_hoc_ema.py"), *files, "--output_file",
+                             str(tmp_path / "ema.safetensors")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ema, meta = load_lora(tmp_path / "ema.safetensors")
+    last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "flux-1-dev/lora"

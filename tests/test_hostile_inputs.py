@@ -1,0 +1,186 @@
+"""Hostile inputs: commands a careless (or hostile) user might type, each of which must fail cleanly.
+
+Every row of ``ROWS`` is one command line and a fragment of the message it must print. For each row the
+test asserts: a non-zero exit status, the fragment in the output, no ``Traceback``, and that no file that
+existed before the run (in the shared setup and in the row's own folder) changed or disappeared.
+
+Adding a row (any script: SDXL/FLUX trainers, captioners, VLM tools, ...)::
+
+    Case("my_script_bad_flag", "my_script.py --model {M} --output_dir {W}/out --bad 1", "--bad: unknown option"),
+
+- ``command`` is the script path relative to the repository root, then its arguments. Placeholders:
+  ``{M}`` tiny SD1 model folder, ``{IMG}`` four captioned images, ``{DS}`` dataset TOML over them,
+  ``{OUT}`` a finished LoRA run named ``l`` (``l.safetensors``, ``l-step00000002.safetensors``, states),
+  ``{STATE}`` its step-2 state, ``{W}`` the row's own empty folder (also the working directory), and
+  ``{TN}`` the issue's ``train_network.py`` prefix (model, dim 4, 2 steps, seed 0, ``--output_name l``).
+- ``setup=lambda work, s: ...`` prepares files in ``work`` first (never change the shared files: copy them;
+  ``hostile.copy_state`` makes a hand-edited, re-hashed state folder).
+- ``forbid=("...",)`` fragments that must not appear; ``watch=("{W}/..",)`` extra folders to hash.
+- Rows run in this process (fast); ``subprocess=True`` runs ``python script`` instead; ``slow=True`` marks a
+  row the default run skips. A script whose rows need other shared files (a tiny SDXL model, a VLM) builds
+  them in its own session fixture and defines its own list and parametrized test with ``check_case``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.hostile import Case, Setup, build_setup, check_case, copy_state, edit_progress, write_code_pickle
+
+
+def _victim(work: Path, s: Setup) -> None:
+    (work / "victim.safetensors").write_bytes(b"the user's own file")
+
+
+def _foreign_run(work: Path, s: Setup) -> None:
+    (work / "other").mkdir()
+    (work / "other" / "l.safetensors").write_bytes(b"another run's LoRA")
+
+
+def _toml(text: str) -> Callable:
+    def make(work: Path, s: Setup) -> None:
+        (work / "data.toml").write_text(f"[general]\ncaption_extension = '.txt'\nbatch_size = 2\n{text}\n"
+                                        f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{s.images.as_posix()}'\n",
+                                        encoding="utf-8")
+    return make
+
+
+def _state_edit(edit: Callable[[Path], None]) -> Callable:
+    return lambda work, s: copy_state(s.state, work / "state", edit) and None
+
+
+def _replace_file(name: str, write: Callable[[Path], None]) -> Callable[[Path], None]:
+    return lambda folder: write(folder / name)
+
+
+def _caption_folder(work: Path, s: Setup) -> None:
+    import shutil
+
+    shutil.copytree(s.images, work / "img")
+    (work / "img" / "green.txt").unlink()
+    (work / "img" / "green.txt").mkdir()
+    (work / "data.toml").write_text(f"[general]\nresolution = 64\ncaption_extension = '.txt'\n[[datasets]]\n"
+                                    f"[[datasets.subsets]]\nimage_dir = '{(work / 'img').as_posix()}'\n"
+                                    "class_tokens = 'sks'\n", encoding="utf-8")
+
+
+def _old_style_folder(work: Path, s: Setup) -> None:
+    import shutil
+
+    shutil.copytree(s.images, work / "data" / "1_sks circle")
+
+
+def _nan_lora(work: Path, s: Setup) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(s.run / "l.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, str(work / "nan.safetensors"))
+
+
+def _latents_metadata(work: Path, s: Setup) -> None:
+    import json
+
+    (work / "meta.json").write_text(json.dumps({"red": {"caption": "a red circle"}}), encoding="utf-8")
+
+
+ROWS = [
+    # files overwritten
+    Case("output_name_is_a_path", "{TN} --dataset_config {DS} --output_dir {W}/a/b --output_name ../../victim",
+         "is a path; it must be a plain name", setup=_victim),
+    Case("resume_into_another_runs_folder", "{TN} --dataset_config {DS} --output_dir {W}/other --resume {STATE} "
+         "--max_train_steps 3", "that the resumed run did not write", setup=_foreign_run),
+    # tracebacks
+    Case("output_dir_is_a_file", "{TN} --dataset_config {DS} --output_dir {IMG}/red.png", "is a file, not a folder"),
+    Case("output_dir_under_a_file", "{TN} --dataset_config {DS} --output_dir {IMG}/red.png/sub",
+         "which is a file, not a folder"),
+    Case("output_dir_not_writable", "{TN} --dataset_config {DS} --output_dir /proc/i13-out", "is not writable"),
+    Case("post_hoc_ema_output_is_a_folder", "lora_post_hoc_ema.py {OUT}/l-step00000002.safetensors "
+         "{OUT}/l.safetensors --output_file {W} --overwrite", "is a folder; give a file name"),
+    Case("merge_captions_output_is_a_folder", "finetune/merge_captions_to_metadata.py {IMG} {W}",
+         "is a folder; give a file name"),
+    Case("state_optimizer_pickle_with_code", "{TN} --dataset_config {DS} --output_dir {W}/o --resume {W}/state "
+         "--max_train_steps 3", "would import posix.system",
+         setup=_state_edit(_replace_file("optimizer.pt", write_code_pickle)), forbid=("weights_only",)),
+    Case("state_rng_pickle_with_code", "{TN} --dataset_config {DS} --output_dir {W}/o --resume {W}/state "
+         "--max_train_steps 3", "would import posix.system",
+         setup=_state_edit(_replace_file("rng_0.pt", write_code_pickle)), forbid=("weights_only",)),
+    Case("state_optimizer_is_text", "{TN} --dataset_config {DS} --output_dir {W}/o --resume {W}/state "
+         "--max_train_steps 3", "optimizer.pt: cannot read this state file",
+         setup=_state_edit(_replace_file("optimizer.pt", lambda p: p.write_text("not a pickle")))),
+    Case("state_global_step_is_text", "{TN} --dataset_config {DS} --output_dir {W}/o --resume {W}/state "
+         "--max_train_steps 3", "field 'global_step' must be an integer",
+         setup=_state_edit(lambda f: edit_progress(f, global_step="two"))),
+    # accepted silently
+    Case("huge_resolution", "{TN} --dataset_config {W}/data.toml --output_dir {W}/o", "must be at most 16384",
+         setup=_toml("resolution = 1000000")),
+    Case("huge_num_repeats", "{TN} --dataset_config {W}/data.toml --output_dir {W}/o",
+         "must be between 1 and 1,000,000", setup=_toml("resolution = 64\nnum_repeats = 1000000000")),
+    Case("network_multiplier_nan", "{TN} --dataset_config {W}/data.toml --output_dir {W}/o",
+         "expected a finite number", setup=_toml("resolution = 64\nnetwork_multiplier = nan")),
+    Case("cli_float_nan", "{TN} --dataset_config {DS} --output_dir {W}/o --network_alpha nan",
+         "must be a finite number"),
+    Case("state_negative_step", "{TN} --dataset_config {DS} --output_dir {W}/o --resume {W}/state "
+         "--max_train_steps 3", "field 'global_step' must be at least 0",
+         setup=_state_edit(lambda f: edit_progress(f, global_step=-5, batches_done=999))),
+    Case("state_batches_done_past_epoch", "{TN} --dataset_config {DS} --output_dir {W}/o --resume {W}/state "
+         "--max_train_steps 3", "field 'batches_done' is 999",
+         setup=_state_edit(lambda f: edit_progress(f, batches_done=999))),
+    Case("negative_workers", "{TN} --dataset_config {DS} --output_dir {W}/o --max_data_loader_n_workers -3",
+         "must be 0 or more"),
+    Case("resume_past_max_train_steps", "{TN} --dataset_config {DS} --output_dir {OUT} --resume {STATE} "
+         "--max_train_steps 1", "nothing left to train"),
+    Case("caption_path_is_a_folder", "{TN} --dataset_config {W}/data.toml --output_dir {W}/o",
+         "are folders, not caption files", setup=_caption_folder),
+    Case("post_hoc_ema_same_file_twice", "lora_post_hoc_ema.py {OUT}/l.safetensors {OUT}/l.safetensors "
+         "--output_file {W}/ema.safetensors", "given twice"),
+    Case("post_hoc_ema_nan_tensor", "lora_post_hoc_ema.py {OUT}/l.safetensors {W}/nan.safetensors --output_file "
+         "{W}/ema.safetensors", "NaN or infinite values", setup=_nan_lora),
+    Case("network_args_three_problems", "{TN} --dataset_config {DS} --output_dir {W}/o "
+         "--network_args conv_dim=four badkey=1 noequals", "'badkey' is not an argument"),
+    # messages that point the wrong way
+    Case("pretrained_ckpt_with_code", "{TN} --dataset_config {DS} --output_dir {W}/o "
+         "--pretrained_model_name_or_path {W}/model.ckpt", "would import posix.system",
+         setup=lambda work, s: write_code_pickle(work / "model.ckpt") and None, forbid=("weights_only",)),
+    Case("network_weights_ckpt_with_code", "{TN} --dataset_config {DS} --output_dir {W}/o "
+         "--network_weights {W}/lora.ckpt", "would import posix.system",
+         setup=lambda work, s: write_code_pickle(work / "lora.ckpt") and None, forbid=("weights_only",)),
+    Case("resolution_7", "{TN} --train_data_dir {W}/data --resolution 7 --output_dir {W}/o", "use e.g. 8x8",
+         setup=_old_style_folder, forbid=("0x0",)),
+    Case("prepare_latents_max_resolution_64", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
+         "{W}/out.json {M} --max_resolution 64,64", "lower min_bucket_reso (256) to at most 64",
+         setup=_latents_metadata, forbid=("raise max_bucket_reso",)),
+    # LoRA utilities (issue 17): the same classes
+    Case("merge_lora_save_to_is_a_folder", "networks/merge_lora.py --save_to {W}/dir.safetensors --models "
+         "{OUT}/l.safetensors --overwrite", "is a folder; give a LoRA file name",
+         setup=lambda work, s: (work / "dir.safetensors").mkdir()),
+    Case("merge_lora_save_to_under_a_file", "networks/merge_lora.py --save_to {IMG}/red.png/x.safetensors "
+         "--models {OUT}/l.safetensors", "is a file, not a folder"),
+    Case("merge_lora_ratio_nan", "networks/merge_lora.py --save_to {W}/x.safetensors --models {OUT}/l.safetensors "
+         "--ratios nan", "must be a finite number"),
+    Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
+         "--output_dir {W}/o --max_train_steps 3 --resume {STATE}", "this is a state of a lora training"),
+]
+
+
+@pytest.fixture(scope="session")
+def hostile_setup(tmp_path_factory, tiny_sd1_dir) -> Setup:
+    return build_setup(tmp_path_factory.mktemp("hostile"), tiny_sd1_dir)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else [])
+                                  for c in ROWS])
+def test_hostile_input_fails_cleanly(case: Case, hostile_setup: Setup, tmp_path: Path) -> None:
+    check_case(case, hostile_setup, tmp_path / "work")
+
+
+def test_network_args_reports_every_problem(hostile_setup: Setup, tmp_path: Path) -> None:
+    row = next(c for c in ROWS if c.id == "network_args_three_problems")
+    output = check_case(row, hostile_setup, tmp_path / "work")
+    for fragment in ("'noequals' is not key=value", "'badkey' is not an argument", "conv_dim='four'"):
+        assert fragment in output
