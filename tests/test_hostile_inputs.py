@@ -165,6 +165,23 @@ ROWS = [
          "--ratios nan", "must be a finite number"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --max_train_steps 3 --resume {STATE}", "this is a state of a lora training"),
+    Case("sd1_model_to_sdxl_train_network", "sdxl_train_network.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --network_module networks.lora", "use train_network.py"),
+    Case("sd1_model_to_sdxl_train", "sdxl_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
+         "--output_dir {W}/o", "use train_network.py"),
+    Case("sd1_model_to_flux_train_network", "flux_train_network.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --network_module networks.lora_flux --ae {M}",
+         "use train_network.py"),
+    Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --token_string zqx --init_word dog", "use train_network.py"),
+    Case("textual_inversion_token_in_vocabulary", "train_textual_inversion.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --token_string cat --init_word dog",
+         "already in the tokenizer's vocabulary"),
+    Case("textual_inversion_output_name_is_a_path", "train_textual_inversion.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --token_string zqx --init_word dog --output_name ../victim",
+         "is a path; it must be a plain name", setup=_victim),
+    Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",
+         "neither a model folder nor a Hugging Face id"),
 ]
 
 
