@@ -119,7 +119,7 @@ def _sdxl_like_file(path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("sdxl", "this is a SDXL model, which this script does not train; use sdxl_train_network.py"),
+    ("sdxl", "this is a model of the SDXL family, which this script does not train; use sdxl_train_network.py"),
     ("t5_as_clip", "--clip_l .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP text encoder"),
     ("no_ae", "--ae is missing"),
     ("fp8", "--fp8_base is a GPU memory option for FLUX and this machine has no CUDA device"),

@@ -73,6 +73,6 @@ def resolve_family(args: argparse.Namespace, trains: Sequence[str] = ("sd",), so
     found = _recognised(source, keys)
     if found is not None and found.name not in trains:
         scripts = " or ".join(found.scripts)
-        raise UserError(f"{source}: this is a {found.name.upper()} model, which this script does not train; "
+        raise UserError(f"{source}: this is a model of the {found.name.upper()} family, which this script does not train; "
                         f"use {scripts}")
     return (found or family_spec(trains[0])).family(args, source, keys)
