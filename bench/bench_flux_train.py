@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.timing import run_case, timed_training, write_dataset_toml, write_images  # noqa: E402
 
 CASES = {
     "tiny": {},
@@ -35,27 +35,17 @@ RESOLUTIONS = {"cpu": {"tiny": (64, 128), "wide": (128,)}, "cuda": {"tiny": (512
 
 
 def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
-    import numpy as np
     import torch
-    from PIL import Image
 
     import flux_train_network
     from library.config.arguments import SUPPORT_TRAIN_NETWORK
     from library.config.run_config import load_run_config
     from library.models.flux.recipe import FluxLoRARecipe
-    from library.training.loop import prepare_training, train
+    from library.training.loop import prepare_training
 
     cuda = torch.cuda.is_available()
     files = work / f"model_{name}"
-    images = work / f"images_{resolution}"
-    images.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.caption").write_text(f"a photo {i}", encoding="utf-8")
-    toml = work / f"data_{resolution}.toml"
-    toml.write_text(f"[general]\nresolution = {resolution}\nbatch_size = 1\n[[datasets]]\n[[datasets.subsets]]\n"
-                    f"image_dir = '{images.as_posix()}'\n", encoding="utf-8")
+    toml = write_dataset_toml(work, resolution)
     argv = ["--pretrained_model_name_or_path", str(files / "flux.safetensors"), "--clip_l",
             str(files / "clip_l.safetensors"), "--t5xxl", str(files / "t5xxl.safetensors"), "--ae",
             str(files / "ae.safetensors"), "--tokenizer_cache_dir", str(files / "tokenizers"),
@@ -66,22 +56,8 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
     args = load_run_config(flux_train_network.build_parser(), argv)
     run = prepare_training(args, FluxLoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("flux",))
     params = sum(p.numel() for p in run.models.unet.parameters())
-    train(run)  # warm-up (2 steps)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    run.max_train_steps = steps
-    start = time.perf_counter()
-    train(run)
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"model": name, "resolution": resolution, "device": "cuda" if cuda else "cpu",
-            "transformer_parameters": params, "steps": steps, "seconds_per_step": elapsed / steps,
-            "peak_memory_mib": peak / 2**20, "memory_kind": "cuda allocated" if cuda else "process RSS",
-            "threads": torch.get_num_threads()}
+    return {"model": name, "resolution": resolution, "transformer_parameters": params,
+            **timed_training(run, steps)}
 
 
 def main() -> int:
@@ -115,13 +91,9 @@ def main() -> int:
             subprocess.run([sys.executable, __file__, "--build", name, work], check=True, cwd=ROOT,
                            capture_output=True)
             for resolution in RESOLUTIONS[device][name]:
-                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--case", name,
-                                       str(resolution), work], capture_output=True, text=True, cwd=ROOT)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    print(proc.stderr[-3000:], file=sys.stderr)
+                result = run_case([__file__, "--steps", str(args.steps), "--case", name, str(resolution), work])
+                if result is None:
                     return 1
-                result = json.loads(lines[-1][len("RESULT "):])
                 results.append(result)
                 print(f"{name:5s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, peak "
                       f"{result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), transformer "

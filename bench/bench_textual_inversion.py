@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.timing import run_case, timed_training, write_dataset_toml, write_images  # noqa: E402
 
 from bench.bench_train import CASES, RESOLUTIONS  # noqa: E402
 
@@ -29,21 +29,15 @@ METHODS = ("ti", "xti")
 
 
 def one_case(name: str, method: str, resolution: int, steps: int, work: Path) -> dict:
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from library.training.loop import prepare_training, train
+    from library.training.loop import prepare_training
     from library.training.textual_inversion import (SUPPORT_TEXTUAL_INVERSION, TextualInversionRecipe,
                                                     build_textual_inversion_parser, load_textual_inversion_args)
 
     cuda = torch.cuda.is_available()
-    images = work / f"ti_images_{resolution}" / "1_bench"  # a DreamBooth folder (1 repeat) with captions
-    images.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.caption").write_text(f"a photo of benchtok {i}", encoding="utf-8")
+    # a DreamBooth folder (1 repeat) with captions
+    images = write_images(work / f"ti_images_{resolution}" / "1_bench", resolution, "a photo of benchtok {i}")
     argv = ["--pretrained_model_name_or_path", str(work / f"model_{name}"), "--train_data_dir", str(images.parent),
             "--resolution", str(resolution), "--output_dir", str(work / f"out_{name}_{method}"),
             "--overwrite", "--token_string", "benchtok", "--init_word", "photo", "--num_vectors_per_token", "2",
@@ -54,20 +48,7 @@ def one_case(name: str, method: str, resolution: int, steps: int, work: Path) ->
     threads = int(os.environ.get("BENCH_THREADS", torch.get_num_threads()))
     run = prepare_training(args, TextualInversionRecipe(args, xti=method == "xti"), SUPPORT_TEXTUAL_INVERSION)
     torch.set_num_threads(threads)
-    train(run)  # warm-up (2 steps)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    run.max_train_steps = steps
-    start = time.perf_counter()
-    train(run)
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"model": name, "method": method, "resolution": resolution, "device": "cuda" if cuda else "cpu",
-            "steps": steps, "seconds_per_step": elapsed / steps, "peak_memory_mib": peak / 2**20,
-            "memory_kind": "cuda allocated" if cuda else "process RSS", "threads": torch.get_num_threads()}
+    return {"model": name, "method": method, "resolution": resolution, **timed_training(run, steps)}
 
 
 def main() -> int:
@@ -92,13 +73,10 @@ def main() -> int:
                            check=True, cwd=ROOT, capture_output=True)
             for resolution in RESOLUTIONS[device][name]:
                 for method in METHODS:
-                    proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--case", name,
-                                           method, str(resolution), work], capture_output=True, text=True, cwd=ROOT)
-                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if proc.returncode != 0 or not lines:
-                        print(proc.stderr[-3000:], file=sys.stderr)
+                    result = run_case([__file__, "--steps", str(args.steps), "--case", name, method,
+                                       str(resolution), work])
+                    if result is None:
                         return 1
-                    result = json.loads(lines[-1][len("RESULT "):])
                     results.append(result)
                     print(f"{name:5s} {method:3s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, "
                           f"peak {result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.timing import run_case, timed_training, write_dataset_toml, write_images  # noqa: E402
 
 CASES = {
     "tiny": dict(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, text_layers=2, text_heads=4,
@@ -81,22 +82,12 @@ def _prepare(argv: list[str], sdxl: bool):
 
 
 def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
-    import numpy as np
     import torch
-    from PIL import Image
 
     cuda = torch.cuda.is_available()
     sdxl = name in SDXL_CASES
     model = work / ("model_sdxl.safetensors" if name == "sdxl" else f"model_{name}")
-    images = work / f"images_{resolution}"
-    images.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.caption").write_text(f"a photo {i}", encoding="utf-8")
-    toml = work / f"data_{resolution}.toml"
-    toml.write_text(f"[general]\nresolution = {resolution}\nbatch_size = 1\n[[datasets]]\n[[datasets.subsets]]\n"
-                    f"image_dir = '{images.as_posix()}'\n", encoding="utf-8")
+    toml = write_dataset_toml(work, resolution)
     out = work / f"out_{name}_{resolution}"
     argv = ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(toml), "--output_dir", str(out),
             "--overwrite", "--network_dim", "16", "--network_train_unet_only", "--cache_latents",
@@ -105,29 +96,13 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
     if sdxl:
         argv += ["--cache_text_encoder_outputs", "--gradient_checkpointing"]
     threads = int(os.environ.get("BENCH_THREADS", torch.get_num_threads()))
-    from library.training.loop import train
-
     start_load = time.perf_counter()
     run = _prepare(argv, sdxl)  # (sets one thread, as the tests use)
     load_seconds = time.perf_counter() - start_load
     torch.set_num_threads(threads)
     unet_params = sum(p.numel() for p in run.models.unet.parameters())
-    train(run)  # warm-up (2 steps)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    run.max_train_steps = steps
-    start = time.perf_counter()
-    train(run)
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"model": name, "resolution": resolution, "device": "cuda" if cuda else "cpu",
-            "unet_parameters": unet_params, "steps": steps, "seconds_per_step": elapsed / steps,
-            "peak_memory_mib": peak / 2**20, "memory_kind": "cuda allocated" if cuda else "process RSS",
-            "threads": torch.get_num_threads(), "prepare_seconds": load_seconds}
+    return {"model": name, "resolution": resolution, "unet_parameters": unet_params,
+            "prepare_seconds": load_seconds, **timed_training(run, steps)}
 
 
 def main() -> int:
@@ -156,13 +131,9 @@ def main() -> int:
             subprocess.run([sys.executable, __file__, "--build", name, work], check=True, cwd=ROOT,
                            capture_output=True)
             for resolution in RESOLUTIONS[device][name]:
-                proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--case", name,
-                                       str(resolution), work], capture_output=True, text=True, cwd=ROOT)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    print(proc.stderr[-3000:], file=sys.stderr)
+                result = run_case([__file__, "--steps", str(args.steps), "--case", name, str(resolution), work])
+                if result is None:
                     return 1
-                result = json.loads(lines[-1][len("RESULT "):])
                 results.append(result)
                 print(f"{name:9s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, peak "
                       f"{result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), UNet "
