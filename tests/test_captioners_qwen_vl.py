@@ -40,20 +40,9 @@ MERGES = [("Ġ", "a"), ("t", "h"), ("th", "e"), ("Ġ", "the"), ("o", "n"), ("i",
 
 
 def build_tokenizer():
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from library.vlm.tiny import build_tokenizer as build_qwen_tokenizer
 
-    byte_chars = bytes_to_unicode()
-    vocab = {byte_chars[i]: i for i in range(256)}
-    for a, b in MERGES:
-        vocab[a + b] = len(vocab)
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(MERGES), unk_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>")
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tokenizer, {t: vocab[t] for t in SPECIAL_TOKENS}
+    return build_qwen_tokenizer(SPECIAL_TOKENS, MERGES)
 
 
 def build_model(ids: dict[str, int], vocab_size: int, seed: int = 0):

@@ -5,7 +5,7 @@ the same code as the real checkpoints."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -15,7 +15,8 @@ MERGES = [("Ġ", "a"), ("t", "h"), ("th", "e"), ("Ġ", "the"), ("o", "n"), ("i",
           ("Ġ", "s"), ("r", "e"), ("e", "s"), ("Ġ", "c"), ("o", "r"), ("l", "e")]
 
 
-def build_tokenizer() -> tuple[Any, dict[str, int]]:
+def build_tokenizer(special_tokens: Sequence[str] = SPECIAL_TOKENS, merges: Sequence[tuple[str, str]] = MERGES
+                    ) -> tuple[Any, dict[str, int]]:
     """A byte-level BPE tokenizer with the Qwen special tokens (both families use Qwen2's tokenizer)."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
@@ -23,14 +24,14 @@ def build_tokenizer() -> tuple[Any, dict[str, int]]:
 
     byte_chars = bytes_to_unicode()
     vocab = {byte_chars[i]: i for i in range(256)}
-    for a, b in MERGES:
+    for a, b in merges:
         vocab[a + b] = len(vocab)
-    for token in SPECIAL_TOKENS:
+    for token in special_tokens:
         vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(MERGES), unk_token=None, eos_token="<|im_end|>",
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=list(merges), unk_token=None, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>")
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tokenizer, {t: vocab[t] for t in SPECIAL_TOKENS}
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return tokenizer, {t: vocab[t] for t in special_tokens}
 
 
 def _text_config(ids: dict[str, int], vocab_size: int, hidden: int, init: float, **extra: Any) -> dict[str, Any]:
