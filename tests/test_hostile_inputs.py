@@ -180,6 +180,10 @@ ROWS = [
     Case("textual_inversion_output_name_is_a_path", "train_textual_inversion.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --token_string zqx --init_word dog --output_name ../victim",
          "is a path; it must be a plain name", setup=_victim),
+    Case("vlm_data_ends_with_a_user_turn", "vlm_train.py --model_id {W}/missing --data_path {W}/bad.json "
+         "--output_dir {W}/o", "bad.json line 1 (sample 1): the last turn is a user turn",
+         setup=lambda work, s: (work / "bad.json").write_text(
+             '[{"conversations": [{"from": "human", "value": "hi"}]}]', encoding="utf-8") and None),
     Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",
          "neither a model folder nor a Hugging Face id"),
 ]
