@@ -202,6 +202,22 @@ class DatasetGroup:
                 h.update(f"{img.record.path}|{img.record.size}|{img.repeats}\n".encode())
         return h.hexdigest()[:16]
 
+    def fixed_captions(self) -> list[str]:
+        """Every caption the training and validation batches carry, once each, when captions never vary
+        (no shuffle, dropout, token warmup or wildcards: ``text_cache.caption_variation_reasons`` is empty)."""
+        import random
+
+        from library.dataset.captions import process_caption
+
+        captions: dict[str, None] = {}
+        for ds in self.train + self.validation:
+            for img in ds.images:
+                sub = ds.subset_params[img.subset_index]
+                caption = process_caption(img.record.caption, sub, rng=random.Random(0), epoch=1, step=0,
+                                          max_train_steps=self.max_train_steps)
+                captions[caption] = None
+        return list(captions)
+
     def latent_cacheable(self) -> list[str]:
         """Why latents cannot be cached (empty: they can): options that change the image every step."""
         reasons = []

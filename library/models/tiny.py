@@ -71,6 +71,7 @@ class TinyConfig:
     text_heads: int = 4
     text_intermediate: int = 64
     vae_channels: int = 32
+    layers_per_block: int = 1
 
     def unet_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = dict(
@@ -80,7 +81,7 @@ class TinyConfig:
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             block_out_channels=self.block_out_channels,
-            layers_per_block=1,
+            layers_per_block=self.layers_per_block,
             norm_num_groups=32,
             cross_attention_dim=self.cross_attention_dim,
             attention_head_dim=8,

@@ -13,7 +13,6 @@ from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from library.errors import UserError
 
@@ -107,6 +106,46 @@ def _pickle_globals(path: Path) -> list[str]:
     return names
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` file, read with plain reads into process memory.
+
+    Not memory-mapped: pages of a mapped file count in the process's resident memory for as long as a
+    tensor refers to them, so loading a model (each stored tensor converted to the training dtype) would hold
+    the file's pages and the converted copy at once. Read like this, each stored tensor is freed as its
+    converted copy appears (``build_with_weights``).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("the file is shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise ValueError(f"the header says {length} bytes, the file has {size - 8} after its size field")
+        header = json.loads(f.read(length))
+        metadata = header.pop("__metadata__", None) or {}
+        start = 8 + length
+        tensors: dict[str, torch.Tensor] = {}
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            if start + end > size:
+                raise ValueError(f"tensor {name} ends at byte {start + end}, after the end of the file ({size})")
+            buffer = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(memoryview(buffer.numpy())) != end - begin:
+                raise ValueError(f"tensor {name} is cut short")
+            tensors[name] = buffer.view(dtype).reshape(entry["shape"])
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata of a ``.safetensors`` or pickle (``.ckpt``/``.pt``/``.bin``) file.
 
@@ -117,8 +156,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         try:
-            return load_file(str(path)), read_safetensors_metadata(path)
-        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+            return read_safetensors(path)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise UserError(f"{path}: cannot read this .safetensors file ({err}); is it complete?") from err
     obj = load_pickle(path)
     if not isinstance(obj, dict):
@@ -215,7 +254,37 @@ def build_with_weights(
     return module.eval()
 
 
+_TRIM_EVERY_BYTES = 256 * 2**20
+
+
 def move_module(module: M, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> M:
-    """``module.to(device, dtype)`` without diffusers' override, which warns on every dtype cast that modules
-    "should be kept in float32: []" even when that list is empty (no diffusers model here keeps any)."""
-    return torch.nn.Module.to(module, device=device, dtype=dtype)
+    """``module.to(device, dtype)``, one leaf module at a time, giving freed host memory back to the system
+    as it goes (a cast leaves the old tensors' memory in the allocator's free lists otherwise, where a larger
+    dtype cannot reuse it: casting a float16 model to float32 would hold up to 1.5x the float32 size).
+    Bypasses diffusers' ``to`` override, which warns on every dtype cast that modules "should be kept in
+    float32: []" even when that list is empty (no diffusers model here keeps any)."""
+    moved = 0
+    for leaf in module.modules():
+        if next(leaf.children(), None) is not None:
+            continue
+        torch.nn.Module.to(leaf, device=device, dtype=dtype)
+        moved += sum(t.numel() * t.element_size() for t in leaf.parameters(recurse=False))
+        if moved >= _TRIM_EVERY_BYTES:
+            release_host_memory()
+            moved = 0
+    torch.nn.Module.to(module, device=device, dtype=dtype)  # tensors owned by non-leaf modules
+    if moved:
+        release_host_memory()
+    return module
+
+
+def release_host_memory() -> None:
+    """Return freed host memory to the system (glibc's ``malloc_trim``; nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass

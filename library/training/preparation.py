@@ -19,7 +19,7 @@ from library.config.params import DatasetGroupParams, DatasetSupport
 from library.errors import UserError
 from library.models.families import ModelFamily, resolve_family
 from library.models.loading import resolve_model_path
-from library.models.weights import move_module
+from library.models.weights import move_module, release_host_memory
 from library.precision import dtype_of
 from library.training.arguments import training_option_problems
 from library.training.logging_utils import tracker_settings
@@ -262,27 +262,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     dtype = weight_dtype(args)
     set_seed(seed)
     family = checked.family
-    models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
-    attention = family.spec.set_attention(models, bool(args.xformers))
-    for module in (models.unet, models.vae, *models.text_encoders):
-        module.requires_grad_(False)
-        module.eval()
-    recipe.setup(models, args, device)
-    trained = recipe.trained_base_modules()
-    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
-    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
-        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
-    move_module(models.vae, device, vae_dtype)
-    move_module(models.unet, device, torch.float32 if "unet" in trained else dtype)
-    for te in models.text_encoders:
-        move_module(te, device, torch.float32 if "text_encoder" in trained else dtype)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        models.unet.train()
-        if recipe.trains_text_encoder():
-            for te in models.text_encoders:
-                enable_text_encoder_checkpointing(te)
-                te.train()
+    models, attention, vae_dtype, unet_dtype = load_models(args, recipe, family, accelerator, dtype)
 
     vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
     if args.cache_latents or args.cache_latents_to_disk:
@@ -303,6 +283,12 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
             identity += f"|{encoding.cache_settings}"
     text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
                            cache_dir=cache_dir, identity=identity or "")
+    if checked.cache_text and not recipe.trains_text_encoder():
+        text.fill(group.fixed_captions(), device)
+    release_frozen_models(models, text, recipe, sampling=bool(checked.sample_prompts),
+                          latents_cached=group.latents is not None, verbose=accelerator.is_main_process)
+    if unet_dtype is not None:  # cast only now: the frozen encoders' memory is free again
+        move_module(models.unet, device, unet_dtype)
     text = recipe.text_conditioning(text)
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -343,6 +329,73 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
         fused_backward=bool(getattr(args, "fused_backward_pass", False)),
     )
+
+
+def load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, accelerator: Any,
+                dtype: torch.dtype) -> tuple[Any, str, torch.dtype, torch.dtype | None]:
+    """Load the models, let the recipe set up its trained modules, and put each model on the device in its
+    dtype; returns ``(models, attention, vae dtype, UNet dtype still to apply)``.
+
+    A recipe that needs no frozen model after caching (LoRA) loads a family's weights as stored and casts
+    the UNet last (the caller does, once the text encoders and VAE may be released): a float16 checkpoint
+    is then never held in float32 all at once. Otherwise the UNet dtype returned is None (already applied).
+    """
+    device = accelerator.device
+    defer = family.spec.loads_stored_dtype and not recipe.needs_frozen_models and not getattr(
+        args, "base_weights", None)  # merging base weights needs the working precision
+    models = family.spec.load(args, family, device=device if args.lowram else "cpu",
+                              dtype=None if defer else torch.float32)
+    attention = family.spec.set_attention(models, bool(args.xformers))
+    for module in (models.unet, models.vae, *models.text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    recipe.setup(models, args, device)
+    trained = recipe.trained_base_modules()
+    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
+    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
+        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
+    move_module(models.vae, device, vae_dtype)
+    unet_dtype = torch.float32 if "unet" in trained else dtype
+    if not defer:
+        move_module(models.unet, device, unet_dtype)
+    for te in models.text_encoders:
+        move_module(te, device, torch.float32 if "text_encoder" in trained else dtype)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()
+        if recipe.trains_text_encoder():
+            for te in models.text_encoders:
+                enable_text_encoder_checkpointing(te)
+                te.train()
+    return models, attention, vae_dtype, unet_dtype if defer else None
+
+
+def release_frozen_models(models: Any, text: Any, recipe: Recipe, *, sampling: bool, latents_cached: bool,
+                          verbose: bool) -> None:
+    """Free the frozen text encoders once every caption's outputs are cached, and the VAE once every latent
+    is, when nothing later needs them (no samples; a recipe that saves only what it trains). Their weights
+    move to the ``meta`` device: the memory is returned and any later use fails loudly."""
+    if recipe.needs_frozen_models or sampling:
+        return
+    released = []
+    if text.cache and not recipe.trains_text_encoder():
+        for te in models.text_encoders:
+            move_module(te, "meta")
+        text.encoders_released = True
+        released.append("text encoders")
+    if latents_cached and models.vae is not None:
+        move_module(models.vae, "meta")
+        released.append("VAE")
+    if released:
+        import gc
+
+        gc.collect()
+        release_host_memory()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if verbose:
+            print(f"{' and '.join(released)} released: their outputs are cached and nothing else in this run "
+                  "uses them", flush=True)
 
 
 def allow_fp16_gradients(scaler: Any) -> None:

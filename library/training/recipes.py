@@ -94,6 +94,10 @@ class LoopRecipe(ABC):
 class Recipe(LoopRecipe):
     """The part of a diffusion-model run that depends on what is trained."""
 
+    # whether the frozen text encoders and VAE are used after their outputs are cached (a recipe that saves
+    # the whole model does); when not, and no samples are made, the run frees them after caching
+    needs_frozen_models = True
+
     @abstractmethod
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder gets gradients at any step of the run (decided from the options)."""
@@ -155,6 +159,7 @@ class LoRARecipe(Recipe):
     frozen UNet and text encoder."""
 
     name = "lora"
+    needs_frozen_models = False  # saves only the network
 
     def __init__(self, args: argparse.Namespace):
         self.train_unet = not getattr(args, "network_train_text_encoder_only", False)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from library.config.params import DatasetGroupParams
 from library.io_utils import atomic_save_file
@@ -67,6 +68,7 @@ class TextConditioner:
         self.identity = identity
         self._memory: dict[str, torch.Tensor] = {}
         self.encoded = 0  # captions actually run through the encoder (for tests and the summary)
+        self.encoders_released = False  # every caption of the run is cached and the encoders are gone
 
     def encode(self, captions: list[str], device: torch.device) -> torch.Tensor:
         """Run the encoder (gradient flows when its parameters require it)."""
@@ -76,11 +78,22 @@ class TextConditioner:
             return self.encoding.encode(ids.to(device), weights.to(device))
         return self.encoding.encode(self.encoding.tokenize(captions).to(device))
 
+    def fill(self, captions: list[str], device: torch.device, batch_size: int = 8) -> None:
+        """Cache every caption of the run up front (then the text encoders are needed no more)."""
+        keys = [self._key(c) for c in captions]
+        todo = [c for c, k in zip(captions, keys) if k not in self._memory and not self._load(k)]
+        for start in tqdm(range(0, len(todo), batch_size), desc="caching text encoder outputs",
+                          disable=len(todo) <= batch_size):
+            self(todo[start:start + batch_size], device)
+
     def __call__(self, captions: list[str], device: torch.device) -> Any:
         if not self.cache:
             return self.encode(captions, device)
         keys = [self._key(c) for c in captions]
         missing = [i for i, k in enumerate(keys) if k not in self._memory and not self._load(k)]
+        if missing and self.encoders_released:
+            raise RuntimeError(f"caption {captions[missing[0]]!r} is not in the text-encoder cache filled before "
+                               "training (the text encoders were released after it)")
         if missing:
             todo = list(dict.fromkeys(captions[i] for i in missing))
             with torch.no_grad():

@@ -117,6 +117,9 @@ class FamilySpec(ABC):
     name: str = ""
     #: the scripts that train this family, for messages that name the right one
     scripts: tuple[str, ...] = ()
+    #: whether :meth:`load` takes ``dtype=None`` (weights as stored; the caller casts each model when it is
+    #: needed, so a float16 checkpoint is never held in float32 all at once)
+    loads_stored_dtype: bool = False
 
     @abstractmethod
     def recognises_file(self, keys: Collection[str]) -> bool:
@@ -132,8 +135,10 @@ class FamilySpec(ABC):
         a :class:`library.errors.UserError` when they disagree."""
 
     @abstractmethod
-    def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
-        """The model's components (``denoiser``, ``vae``, ``text_encoders``, ``tokenizers``)."""
+    def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any,
+             dtype: torch.dtype | None) -> Any:
+        """The model's components (``denoiser``, ``vae``, ``text_encoders``, ``tokenizers``); ``dtype`` None
+        (only when :attr:`loads_stored_dtype`) keeps the stored dtypes."""
 
     def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
              epoch: int, global_step: int) -> Path:

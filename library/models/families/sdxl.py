@@ -68,6 +68,7 @@ class SDXLSpec(FamilySpec):
 
     name = "sdxl"
     scripts = ("sdxl_train_network.py", "sdxl_train.py")
+    loads_stored_dtype = True
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return any(k.startswith("conditioner.embedders.") for k in keys)
