@@ -455,7 +455,7 @@ class LoRANetwork(nn.Module):
         if o.block_lr:
             blocks: dict[int, list[LoRAModule]] = {}
             for lora in self.unet_loras:
-                blocks.setdefault(block_index(lora.lora_name), []).append(lora)
+                blocks.setdefault(block_index(lora.lora_name, o.layout), []).append(lora)
             for idx in sorted(blocks):
                 lr = None if base_lr is None else base_lr * o.lr_weight(idx)
                 add(blocks[idx], lr, unet_ratio, f"unet_block{idx}")
@@ -512,8 +512,16 @@ def create_network(
     **kwargs: Any,
 ) -> LoRANetwork:
     """A fresh network (``network_dim`` default 4, ``network_alpha`` default 1); ``kwargs`` are ``--network_args``."""
-    options = parse_network_kwargs(kwargs, network_dim, network_alpha, neuron_dropout)
+    options = parse_network_kwargs(kwargs, network_dim, network_alpha, neuron_dropout, layout=_block_layout(unet))
     return LoRANetwork(text_encoder, unet, options, multiplier)
+
+
+def _block_layout(unet: nn.Module | None) -> Any:
+    """The block numbering of ``unet``'s family for block-wise network args (SD1/2's without a UNet)."""
+    from library.models.families import spec_for_denoiser
+    from library.models.families.base import SD_LORA_BLOCKS
+
+    return SD_LORA_BLOCKS if unet is None else spec_for_denoiser(unet).lora_blocks
 
 
 def create_network_from_weights(
@@ -548,7 +556,7 @@ def create_network_from_weights(
     if ignored:
         logger.info("network_args %s ignored: ranks come from %s", ", ".join(ignored), source)
     rest = {k: v for k, v in kwargs.items() if k not in SHAPE_ARGS}
-    parsed = parse_network_kwargs(rest)
+    parsed = parse_network_kwargs(rest, layout=_block_layout(unet))
     options = LoRAOptions(
         dropout=parsed.dropout,
         rank_dropout=parsed.rank_dropout,
@@ -556,6 +564,7 @@ def create_network_from_weights(
         down_lr_weight=parsed.down_lr_weight,
         mid_lr_weight=parsed.mid_lr_weight,
         up_lr_weight=parsed.up_lr_weight,
+        layout=parsed.layout,
         loraplus_lr_ratio=parsed.loraplus_lr_ratio,
         loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
         loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio,

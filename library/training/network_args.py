@@ -72,7 +72,7 @@ def parse_network_args(items: list[str] | None, network_module: str = DEFAULT_NE
         # unknown keys first, then the values of the known ones: every problem is reported at once
         for given in (result, known) if len(known) < len(result) else (result,):
             try:
-                parse_network_kwargs(given)
+                parse_network_kwargs(given, layout=None)  # counts per block: Recipe.family_problems
             except UserError as err:
                 problems += err.problems or [err.message]
     if problems:

@@ -73,6 +73,8 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
     params = collect(lambda: resolve_dataset_params(args, support))
     sample_prompts = collect(lambda: validate_sampling_args(args)) or []
     problems += recipe.option_problems(args)
+    if family is not None:
+        problems += recipe.family_problems(family)
     if params is None:
         raise UserError.from_problems("cannot start training", problems)
 

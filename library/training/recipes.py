@@ -107,6 +107,10 @@ class Recipe(LoopRecipe):
         frozen ones are cast to the mixed-precision dtype. A LoRA recipe trains none of them."""
         return set()
 
+    def family_problems(self, family: Any) -> list[str]:
+        """Problems of the options with the model family (a ``ModelFamily``), found before any model loads."""
+        return []
+
     def text_encoder_trains_at(self, global_step: int) -> bool:
         """Whether the text encoder gets gradients at this step (DreamBooth may stop training it)."""
         return self.trains_text_encoder()
@@ -189,6 +193,18 @@ class LoRARecipe(Recipe):
 
     def trains_text_encoder(self) -> bool:
         return self.train_te
+
+    def family_problems(self, family: Any) -> list[str]:
+        """Block-wise network args counted in the family's block layout (SDXL: 23 slots, SD1/2: 25)."""
+        if self.module_name != "networks.lora":
+            return []
+        from networks.lora_options import parse_network_kwargs
+
+        try:
+            parse_network_kwargs(self.network_kwargs, layout=family.lora_blocks)
+        except UserError as err:
+            return err.items()
+        return []
 
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
         module = importlib.import_module(self.module_name)

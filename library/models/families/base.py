@@ -59,14 +59,29 @@ def objective_for(v_parameterization: bool) -> Objective:
 
 @dataclass(frozen=True)
 class LoRABlockLayout:
-    """How a family's denoiser splits into blocks for ``block_dims`` / ``block_lr_weight`` style network args:
-    ``input_blocks`` down blocks, one middle block and as many up blocks."""
+    """How a family's denoiser splits into blocks for ``block_dims`` / ``down_lr_weight`` style network args,
+    numbered as sd-scripts does: [the embeddings,] ``input_blocks`` down blocks, ``mid_blocks`` middle parts,
+    as many up blocks[, the output layers] (``ends``: the bracketed slots, SDXL). ``sgm_names``: the LoRA
+    names follow the original (SGM/LDM) UNet (``input_blocks_4_1_...``), not diffusers' (``down_blocks_...``)."""
 
     input_blocks: int
+    mid_blocks: int = 1
+    ends: bool = False
+    sgm_names: bool = False
+    name: str = "SD1/2"
 
     @property
     def total(self) -> int:
-        return self.input_blocks * 2 + 1
+        return self.input_blocks * 2 + self.mid_blocks + (2 if self.ends else 0)
+
+    def describe(self) -> str:
+        mid = "the mid block" if self.mid_blocks == 1 else f"{self.mid_blocks} middle-block parts"
+        parts = f"{self.input_blocks} down blocks, {mid}, {self.input_blocks} up blocks"
+        return f"the embeddings, {parts}, the output layers" if self.ends else parts
+
+
+SD_LORA_BLOCKS = LoRABlockLayout(12)
+SDXL_LORA_BLOCKS = LoRABlockLayout(9, mid_blocks=3, ends=True, sgm_names=True, name="SDXL")
 
 
 @dataclass(frozen=True)
@@ -86,7 +101,7 @@ class ModelFamily:
     vae_factor: int = 8
     cache_suffix: str = ""
     ss_v2: bool = False
-    lora_blocks: LoRABlockLayout = LoRABlockLayout(12)
+    lora_blocks: LoRABlockLayout = SD_LORA_BLOCKS
     vae_half_safe: bool = True  # False: the VAE overflows in fp16 and stays float32 under fp16 mixed precision
 
     def __post_init__(self) -> None:
@@ -120,6 +135,9 @@ class FamilySpec(ABC):
     #: whether :meth:`load` takes ``dtype=None`` (weights as stored; the caller casts each model when it is
     #: needed, so a float16 checkpoint is never held in float32 all at once)
     loads_stored_dtype: bool = False
+    #: the block numbering of ``block_dims`` / ``down_lr_weight`` style network args (as the family's
+    #: ``ModelFamily.lora_blocks``; here for networks, which see only the loaded denoiser)
+    lora_blocks: LoRABlockLayout = SD_LORA_BLOCKS
 
     @abstractmethod
     def recognises_file(self, keys: Collection[str]) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Collection, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.families.base import Conditioning, FamilySpec, LoRABlockLayout, ModelFamily, objective_for
+from library.models.families.base import SDXL_LORA_BLOCKS, Conditioning, FamilySpec, ModelFamily, objective_for
 from library.models.families.sd import SD_SCHEDULE
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def sdxl_family(v_parameterization: bool = False) -> ModelFamily:
         name="sdxl", objective=objective_for(v_parameterization), latent_scale=SDXL_LATENT_SCALE, bucket_step=32,
         default_resolution=1024, base_model_version="sdxl_base_v1-0",
         modelspec_architecture="stable-diffusion-xl-v1-base", spec_name="sdxl", scheduler_config=SD_SCHEDULE,
-        cache_suffix="_sdxl", lora_blocks=LoRABlockLayout(9), vae_half_safe=False,
+        cache_suffix="_sdxl", lora_blocks=SDXL_LORA_BLOCKS, vae_half_safe=False,
     )
 
 
@@ -69,6 +69,7 @@ class SDXLSpec(FamilySpec):
     name = "sdxl"
     scripts = ("sdxl_train_network.py", "sdxl_train.py")
     loads_stored_dtype = True
+    lora_blocks = SDXL_LORA_BLOCKS
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return any(k.startswith("conditioner.embedders.") for k in keys)
