@@ -156,7 +156,7 @@ class FluxSpec(FamilySpec):
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")  # networks.lora_flux names the BFL modules itself
 
-    # ---- the LoRA tools: the transformer alone, written back as the BFL single file
+    # ---- the LoRA tools: the transformer alone (``save`` writes it back as the BFL single file)
     lora_save_formats = ("safetensors",)
 
     def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
@@ -166,12 +166,6 @@ class FluxSpec(FamilySpec):
         from library.models.flux.lora_checkpoint import load_transformer_for_lora
 
         return load_transformer_for_lora(args, family, dtype)
-
-    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
-                      metadata: dict[str, str] | None) -> Path:
-        from library.models.flux.lora_checkpoint import save_bfl_transformer
-
-        return save_bfl_transformer(path, models, dtype, metadata)
 
     def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
         from library.models.flux.lora_checkpoint import flux_lora_targets

@@ -1,5 +1,5 @@
-"""FLUX.1 as the LoRA tools see it: the transformer alone (what the BFL single file holds), its kohya LoRA targets
-(sd-scripts' fused-layer names over diffusers' split layers), and the BFL file written back.
+"""FLUX.1 as the LoRA tools see it: the transformer alone (what the BFL single file holds; ``FluxSpec.save``
+writes it back) and its kohya LoRA targets (sd-scripts' fused-layer names over diffusers' split layers).
 
 The CLIP-L / T5 / AE files are not needed to merge a LoRA into the transformer or to extract one from two
 transformers; LoRA text encoder modules then match nothing and are reported as such.
@@ -8,7 +8,6 @@ transformers; LoRA text encoder modules then match nothing and are reported as s
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,23 +25,6 @@ def load_transformer_for_lora(args: argparse.Namespace, family: ModelFamily, dty
     source = resolve_model_path(args.pretrained_model_name_or_path)
     transformer = load_transformer(source, dtype)
     return SDModels(family=family, unet=transformer, vae=None, text_encoders=[], tokenizers=[], source=str(source))
-
-
-def save_bfl_transformer(path: Path, models: Any, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> Path:
-    """Write the transformer as one BFL-layout ``.safetensors`` file (``flux1-dev.safetensors``'s names),
-    atomically."""
-    from safetensors.torch import save_file
-
-    from library.io_utils import atomic_save_file
-    from library.models.flux.conversion import FluxArchitecture, diffusers_to_bfl
-
-    transformer = models.denoiser
-    arch = FluxArchitecture.from_diffusers_config(transformer.config)
-    state = diffusers_to_bfl(transformer.state_dict(), arch)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-               for k, v in state.items()}
-    atomic_save_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or None))
-    return path
 
 
 def flux_lora_targets(text_encoders: list, transformer: nn.Module | None) -> dict[str, tuple[nn.Module, ...]]:
