@@ -68,7 +68,7 @@ class FluxSpec(FamilySpec):
     """FLUX.1 behind the family seam."""
 
     name = "flux"
-    scripts = ("flux_train_network.py",)
+    scripts = ("flux_train_network.py", "flux_train.py")
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
@@ -108,6 +108,15 @@ class FluxSpec(FamilySpec):
 
         return load_flux_models(args, family, device=device)
 
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        """The transformer alone, as one BFL-layout ``.safetensors`` file (what sd-scripts' flux_train.py writes)."""
+        from library.models.flux.saving import save_flux_transformer
+
+        if fmt != "safetensors":
+            raise UserError(f"FLUX models are saved as one .safetensors file in the BFL layout, not {fmt}")
+        return save_flux_transformer(path, models.unet, dtype=dtype, metadata=metadata)
+
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         from library.models.flux.text import FluxTextEncoding
 
@@ -146,3 +155,19 @@ class FluxSpec(FamilySpec):
 
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")  # networks.lora_flux names the BFL modules itself
+
+    # ---- the LoRA tools: the transformer alone (``save`` writes it back as the BFL single file)
+    lora_save_formats = ("safetensors",)
+
+    def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        return self._variant(source, keys)
+
+    def load_for_lora(self, args: argparse.Namespace, family: ModelFamily, *, dtype: torch.dtype) -> Any:
+        from library.models.flux.lora_checkpoint import load_transformer_for_lora
+
+        return load_transformer_for_lora(args, family, dtype)
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        from library.models.flux.lora_checkpoint import flux_lora_targets
+
+        return flux_lora_targets(models.text_encoders, models.denoiser)

@@ -70,6 +70,7 @@ class SDXLSpec(FamilySpec):
     scripts = ("sdxl_train_network.py", "sdxl_train.py")
     loads_stored_dtype = True
     lora_blocks = SDXL_LORA_BLOCKS
+    lora_save_formats = ("safetensors", "ckpt", "diffusers_safetensors")
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return any(k.startswith("conditioner.embedders.") for k in keys)
