@@ -13,7 +13,9 @@ accumulation must be 1; ``library.training.optimizers.validate_optimizer_args`` 
 recipe gives one parameter group per block, and a group is stepped as soon as every one of its parameters has
 its gradient, then its gradients are freed. Only one block's gradients exist at a time. Gradients are clipped per
 tensor, as sd-scripts does. Groups left incomplete by a step (a parameter that got no gradient) are stepped by
-:meth:`BlockwiseSteps.flush` at the end of the step, so no update is ever lost.
+:meth:`BlockwiseSteps.flush` at the end of the step, so no update is ever lost. ``--fused_optimizer_groups N``
+(``sdxl_train.py``) is the same mechanism over about ``N`` groups cut from the parameter list
+(:func:`split_param_groups`, as sd-scripts cuts them).
 """
 
 from __future__ import annotations
@@ -120,28 +122,55 @@ def attach_fused_backward(optimizer: Any, *, max_grad_norm: float | None, num_pr
     return handles
 
 
+def uses_group_steps(args: Any) -> bool:
+    """Whether each parameter group is stepped inside the backward pass (``--blockwise_fused_optimizers``,
+    ``--fused_optimizer_groups``)."""
+    return bool(getattr(args, "blockwise_fused_optimizers", False)) or getattr(
+        args, "fused_optimizer_groups", None) is not None
+
+
+def split_param_groups(groups: list[dict[str, Any]], names: list[str],
+                       count: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """``--fused_optimizer_groups``: the parameters cut, in order, into groups of ``ceil(total / count)``
+    parameters; a group never spans two learning rates (so there may be more than ``count``), as sd-scripts
+    cuts them. Each part keeps its group's settings; names get ``_<part>``."""
+    size = max(1, -(-sum(len(g["params"]) for g in groups) // count))
+    out, out_names = [], []
+    for group, name in zip(groups, names):
+        params = list(group["params"])
+        parts = [params[i:i + size] for i in range(0, len(params), size)]
+        for j, part in enumerate(parts):
+            out.append({**group, "params": part})
+            out_names.append(name if len(parts) == 1 else f"{name}_{j + 1}")
+    return out, out_names
+
+
 def blockwise_problems(args: Any) -> list[str]:
-    """What ``--blockwise_fused_optimizers`` cannot be combined with."""
-    if not getattr(args, "blockwise_fused_optimizers", False):
+    """What ``--blockwise_fused_optimizers`` / ``--fused_optimizer_groups`` cannot be combined with."""
+    if not uses_group_steps(args):
         return []
     from library.errors import UserError
     from library.training.optimizers import resolve_optimizer_type
 
+    flag = "--blockwise_fused_optimizers" if getattr(args, "blockwise_fused_optimizers", False) else (
+        "--fused_optimizer_groups")
     problems = []
+    if flag == "--fused_optimizer_groups" and args.fused_optimizer_groups < 1:
+        problems.append(f"--fused_optimizer_groups {args.fused_optimizer_groups}: give a number of groups >= 1")
     if getattr(args, "fused_backward_pass", False):
-        problems.append("--blockwise_fused_optimizers and --fused_backward_pass both step the optimizer inside the "
-                        "backward pass: use one of them")
+        problems.append(f"{flag} and --fused_backward_pass both step the optimizer inside the backward pass: use one "
+                        "of them")
     if getattr(args, "gradient_accumulation_steps", 1) > 1:
-        problems.append("--blockwise_fused_optimizers cannot be used with --gradient_accumulation_steps > 1 (each "
-                        "block is updated as soon as its gradients exist)")
+        problems.append(f"{flag} cannot be used with --gradient_accumulation_steps > 1 (each group is updated as soon "
+                        "as its gradients exist)")
     if args.mixed_precision == "fp16":
-        problems.append("--blockwise_fused_optimizers cannot be used with --mixed_precision fp16: fp16 loss scaling "
-                        "needs every gradient before any weight changes; use --mixed_precision bf16 (or no)")
+        problems.append(f"{flag} cannot be used with --mixed_precision fp16: fp16 loss scaling needs every gradient "
+                        "before any weight changes; use --mixed_precision bf16 (or no)")
     try:
         name = resolve_optimizer_type(args)
     except UserError:  # the optimizer checks report a bad name themselves
         name = ""
     if "schedulefree" in name.lower():
-        problems.append(f"--blockwise_fused_optimizers cannot be used with the schedule-free optimizer {name} (its "
-                        "averaged weights need the whole step); choose another --optimizer_type")
+        problems.append(f"{flag} cannot be used with the schedule-free optimizer {name} (its averaged weights need "
+                        "the whole step); choose another --optimizer_type")
     return problems

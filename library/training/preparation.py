@@ -399,11 +399,11 @@ def release_frozen_models(models: Any, text: Any, recipe: Recipe, *, sampling: b
 
 
 def _attach_fused_steps(args: argparse.Namespace, optimizer: Any, num_processes: int) -> Any:
-    """``--fused_backward_pass`` / ``--blockwise_fused_optimizers``: the hooks that step the optimizer inside
+    """``--fused_backward_pass`` / ``--blockwise_fused_optimizers`` / ``--fused_optimizer_groups``: the hooks that step the optimizer inside
     the backward pass; returns what the loop calls at the end of each step (None without either option)."""
-    from library.training.fused_backward import BlockwiseSteps, attach_fused_backward
+    from library.training.fused_backward import BlockwiseSteps, attach_fused_backward, uses_group_steps
 
-    if getattr(args, "blockwise_fused_optimizers", False):
+    if uses_group_steps(args):
         return BlockwiseSteps(optimizer, max_grad_norm=args.max_grad_norm, num_processes=num_processes).flush
     if getattr(args, "fused_backward_pass", False):
         attach_fused_backward(optimizer, max_grad_norm=args.max_grad_norm, num_processes=num_processes)

@@ -20,7 +20,9 @@ def add_sdxl_full_arguments(parser: argparse.ArgumentParser) -> None:
                    help="23 comma-separated UNet learning rates: time/label embedding, 9 input blocks, 3 middle-block "
                         "parts, 9 output blocks, output layers (0 leaves a block unchanged)")
     g.add_argument("--fused_optimizer_groups", type=int, default=None,
-                   help="not supported here: use --fused_backward_pass (one optimizer step per parameter)")
+                   help="cut the trained parameters into about this many groups and update each group inside the "
+                        "backward pass as soon as its gradients exist (any optimizer; gradients are clipped per "
+                        "tensor), so only one group's gradients are held at a time")
     add_sdxl_model_arguments(g)
 
 
@@ -59,9 +61,10 @@ class SDXLFullWeightRecipe(FullWeightRecipe):
         for name in ("learning_rate_te1", "learning_rate_te2"):
             if getattr(args, name) is not None and not self.train_te:
                 problems.append(f"--{name} is given but the text encoders do not train: add --train_text_encoder")
-        if args.fused_optimizer_groups:
-            problems.append("--fused_optimizer_groups is not supported: use --fused_backward_pass, which steps "
-                            "every parameter inside the backward pass (the same memory saving or better)")
+        if args.fused_optimizer_groups is not None:
+            from library.training.fused_backward import blockwise_problems
+
+            problems += blockwise_problems(args)
         return problems
 
     def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
@@ -82,4 +85,8 @@ class SDXLFullWeightRecipe(FullWeightRecipe):
                 groups.append({"params": list(te.parameters()), "lr": base if lr is None else lr})
                 names.append(f"textencoder{i + 1}")
         self._ensure_ema(args)
+        if args.fused_optimizer_groups:
+            from library.training.fused_backward import split_param_groups
+
+            return split_param_groups(groups, names, args.fused_optimizer_groups)
         return groups, names
