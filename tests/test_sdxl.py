@@ -264,3 +264,44 @@ def test_two_processes(tiny_sdxl, tmp_path):
     tensors, meta = load_lora(tmp_path / "out" / "lora.safetensors")
     assert "lora_unet_middle_block_1_proj_in.lora_down.weight" in tensors
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+
+def test_every_sd_sampler_makes_sdxl_samples_with_size_conditioning_from_w_h(tiny_sdxl, tmp_path):
+    """Each sampler SD1.x has renders with the SDXL denoiser; the size ids are the prompt's --h/--w (no crop)."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    from library.training.sampling import SAMPLERS, SamplePrompt, _as_conditioning, generate_samples
+
+    models, args = _load(tiny_sdxl["file"])
+    encoding = models.family.spec.text_encoding(models, args)
+    text_encode = lambda texts: encoding.encode(encoding.tokenize(texts))  # noqa: E731
+    cond = _as_conditioning(text_encode(["a cat"]), models.family.spec, (64, 32), torch.device("cpu"))
+    assert cond["time_ids"].tolist() == [[32.0, 64.0, 0.0, 0.0, 32.0, 64.0]]
+    seen: list[torch.Tensor] = []
+    hook = models.unet.add_embedding.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    try:
+        for i, sampler in enumerate(SAMPLERS):
+            if sampler in ("lms", "k_lms") and importlib.util.find_spec("scipy") is None:
+                continue  # LMS needs scipy (refused with a message without it, see test_sampling.py)
+            prompt = SamplePrompt(prompt="a cat", index=i, seed=3, sample_steps=2, width=64, height=32, scale=2.0,
+                                  negative_prompt="blurry")
+            path = generate_samples(
+                unet=models.unet, vae=models.vae, text_encode=text_encode, prompts=[prompt], output_dir=tmp_path,
+                output_name=sampler, tag="000001", default_size=(64, 64), device="cpu", dtype=torch.float32,
+                v_parameterization=False, latent_scale=models.family.latent_scale, sampler=sampler,
+                spec=models.family.spec)[0]
+            with Image.open(path) as image:
+                assert image.size == (64, 32), sampler
+                assert np.asarray(image).std() > 0, sampler
+    finally:
+        hook.remove()
+    time_dim = models.unet.config.addition_time_embed_dim
+    assert seen and all(x.shape[0] == 2 for x in seen)  # guidance: conditional and unconditional rows
+    assert seen[0].shape[1] == models.unet.config.projection_class_embeddings_input_dim
+    assert seen[0].shape[1] - 6 * time_dim == models.text_encoders[1].config.projection_dim
