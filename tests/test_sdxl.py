@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -155,6 +156,21 @@ def test_bad_inputs_are_one_message_before_any_model_loads(tiny_sdxl, tiny_sd1_d
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes installed")
+@pytest.mark.parametrize("script", ["sdxl_train_network", "sdxl_train"])
+def test_8bit_optimizers_without_bitsandbytes_are_one_message_before_any_model_loads(tiny_sdxl, tmp_path, script):
+    import importlib as imp
+
+    main = imp.import_module(script).main
+    argv = ["--pretrained_model_name_or_path", str(tiny_sdxl["file"]), "--output_dir", str(tmp_path / "out"),
+            "--train_data_dir", str(tiny_sdxl["data"]), "--resolution", "64", "--max_train_steps", "1",
+            "--use_8bit_adam"]
+    with pytest.raises(UserError) as err:
+        main(argv)
+    assert "pip install bitsandbytes==" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -271,8 +287,6 @@ def test_two_processes(tiny_sdxl, tmp_path):
 
 def test_every_sd_sampler_makes_sdxl_samples_with_size_conditioning_from_w_h(tiny_sdxl, tmp_path):
     """Each sampler SD1.x has renders with the SDXL denoiser; the size ids are the prompt's --h/--w (no crop)."""
-    import importlib.util
-
     import numpy as np
     from PIL import Image
 
@@ -281,15 +295,15 @@ def test_every_sd_sampler_makes_sdxl_samples_with_size_conditioning_from_w_h(tin
     models, args = _load(tiny_sdxl["file"])
     encoding = models.family.spec.text_encoding(models, args)
     text_encode = lambda texts: encoding.encode(encoding.tokenize(texts))  # noqa: E731
-    cond = _as_conditioning(text_encode(["a cat"]), models.family.spec, (64, 32), torch.device("cpu"))
-    assert cond["time_ids"].tolist() == [[32.0, 64.0, 0.0, 0.0, 32.0, 64.0]]
+    cond = _as_conditioning(text_encode(["a cat"]), models.family.spec, (96, 64), torch.device("cpu"))
+    assert cond["time_ids"].tolist() == [[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]]
     seen: list[torch.Tensor] = []
     hook = models.unet.add_embedding.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
     try:
         for i, sampler in enumerate(SAMPLERS):
             if sampler in ("lms", "k_lms") and importlib.util.find_spec("scipy") is None:
                 continue  # LMS needs scipy (refused with a message without it, see test_sampling.py)
-            prompt = SamplePrompt(prompt="a cat", index=i, seed=3, sample_steps=2, width=64, height=32, scale=2.0,
+            prompt = SamplePrompt(prompt="a cat", index=i, seed=3, sample_steps=2, width=96, height=64, scale=2.0,
                                   negative_prompt="blurry")
             path = generate_samples(
                 unet=models.unet, vae=models.vae, text_encode=text_encode, prompts=[prompt], output_dir=tmp_path,
@@ -297,7 +311,7 @@ def test_every_sd_sampler_makes_sdxl_samples_with_size_conditioning_from_w_h(tin
                 v_parameterization=False, latent_scale=models.family.latent_scale, sampler=sampler,
                 spec=models.family.spec)[0]
             with Image.open(path) as image:
-                assert image.size == (64, 32), sampler
+                assert image.size == (96, 64), sampler
                 assert np.asarray(image).std() > 0, sampler
     finally:
         hook.remove()
