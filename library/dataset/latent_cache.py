@@ -21,18 +21,17 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.dataset.items import DatasetGroupView, DatasetImage, ImageDataset
 from library.dataset.samples import prepare_for_cache
 from library.errors import UserError
 from library.io_utils import atomic_write_bytes, file_sha256
 
-if TYPE_CHECKING:
-    from library.dataset.group import DatasetGroup, DatasetImage, ImageDataset
 
 CACHE_FORMAT = 1
 
@@ -65,7 +64,7 @@ def content_stamp(path: Path, known: dict | None = None) -> dict:
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
 
 
-def entry_key(img: "DatasetImage", ds: "ImageDataset", cache_key: str) -> dict:
+def entry_key(img: DatasetImage, ds: ImageDataset, cache_key: str) -> dict:
     """What an image's latents depend on, besides its content."""
     sub = ds.subset_params[img.subset_index]
     return {
@@ -135,8 +134,8 @@ def write_entry(npz: Path, entry: LatentEntry, key: dict, content: dict) -> None
 class _Item:
     """One distinct (image, key) to cache and the dataset images that use it."""
 
-    image: "DatasetImage"
-    dataset: "ImageDataset"
+    image: DatasetImage
+    dataset: ImageDataset
     key: dict
     users: list[tuple[bool, int, int]]  # (validation, dataset index in its list, image index)
     npz: Path | None = None
@@ -157,7 +156,7 @@ class LatentStore:
         self.memory: dict[tuple[bool, int, int], LatentEntry] = {}
         self.disk: dict[tuple[bool, int, int], tuple[Path, dict, Path]] = {}
 
-    def _items(self, group: "DatasetGroup") -> list[_Item]:
+    def _items(self, group: DatasetGroupView) -> list[_Item]:
         items: dict[tuple[str, str], _Item] = {}
         for validation in (False, True):
             for ds_i, ds in enumerate(group.datasets(validation)):
@@ -178,7 +177,7 @@ class LatentStore:
             item.npz = path
         return ordered
 
-    def build(self, group: "DatasetGroup", encode: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
+    def build(self, group: DatasetGroupView, encode: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int,
               process_index: int = 0, num_processes: int = 1, recompute: bool = False) -> None:
         """Load valid entries, encode the rest (this process's share when caching to disk), write them.
 

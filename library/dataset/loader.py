@@ -22,7 +22,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from library.dataset.group import BatchRef, DatasetGroup
+from library.dataset.group import DatasetGroup
+from library.dataset.items import BatchRef
 from library.dataset.samples import load_batch
 
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from library.dataset.group import DatasetGroup, ImageDataset
+from library.dataset.items import DatasetGroupView, ImageDataset
 
 
 def _reso(wh: tuple[int, int]) -> str:
     return f"{wh[0]}x{wh[1]}"
 
 
-def _bucket_mode(ds: "ImageDataset") -> str:
+def _bucket_mode(ds: ImageDataset) -> str:
     p = ds.params
     if not p.enable_bucket:
         return "no bucketing (every image resized and cropped to the resolution)"
@@ -22,7 +19,7 @@ def _bucket_mode(ds: "ImageDataset") -> str:
     return f"buckets {p.min_bucket_reso}..{p.max_bucket_reso} step {p.bucket_reso_steps}"
 
 
-def _dataset_lines(ds: "ImageDataset") -> list[str]:
+def _dataset_lines(ds: ImageDataset) -> list[str]:
     p = ds.params
     role = "validation" if ds.is_validation else "training"
     lines = [
@@ -55,7 +52,7 @@ def _dataset_lines(ds: "ImageDataset") -> list[str]:
     return lines
 
 
-def format_plan(group: "DatasetGroup", *, num_processes: int = 1, grad_accum: int = 1, epochs: int | None = None,
+def format_plan(group: DatasetGroupView, *, num_processes: int = 1, grad_accum: int = 1, epochs: int | None = None,
                 steps: int | None = None) -> str:
     """Per dataset and subset: images, repeats, regularization balance, buckets; then steps and skips."""
     lines: list[str] = []

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from library.dataset.captions import process_caption
+from library.dataset.items import BatchRef, DatasetGroupView, DatasetImage, ImageDataset, seed_words
 from library.dataset.transforms import (
     ImageReadError,
     alpha_to_mask,
@@ -29,15 +30,8 @@ from library.dataset.transforms import (
 )
 from library.errors import UserError
 
-if TYPE_CHECKING:
-    from library.dataset.group import BatchRef, DatasetGroup, DatasetImage, ImageDataset
 
 logger = logging.getLogger(__name__)
-
-
-def seed_words(*values: int) -> list[int]:
-    """Entropy for ``numpy.random.SeedSequence`` from any ints (negative seeds included)."""
-    return [int(v) % (1 << 64) for v in values]
 
 
 def sample_rng(seed: int, epoch: int, batch_index: int, sample_index: int, stream: int) -> random.Random:
@@ -54,7 +48,7 @@ class PreparedImage:
     flipped: bool = False
 
 
-def prepare_image(img: "DatasetImage", ds: "ImageDataset", rng: random.Random | None) -> PreparedImage:
+def prepare_image(img: DatasetImage, ds: ImageDataset, rng: random.Random | None) -> PreparedImage:
     """Load, fit to the bucket, augment (when ``rng`` is given) and convert one image."""
     sub = ds.subset_params[img.subset_index]
     interpolation = sub.resize_interpolation or ds.params.resize_interpolation
@@ -75,7 +69,7 @@ def prepare_image(img: "DatasetImage", ds: "ImageDataset", rng: random.Random | 
     return PreparedImage(to_tensor(array), crop_ltrb, mask, flipped)
 
 
-def prepare_for_cache(img: "DatasetImage", ds: "ImageDataset") -> PreparedImage:
+def prepare_for_cache(img: DatasetImage, ds: ImageDataset) -> PreparedImage:
     """The image as the latent cache encodes it: center crop, no augmentation, not flipped."""
     try:
         return prepare_image(img, ds, None)
@@ -83,7 +77,7 @@ def prepare_for_cache(img: "DatasetImage", ds: "ImageDataset") -> PreparedImage:
         raise UserError(f"{exc.message} (while caching latents)") from exc
 
 
-def _prepare_or_substitute(ds: "ImageDataset", img_index: int, image_rng: random.Random) -> tuple[int, PreparedImage]:
+def _prepare_or_substitute(ds: ImageDataset, img_index: int, image_rng: random.Random) -> tuple[int, PreparedImage]:
     """``(index, image)`` of ``img_index``, or, when that file cannot be decoded (its header was readable at
     scan time, its data is not), of another image of the same bucket picked with ``image_rng``; a warning
     names the broken file. A long run is not stopped by one damaged image; a bucket of only broken images is
@@ -114,7 +108,7 @@ def _crop_top_left(crop_ltrb: tuple[int, int, int, int], resized_w: int, flipped
     return top, left
 
 
-def load_batch(group: "DatasetGroup", ref: "BatchRef", *, seed: int) -> dict[str, Any]:
+def load_batch(group: DatasetGroupView, ref: BatchRef, *, seed: int) -> dict[str, Any]:
     """The batch dict of ``ref`` (see docs/architecture.md, "Dataset -> trainer")."""
     ds = group.datasets(ref.validation)[ref.dataset]
     store = group.latents

@@ -21,6 +21,7 @@ import torch
 
 from library.errors import UserError
 from library.models.families import ModelFamily
+from library.models.families.sd import sd_variant
 
 ARCHITECTURE_METADATA_KEY = "sd_architecture"
 
@@ -78,10 +79,8 @@ def infer_unet_config(sd: dict[str, torch.Tensor], family: ModelFamily, meta: di
     depth = _count(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")
     proj = sd["mid_block.attentions.0.proj_in.weight"]
     context = sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    if family.name == "sd2":
-        default_heads: Any = [_heads(c) for c in channels]
-    else:
-        default_heads = 8
+    variant = sd_variant(family)
+    default_heads: Any = [_heads(c) for c in channels] if variant.per_level_heads else 8
     return dict(
         sample_size=meta.get("sample_size", family.default_resolution // 8),
         in_channels=sd["conv_in.weight"].shape[1],
@@ -95,7 +94,7 @@ def infer_unet_config(sd: dict[str, torch.Tensor], family: ModelFamily, meta: di
         cross_attention_dim=context,
         attention_head_dim=meta.get("attention_head_dim", default_heads),
         use_linear_projection=proj.ndim == 2,
-        upcast_attention=meta.get("upcast_attention", family.name == "sd2" and family.objective.is_v_prediction),
+        upcast_attention=meta.get("upcast_attention", variant.upcast_attention),
     )
 
 
@@ -121,6 +120,7 @@ def infer_text_config(sd: dict[str, torch.Tensor], family: ModelFamily, meta: di
     from transformers import CLIPTextConfig
 
     vocab, width = sd["embeddings.token_embedding.weight"].shape
+    variant = sd_variant(family)
     return CLIPTextConfig(
         vocab_size=vocab,
         hidden_size=width,
@@ -128,9 +128,9 @@ def infer_text_config(sd: dict[str, torch.Tensor], family: ModelFamily, meta: di
         num_hidden_layers=_count(sd, r"encoder\.layers\.(\d+)\."),
         num_attention_heads=meta.get("num_attention_heads", _heads(width)),
         max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
-        hidden_act="gelu" if family.name == "sd2" else "quick_gelu",
+        hidden_act=variant.hidden_act,
         projection_dim=width,
         bos_token_id=49406,
         eos_token_id=49407,
-        pad_token_id=0 if family.name == "sd2" else 49407,
+        pad_token_id=variant.pad_token_id,
     )

@@ -27,6 +27,7 @@ from library.models.architecture import (
     parse_architecture_metadata,
 )
 from library.models.families import SD_SCHEDULE, ModelFamily
+from library.models.families.sd import sd_variant
 from library.models.metadata import file_hashes
 from library.models.tokenizers import load_tokenizer
 from library.models.weights import (
@@ -182,7 +183,7 @@ def check_sd_family(family: ModelFamily, source: Path, keys=None) -> None:
 
 
 def _check_family(requested: ModelFamily, is_v2: bool, source: Path) -> None:
-    if (requested.name == "sd2") == is_v2:
+    if sd_variant(requested).openclip == is_v2:
         return
     if is_v2:
         raise UserError(
@@ -337,7 +338,7 @@ def _load_single_file(
             raise UserError(f"{path}: no {part} weights ({prefix}*) in this checkpoint")
     unet_sd = conv.unet_ldm_to_diffusers(_split_prefix(tensors, conv.UNET_PREFIX))
     vae_sd = conv.vae_ldm_to_diffusers(_split_prefix(tensors, conv.VAE_PREFIX)) if with_vae else None
-    if family.name == "sd2":
+    if sd_variant(family).openclip:
         te_sd = conv.openclip_to_bare(_split_prefix(tensors, conv.OPENCLIP_PREFIX))
     else:
         te_sd = conv.clip_ldm_to_bare(_split_prefix(tensors, conv.CLIP_PREFIX))

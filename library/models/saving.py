@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from library.io_utils import atomic_save_file, match_umask, replace_folder
 from library.models import ldm_conversion as conv
 from library.models.architecture import ARCHITECTURE_METADATA_KEY, architecture_metadata
+from library.models.families.sd import sd_variant
 from library.models.loading import SDModels
 from library.precision import DTYPES
 
@@ -73,7 +74,7 @@ def ldm_state_dict(models: SDModels, *, unet=None, text_encoder=None) -> dict[st
     for k, v in conv.vae_diffusers_to_ldm(models.vae.state_dict()).items():
         out[conv.VAE_PREFIX + k] = v
     te = text_encoder.state_dict()
-    if models.family.name == "sd2":
+    if sd_variant(models.family).openclip:
         out.update({conv.OPENCLIP_PREFIX + k: v for k, v in conv.bare_to_openclip(te).items()})
     else:
         te = conv.clip_bare_to_ldm(te)

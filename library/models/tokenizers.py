@@ -19,6 +19,7 @@ from pathlib import Path
 
 from library.errors import UserError
 from library.models.families import ModelFamily
+from library.models.families.sd import sd_variant
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ SDXL_TOKENIZERS = (
 
 
 def _family_spec(family: ModelFamily) -> ClipTokenizerSpec:
-    return SD2_TOKENIZER if family.name == "sd2" else SD1_TOKENIZER
+    return SD2_TOKENIZER if sd_variant(family).openclip else SD1_TOKENIZER
 
 
 def _has_tokenizer(folder: Path) -> bool:

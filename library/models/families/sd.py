@@ -9,6 +9,8 @@ from typing import Any, Collection, Mapping
 
 import torch
 
+from dataclasses import dataclass
+
 from library.models.families.base import Conditioning, FamilySpec, ModelFamily, objective_for
 
 #: the DDPM training schedule of SD1.x, SD2.x and SDXL (diffusers ``DDPMScheduler`` arguments)
@@ -36,6 +38,25 @@ def sd_family(v2: bool = False, v_parameterization: bool = False) -> ModelFamily
         modelspec_architecture="stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512",
         **common,
     )
+
+
+@dataclass(frozen=True)
+class SDVariant:
+    """What tells SD2.x from SD1.x beyond the numbers of :func:`sd_family` (the loaders, the single-file
+    layout, the tokenizers and the architecture reader ask this, never the family's name)."""
+
+    openclip: bool  # OpenCLIP ViT-H text encoder (``cond_stage_model.model.*``), SD2 tokenizer padding with id 0
+    hidden_act: str  # of the text encoder
+    pad_token_id: int
+    per_level_heads: bool  # UNet attention heads per level (width // 64) instead of 8 everywhere
+    upcast_attention: bool  # the 768-v models upcast attention to float32
+
+
+def sd_variant(family: ModelFamily) -> SDVariant:
+    """The SD1.x / SD2.x facts of ``family`` (any non-SD2 family reads as SD1.x, as CLIP ViT-L users)."""
+    v2 = family.name == "sd2"
+    return SDVariant(openclip=v2, hidden_act="gelu" if v2 else "quick_gelu", pad_token_id=0 if v2 else 49407,
+                     per_level_heads=v2, upcast_attention=v2 and family.objective.is_v_prediction)
 
 
 class SDSpec(FamilySpec):
@@ -79,7 +100,7 @@ class SDSpec(FamilySpec):
 
         return TextEncoding(models.tokenizers[0], models.text_encoders[0],
                             max_token_length=parse_max_token_length(args.max_token_length),
-                            clip_skip=args.clip_skip, v2=models.family.name == "sd2")
+                            clip_skip=args.clip_skip, v2=sd_variant(models.family).openclip)
 
     def conditioning(self, text: Any, batch: Mapping[str, Any], device: torch.device) -> Conditioning:
         return {"encoder_hidden_states": text}
