@@ -215,6 +215,9 @@ class FluxLoRANetwork(LoRANetwork):
     It shares everything but module discovery and parameter groups with ``networks.lora.LoRANetwork``.
     """
 
+    #: (name prefix, group description) of each text encoder's parameter group, in ``--text_encoder_lr`` order
+    TEXT_ENCODER_GROUPS: tuple[tuple[str, str], ...] = ((PREFIX_CLIP, "textencoder1"), (PREFIX_T5, "textencoder3"))
+
     def __init__(self, text_encoders: Any, transformer: nn.Module | None, options: FluxLoRAOptions,
                  multiplier: float = 1.0):
         nn.Module.__init__(self)  # the parent's __init__ discovers SD modules; the state below is what it sets up
@@ -267,7 +270,7 @@ class FluxLoRANetwork(LoRANetwork):
                     descriptions.append(description + suffix)
 
         te_ratio = o.loraplus_text_encoder_lr_ratio or o.loraplus_lr_ratio
-        for i, (prefix, label) in enumerate(((PREFIX_CLIP, "textencoder1"), (PREFIX_T5, "textencoder3"))):
+        for i, (prefix, label) in enumerate(self.TEXT_ENCODER_GROUPS):
             loras = [m for m in self.text_encoder_loras if m.lora_name.startswith(prefix + "_")]
             lr = te_lrs[min(i, len(te_lrs) - 1)] if te_lrs else default_lr
             add(loras, lr, te_ratio, label)
