@@ -21,7 +21,7 @@ def apply_lumina_attention(models: Any, args: argparse.Namespace, device: torch.
     from library.models.lumina.attention import set_lumina_attention
 
     kernel = set_lumina_attention(models.unet, bool(args.use_flash_attn), device)
-    logger.info("Lumina attention: %s", kernel)
+    (logger.warning if args.use_flash_attn and kernel != "flash-attn" else logger.info)("Lumina attention: %s", kernel)
 
 
 class LuminaLoRARecipe(LoRARecipe):
