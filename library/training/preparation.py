@@ -324,7 +324,10 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         allow_fp16_gradients(accelerator.scaler)
 
     resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
-    if getattr(args, "fused_backward_pass", False):
+    # --blockwise_fused_optimizers (lumina_train.py) is the same per-parameter update with any such optimizer
+    fused_backward = bool(getattr(args, "fused_backward_pass", False)
+                          or getattr(args, "blockwise_fused_optimizers", False))
+    if fused_backward:
         from library.training.fused_backward import attach_fused_backward
 
         attach_fused_backward(optimizer, max_grad_norm=args.max_grad_norm, num_processes=accelerator.num_processes)
@@ -341,7 +344,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         flow_settings=FlowMatchingSettings.from_args(args) if family.objective.is_flow_matching else None,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
-        fused_backward=bool(getattr(args, "fused_backward_pass", False)),
+        fused_backward=fused_backward,
     )
 
 

@@ -149,7 +149,9 @@ def nextdit_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             block, suffix = ".".join(parts[:2]), ".".join(parts[2:])
             if suffix == "attention.qkv.weight":
                 for name, piece in zip(QKV_PARTS, torch.split(value, [arch.hidden_size, kv, kv], dim=0)):
-                    out[f"{block}.{name}.weight"] = piece
+                    # own storage: views of one tensor share autograd's version counter, so updating to_q in
+                    # place (a fused backward pass) would invalidate to_k's saved weight
+                    out[f"{block}.{name}.weight"] = piece.clone()
                 continue
             mapping = dict(_block_map(parts[0]))
             if suffix not in mapping:

@@ -16,12 +16,15 @@ from library.training.recipes import LoRARecipe
 logger = logging.getLogger(__name__)
 
 
-def apply_lumina_attention(models: Any, args: argparse.Namespace, device: torch.device) -> None:
-    """``--use_flash_attn`` (or SDPA) on the transformer, said once."""
+def prepare_lumina_transformer(models: Any, args: argparse.Namespace, device: torch.device) -> None:
+    """``--use_flash_attn`` (or SDPA) on the transformer, said once; ``--cpu_offload_checkpointing``."""
     from library.models.lumina.attention import set_lumina_attention
+    from library.models.lumina.memory import offload_saved_activations
 
     kernel = set_lumina_attention(models.unet, bool(args.use_flash_attn), device)
     (logger.warning if args.use_flash_attn and kernel != "flash-attn" else logger.info)("Lumina attention: %s", kernel)
+    if getattr(args, "cpu_offload_checkpointing", False):
+        offload_saved_activations(models.unet)
 
 
 class LuminaLoRARecipe(LoRARecipe):
@@ -41,5 +44,5 @@ class LuminaLoRARecipe(LoRARecipe):
         return problems
 
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
-        apply_lumina_attention(models, args, device)
+        prepare_lumina_transformer(models, args, device)
         super().setup(models, args, device)
