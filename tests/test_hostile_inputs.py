@@ -200,6 +200,11 @@ ROWS = [
     Case("lumina_gemma2_is_a_t5_file", "lumina_train_network.py --pretrained_model_name_or_path {W}/lumina.safetensors "
          "--gemma2 {W}/t5xxl.safetensors --dataset_config {DS} --output_dir {W}/o",
          "this file is a T5 text encoder, not a Gemma2 text encoder", setup=_lumina_and_t5_headers),
+    Case("sd1_model_to_lumina_train", "lumina_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
+         "--output_dir {W}/o", "use train_network.py"),
+    Case("lumina_train_blockwise_with_accumulation", "lumina_train.py --pretrained_model_name_or_path "
+         "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blockwise_fused_optimizers "
+         "--gradient_accumulation_steps 2", "--gradient_accumulation_steps > 1", setup=_lumina_and_t5_headers),
     Case("lumina_lora_converter_given_an_sd_lora", "networks/convert_lumina_lora_to_diffusers.py {OUT}/l.safetensors "
          "{W}/x.safetensors", "not a Lumina 2 LoRA"),
     Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",
