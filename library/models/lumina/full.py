@@ -1,17 +1,17 @@
 """The recipe of ``lumina_train.py``: the whole Lumina transformer trains (Gemma2 stays frozen, as in sd-scripts)
 and is saved in the Next-DiT single-file layout.
 
-``--blockwise_fused_optimizers`` steps every parameter as soon as its gradient is complete, during backward,
-and frees the gradient (``library.training.fused_backward``, the machinery of ``--fused_backward_pass``) with
-any optimizer whose update of a parameter reads only that parameter's state (AdamW, Lion, 8-bit AdamW, ...);
-for such optimizers it gives the same weights as a normal step without ``--max_grad_norm`` (each gradient is
-clipped on its own otherwise). ``--mem_eff_save`` writes the file one tensor at a time.
+``--blockwise_fused_optimizers`` makes one optimizer group per transformer block (``layers.N``, each refiner
+block, the rest), stepped inside backward as soon as the block's gradients exist
+(``library.training.fused_backward.BlockwiseSteps``, shared with ``flux_train.py``). ``--mem_eff_save`` writes the
+file one tensor at a time (``library.models.safetensors_stream``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +40,14 @@ def add_lumina_full_arguments(parser: argparse.ArgumentParser) -> None:
                    help="deprecated in sd-scripts; no effect here: latent caches are keyed by image content")
 
 
-def _optimizer_problems(args: argparse.Namespace) -> list[str]:
-    from library.errors import UserError
-    from library.training.optimizers import resolve_optimizer_type
+_BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.")
 
-    if not args.blockwise_fused_optimizers:
-        return []
-    problems = []
-    if args.fused_backward_pass:
-        problems.append("--blockwise_fused_optimizers and --fused_backward_pass both update weights during backward; "
-                        "use one of them")
-    if args.gradient_accumulation_steps > 1:
-        problems.append("--blockwise_fused_optimizers cannot be used with --gradient_accumulation_steps > 1 (the "
-                        "weights change before the next micro-batch)")
-    try:
-        name = resolve_optimizer_type(args)
-    except UserError:
-        name = ""  # the optimizer checks report it
-    if "schedulefree" in name.lower():
-        problems.append(f"--blockwise_fused_optimizers does not work with {name} (it keeps two weight sets that "
-                        "are switched for the whole model); use AdamW or another per-parameter optimizer")
-    return problems
+
+def block_of(name: str) -> str:
+    """The ``--blockwise_fused_optimizers`` group of a diffusers Lumina parameter: ``layers3``, ``noise_refiner0``,
+    ``context_refiner1`` or ``other`` (embedders, final layer)."""
+    m = _BLOCK.match(name)
+    return "other" if m is None else f"{m.group(1)}{m.group(2)}"
 
 
 class LuminaFullWeightRecipe(FullWeightRecipe):
@@ -72,6 +59,7 @@ class LuminaFullWeightRecipe(FullWeightRecipe):
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
         from library.models.lumina.arguments import lumina_option_problems
+        from library.training.fused_backward import blockwise_problems
         from library.training.preparation import uses_cuda
 
         problems = super().option_problems(args) + lumina_option_problems(args, cuda=uses_cuda())
@@ -84,7 +72,16 @@ class LuminaFullWeightRecipe(FullWeightRecipe):
         if args.fused_optimizer_groups:
             problems.append("--fused_optimizer_groups does not work in sd-scripts and is not supported here; use "
                             "--blockwise_fused_optimizers")
-        return problems + _optimizer_problems(args)
+        return problems + blockwise_problems(args)
+
+    def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+        if not args.blockwise_fused_optimizers:
+            return super().param_groups(args)
+        blocks: dict[str, list] = {}
+        for name, p in self.models.unet.named_parameters():
+            blocks.setdefault(block_of(name), []).append(p)
+        self._ensure_ema(args)
+        return [{"params": ps, "lr": args.learning_rate} for ps in blocks.values()], list(blocks)
 
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
         from library.models.lumina.recipe import prepare_lumina_transformer

@@ -13,15 +13,20 @@ from library.models.lumina.conversion import diffusers_to_nextdit
 def save_lumina_transformer(path: str | Path, transformer: Any, *, dtype: torch.dtype | None,
                             metadata: dict[str, str] | None, mem_eff: bool = False) -> Path:
     """Write ``transformer`` (diffusers ``Lumina2Transformer2DModel``) atomically as a single file in ``dtype``;
-    ``mem_eff`` writes one tensor at a time (``library.models.mem_eff_save``, no ``sshs_*`` hashes)."""
-    from library.models.mem_eff_save import mem_eff_save_file
+    ``mem_eff`` (``--mem_eff_save``) writes one tensor at a time (``library.models.safetensors_stream``; such files
+    carry no ``sshs_*`` hashes, which need the whole file first)."""
     from library.models.metadata import save_safetensors
+    from library.models.safetensors_stream import save_safetensors_streaming
 
-    state = diffusers_to_nextdit(transformer.state_dict())
+    state = diffusers_to_nextdit(getattr(transformer, "module", transformer).state_dict())
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
     if mem_eff:
-        mem_eff_save_file(path, state, dtype=dtype, metadata=metadata)
+        shapes = {k: (v.shape, dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                  for k, v in state.items()}
+        save_safetensors_streaming(path, {k: (lambda v=v: cast(v)) for k, v in state.items()}, shapes, metadata)
         return Path(path)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    save_safetensors(path, state, metadata)
+    save_safetensors(path, {k: cast(v) for k, v in state.items()}, metadata)
     return Path(path)
