@@ -251,3 +251,19 @@ def test_lumina2_pipeline_applies_the_converted_lora_with_our_merge_math(lumina,
         from networks.convert_lumina_lora_to_diffusers import main as convert
 
         convert([str(lora), str(converted)])
+
+
+def test_post_hoc_ema_of_lumina_loras(lumina, tmp_path):
+    import subprocess
+    import sys
+
+    _main(_argv(lumina, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
+                                                          "--save_every_n_steps", "1"]))
+    files = sorted(str(p) for p in (tmp_path / "out").glob("lora-step*.safetensors"))
+    result = subprocess.run([sys.executable, str(ROOT / "lora_post_hoc_ema.py"), *files, "--output_file",
+                             str(tmp_path / "ema.safetensors")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ema, meta = load_lora(tmp_path / "ema.safetensors")
+    last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "lumina-2/lora"
+    assert meta["ss_base_model_version"] == "lumina2"
