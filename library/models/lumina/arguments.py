@@ -62,9 +62,6 @@ def lumina_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]
                       ("use_sage_attn", "Sage attention has no backward pass; use --use_flash_attn or SDPA")):
         if getattr(args, name, None) not in (None, False):
             problems.append(f"--{name} does not apply to Lumina training ({why}); remove it")
-    if getattr(args, "sample_prompts", None):
-        problems.append("--sample_prompts: samples during Lumina training are not implemented yet; remove it and "
-                        "sample the saved model with diffusers' Lumina2Pipeline")
     module = getattr(args, "network_module", None)
     if module is not None and module != "networks.lora_lumina":
         problems.append(f"--network_module {module}: Lumina LoRAs are made by networks.lora_lumina (networks.lora "

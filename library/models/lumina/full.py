@@ -91,6 +91,11 @@ class LuminaFullWeightRecipe(FullWeightRecipe):
         prepare_lumina_transformer(models, args, device)
         super().setup(models, args, device)
 
+    def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
+        from library.models.lumina.sampling import generate_lumina_samples
+
+        generate_lumina_samples(run, global_step, epoch)
+
     def _write(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
         from library.models.lumina.saving import save_lumina_transformer
         from library.models.saving import save_dtype

@@ -46,3 +46,8 @@ class LuminaLoRARecipe(LoRARecipe):
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
         prepare_lumina_transformer(models, args, device)
         super().setup(models, args, device)
+
+    def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
+        from library.models.lumina.sampling import generate_lumina_samples
+
+        generate_lumina_samples(run, global_step, epoch)

@@ -43,8 +43,9 @@ class LuminaTextEncoding:
         """What, besides the weights, changes the outputs (part of the text cache's identity)."""
         return f"gemma_len={self.max_length}|system_prompt={self.system_prompt!r}|vocab={len(self.tokenizer)}"
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        prefix = system_prefix(self.system_prompt)
+    def tokenize(self, captions: list[str], system: bool = True) -> torch.Tensor:
+        """Ids and mask ``[B, 2L]``; ``system=False`` leaves the system prompt out (negative prompts)."""
+        prefix = system_prefix(self.system_prompt) if system else ""
         out = self.tokenizer([prefix + c for c in captions], padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
         return torch.cat([out.input_ids, out.attention_mask], dim=1)
