@@ -222,7 +222,8 @@ class LuminaLoRANetwork(FluxLoRANetwork):
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, ae: Any,
                    text_encoders: Any, lumina: nn.Module | None, neuron_dropout: float | None = None,
                    **kwargs: Any) -> LuminaLoRANetwork:
-    """A fresh Lumina LoRA (``network_dim`` default 4, ``network_alpha`` default 1); ``kwargs`` are ``--network_args``."""
+    """A fresh Lumina LoRA (``network_dim`` default 4, ``network_alpha`` default 1); ``kwargs`` are
+    ``--network_args``."""
     options = parse_lumina_network_kwargs(kwargs, network_dim, network_alpha, neuron_dropout)
     return LuminaLoRANetwork(text_encoders, lumina, options, multiplier)
 

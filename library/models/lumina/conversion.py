@@ -31,7 +31,8 @@ _GLOBAL = (  # single-file prefix -> diffusers prefix
 _BLOCK = (  # single-file block suffix -> diffusers block suffix (blocks with modulation)
     ("attention.out.weight", "attn.to_out.0.weight"), ("attention.q_norm.weight", "attn.norm_q.weight"),
     ("attention.k_norm.weight", "attn.norm_k.weight"), ("feed_forward.w1.weight", "feed_forward.linear_1.weight"),
-    ("feed_forward.w2.weight", "feed_forward.linear_2.weight"), ("feed_forward.w3.weight", "feed_forward.linear_3.weight"),
+    ("feed_forward.w2.weight", "feed_forward.linear_2.weight"),
+    ("feed_forward.w3.weight", "feed_forward.linear_3.weight"),
     ("adaLN_modulation.1.weight", "norm1.linear.weight"), ("adaLN_modulation.1.bias", "norm1.linear.bias"),
     ("attention_norm1.weight", "norm1.norm.weight"), ("attention_norm2.weight", "norm2.weight"),
     ("ffn_norm1.weight", "ffn_norm1.weight"), ("ffn_norm2.weight", "ffn_norm2.weight"),

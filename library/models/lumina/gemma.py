@@ -111,7 +111,8 @@ def load_gemma_tokenizer(gemma2: str | None, model_dir: Path | None, cache_dir: 
             except UserError:
                 raise
             except Exception as err:  # transformers raises many kinds on damaged files
-                raise UserError(f"{folder}: cannot read the Gemma tokenizer there ({type(err).__name__}: {err})") from err
+                raise UserError(f"{folder}: cannot read the Gemma tokenizer there ({type(err).__name__}: {err})"
+                                ) from err
     for local_only in (True, False):
         if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             break

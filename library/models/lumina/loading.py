@@ -48,7 +48,8 @@ def _file_problem(option: str, value: str, expected: str) -> str | None:
         return f"{option} {err.message}"
     kind = describe_file(keys)
     if kind != expected:
-        what = "the Gemma2 2B file (gemma_2_2b_fp16.safetensors)" if expected == GEMMA2 else "the FLUX AE (ae.safetensors)"
+        what = ("the Gemma2 2B file (gemma_2_2b_fp16.safetensors)" if expected == GEMMA2
+                else "the FLUX AE (ae.safetensors)")
         return f"{option} {path}: this file is {kind}, not {expected}; give {option} {what}"
     if expected == AE and not any(k.endswith("encoder.conv_out.weight") for k in keys):
         return f"{option} {value}: no encoder.conv_out weight; is the file complete?"
