@@ -57,6 +57,18 @@ def _replace_file(name: str, write: Callable[[Path], None]) -> Callable[[Path], 
     return lambda folder: write(folder / name)
 
 
+def _tiny_flux(folder: Path) -> None:
+    from library.models.flux.tiny import save_tiny_flux_files
+
+    save_tiny_flux_files(folder)
+
+
+def _tiny_sd3(folder: Path, variant: str) -> None:
+    from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_files
+
+    save_tiny_sd3_files(folder, TinySD3Config(variant=variant))
+
+
 def _caption_folder(work: Path, s: Setup) -> None:
     import shutil
 
@@ -172,6 +184,15 @@ ROWS = [
     Case("sd1_model_to_flux_train_network", "flux_train_network.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --network_module networks.lora_flux --ae {M}",
          "use train_network.py"),
+    Case("sd1_model_to_sd3_train_network", "sd3_train_network.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o", "use train_network.py"),
+    Case("flux_model_to_sd3_train_network", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/flux/flux.safetensors --dataset_config {DS} --output_dir {W}/o", "use flux_train_network.py",
+         setup=lambda work, s: _tiny_flux(work / "flux")),
+    Case("sd3_large_with_a_medium_only_flag", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --enable_scaled_pos_embed",
+         "--enable_scaled_pos_embed is an SD3.5 Medium option, and this model is SD3.5 Large",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "5-large")),
     Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --token_string zqx --init_word dog", "use train_network.py"),
     Case("textual_inversion_token_in_vocabulary", "train_textual_inversion.py --pretrained_model_name_or_path {M} "

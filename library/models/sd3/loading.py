@@ -72,7 +72,7 @@ def component_problems(args: argparse.Namespace, source: Path, keys: Collection[
             if file_keys is not None and describe_file(file_keys) != expected and not (
                     role == "vae" and "vae" in parts_in_file(file_keys)):
                 problems.append(f"{option} {value}: this file is {describe_file(file_keys)}, not {expected}; give "
-                                f"{option} the {expected} file")
+                                f"{option} {expected} file")
         elif source.is_dir():
             if not (source / sub).is_dir():
                 problems.append(f"{source}: the diffusers folder has no {sub}/; give {option} the {role} file")

@@ -154,3 +154,25 @@ def save_tiny_sd3_diffusers(folder: str | Path, config: TinySD3Config = TinySD3C
         "image_encoder": [None, None], "feature_extractor": [None, None],
     })
     return folder
+
+
+def full_size_architecture(variant: str) -> SD3Architecture:
+    """The released models' MMDiT sizes (for ``meta``-device checks and benchmarks): SD3 Medium and SD3.5
+    Medium have 24 blocks (SD3.5 Medium with dual attention in blocks 0-12), SD3.5 Large 38; 64-wide heads."""
+    depth = 38 if variant == "5-large" else 24
+    return SD3Architecture(
+        hidden_size=64 * depth, depth=depth, patch_size=2, in_channels=16, out_channels=16, head_dim=64,
+        context_in_dim=4096, pooled_in_dim=2048, pos_embed_max_size=384 if variant == "5-medium" else 192,
+        qk_norm=variant != "medium", dual_attention_layers=tuple(range(13)) if variant == "5-medium" else (),
+    )
+
+
+def full_size_text_configs() -> tuple[Any, Any]:
+    """CLIP-L and CLIP-G (OpenCLIP bigG) ``CLIPTextConfig``s of the released SD3 models."""
+    from transformers import CLIPTextConfig
+
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            projection_dim=768, hidden_act="quick_gelu")
+    clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            projection_dim=1280, hidden_act="gelu")
+    return clip_l, clip_g
