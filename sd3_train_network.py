@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 
 from library.config.arguments import SUPPORT_TRAIN_NETWORK  # noqa: E402
 from library.errors import run_cli  # noqa: E402
-from library.models.sd3.arguments import add_sd3_arguments  # noqa: E402
+from library.models.sd3.arguments import add_sd3_arguments, add_sd3_lora_arguments  # noqa: E402
 from library.training.network_args import add_network_arguments  # noqa: E402
 from library.training.parser import build_training_parser  # noqa: E402
 
@@ -27,6 +27,7 @@ from library.training.parser import build_training_parser  # noqa: E402
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add_network_arguments(parser)
     add_sd3_arguments(parser)
+    add_sd3_lora_arguments(parser)
     parser.set_defaults(network_module="networks.lora_sd3")
 
 

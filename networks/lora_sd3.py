@@ -84,7 +84,10 @@ class SD3LoRANetwork(FusedLoRANetwork):
         self.dropped: list[str] = []
         self.text_encoder_loras: list[nn.Module] = []
         self.unet_loras: list[nn.Module] = []
+        self.diffusers_paths: dict[str, list[str]] = {}  # lora name -> diffusers module of each part
         clip_l, clip_g, t5 = _text_encoders(text_encoders)
+        te_paths = {id(m): f"{root}.{name}" for root, te in (("text_encoder", clip_l), ("text_encoder_2", clip_g))
+                    if te is not None for name, m in te.named_modules()}
         drop = dict(dropout=options.dropout, rank_dropout=options.rank_dropout, module_dropout=options.module_dropout)
         te_targets = [(t.lora_name, t.module) for t in find_target_modules([clip_l, clip_g], None, False)]
         if t5 is not None and (options.train_t5xxl or options.modules_dim is not None):
@@ -93,8 +96,12 @@ class SD3LoRANetwork(FusedLoRANetwork):
             rank = options.rank_for(name)
             if rank is not None:
                 self._add(LoRAModule(name, module, multiplier, rank[0], rank[1], **drop), self.text_encoder_loras)
+                if id(module) in te_paths:
+                    self.diffusers_paths[name] = [te_paths[id(module)]]
         if transformer is not None:
+            paths = {id(m): f"transformer.{name}" for name, m in transformer.named_modules()}
             for name, parts, swapped, dim, alpha in sd3_block_targets(transformer, options):
+                self.diffusers_paths[name] = [paths[id(p)] for p in parts]
                 if isinstance(parts[0], nn.Conv2d):  # the patch embedding
                     lora = LoRAModule(name, parts[0], multiplier, dim, alpha, **drop)
                 else:
@@ -105,6 +112,34 @@ class SD3LoRANetwork(FusedLoRANetwork):
         if options.verbose:
             for lora in self.all_loras():
                 logger.info("  %-56s rank %d alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
+
+
+    def diffusers_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The network in the PEFT layout ``StableDiffusion3Pipeline.load_lora_weights`` reads
+        (``transformer.<module>.lora_A/lora_B.weight``, ``text_encoder{,_2}.…``): each fused LoRA becomes one
+        ``lora_A`` (the shared down-projection) per split layer with that layer's rows of ``lora_up``, and
+        ``alpha / r`` is folded into ``lora_B`` (diffusers applies it at scale 1). diffusers has no T5 LoRA, so
+        T5 modules cannot be written (:func:`diffusers_format_problem`)."""
+        out: dict[str, torch.Tensor] = {}
+        for lora in self.all_loras():
+            if lora.lora_name not in self.diffusers_paths:
+                raise UserError(f"{lora.lora_name}: diffusers' SD3 LoRA loader has no place for this module (T5); "
+                                "save in sd-scripts' format instead")
+            down = lora.lora_down.weight.detach()
+            up = lora.lora_up.weight.detach() * float(lora.alpha) / lora.lora_dim
+            for part, path in enumerate(self.diffusers_paths[lora.lora_name]):
+                rows = lora._rows(part) if isinstance(lora, FusedLoRAModule) else slice(None)
+                out[f"{path}.lora_A.weight"] = down.clone()
+                out[f"{path}.lora_B.weight"] = up[rows]
+        return {k: v.to("cpu", dtype or v.dtype).contiguous() for k, v in out.items()}
+
+
+def diffusers_format_problem(options: SD3LoRAOptions) -> str | None:
+    """Why these network options cannot be saved in diffusers' format, or None."""
+    if options.train_t5xxl:
+        return ("--save_lora_format diffusers: diffusers' StableDiffusion3Pipeline loads no T5 LoRA, so "
+                "train_t5xxl=True cannot be saved that way; remove one of them")
+    return None
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,

@@ -204,3 +204,43 @@ def test_wrong_files_are_named_before_anything_loads(tmp_path):
         resolve_family(_args(pretrained_model_name_or_path=str(flux["flux"])), ("sd3",))
     with pytest.raises(UserError, match="SD3 family.*sd3_train_network.py"):
         resolve_family(_args(pretrained_model_name_or_path=str(parts["sd3"])), ("flux",))
+
+
+def test_diffusers_format_is_applied_by_diffusers_with_the_same_math_as_our_merge(tmp_path):
+    """StableDiffusion3Pipeline.load_lora_weights + fuse_lora on the diffusers-format file gives exactly the
+    weights of our merge of the sd-scripts-format file (fused qkv, swapped modulations, patch conv, CLIPs)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+
+    config = TinySD3Config(variant="5-medium")
+    parts = build_tiny_sd3(config)
+    net = lora_sd3.create_network(1.0, 4, 2.0, None, [parts["clip_l"], parts["clip_g"]], parts["transformer"],
+                                  emb_dims="[2,2,2,2,2,2]", x_mlp_dim=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+    save_file(net.diffusers_state_dict(), str(tmp_path / "d.safetensors"))
+    base = {k: v.clone() for k, v in parts["transformer"].state_dict().items()}
+    pipe = StableDiffusion3Pipeline(
+        transformer=parts["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(), vae=parts["vae"],
+        text_encoder=parts["clip_l"], tokenizer=None, text_encoder_2=parts["clip_g"], tokenizer_2=None,
+        text_encoder_3=parts["t5"], tokenizer_3=None)
+    pipe.load_lora_weights(str(tmp_path / "d.safetensors"))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    ours = build_tiny_sd3(config)
+    tes = [ours["clip_l"], ours["clip_g"]]
+    merged, weights = lora_sd3.create_network_from_weights(1.0, None, None, tes, ours["transformer"],
+                                                           weights_sd=net.state_dict())
+    merged.merge_to(tes, ours["transformer"], weights, torch.float32, "cpu")
+    for theirs, mine in ((pipe.transformer, ours["transformer"]), (pipe.text_encoder, ours["clip_l"]),
+                         (pipe.text_encoder_2, ours["clip_g"])):
+        a, b = theirs.state_dict(), mine.state_dict()
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    fused = pipe.transformer.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], fused[k])}
+    assert {"pos_embed.proj.weight", "norm_out.linear.weight", "transformer_blocks.1.norm1_context.linear.weight",
+            "transformer_blocks.0.attn2.to_k.weight"} <= changed
+    assert not torch.equal(pipe.text_encoder.state_dict()["text_model.encoder.layers.0.self_attn.q_proj.weight"],
+                           build_tiny_sd3(config)["clip_l"].state_dict()["text_model.encoder.layers.0.self_attn.q_proj.weight"])

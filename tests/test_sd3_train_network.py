@@ -189,3 +189,13 @@ def test_resume_is_bit_exact(sd3, tmp_path):
     b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("lora_te2_") for k in a)
+
+
+def test_save_lora_format_diffusers(sd3, tmp_path):
+    sd, meta = load_lora(_main(_argv(sd3, tmp_path / "out", extra=["--save_lora_format", "diffusers"])))
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in sd
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in sd
+    assert not any(k.startswith("lora_") for k in sd) and meta["ss_base_model_version"] == "5-medium"
+    with pytest.raises(UserError, match="loads no T5 LoRA"):
+        _main(_argv(sd3, tmp_path / "o2", extra=["--save_lora_format", "diffusers", "--network_args",
+                                                 "train_t5xxl=True"]))

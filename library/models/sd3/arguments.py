@@ -43,6 +43,13 @@ def add_sd3_arguments(parser: argparse.ArgumentParser) -> None:
     add_sd3_flow_arguments(parser)
 
 
+def add_sd3_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``sd3_train_network.py`` only."""
+    parser.add_argument("--save_lora_format", default="sd-scripts", choices=("sd-scripts", "diffusers"),
+                        help="sd-scripts: networks.lora_sd3 names (ComfyUI, sd-scripts); diffusers: the PEFT layout "
+                             "StableDiffusion3Pipeline.load_lora_weights reads (states and --resume are unchanged)")
+
+
 def sd3_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
     """Every SD3 option problem that can be found from the flags alone."""
     problems = flow_option_problems(args)

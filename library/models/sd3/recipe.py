@@ -4,11 +4,12 @@ per-encoder caption dropout."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
 from library.training.preparation import uses_cuda
-from library.training.recipes import LoRARecipe
+from library.training.recipes import LoRARecipe, SaveInfo
 
 SD3_NETWORK_MODULE = "networks.lora_sd3"
 
@@ -32,6 +33,7 @@ class SD3LoRARecipe(LoRARecipe):
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
         self.dropout_rates = dropout_rates(args)
+        self.save_format = getattr(args, "save_lora_format", "sd-scripts")
         self.text: Any = None
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
@@ -50,10 +52,31 @@ class SD3LoRARecipe(LoRARecipe):
             except UserError as err:
                 problems.extend(err.items())
             else:
+                problems += self._format_problems(args, options)
                 if options.train_t5xxl and (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
                     problems.append("--network_args train_t5xxl=True trains T5, whose outputs then cannot be cached; "
                                     "remove --cache_text_encoder_outputs or train_t5xxl")
         return problems
+
+    def _format_problems(self, args: argparse.Namespace, options: Any) -> list[str]:
+        from networks.lora_sd3 import diffusers_format_problem
+
+        if self.save_format != "diffusers":
+            return []
+        problems = [p for p in (diffusers_format_problem(options),) if p]
+        if self.file_extension != "safetensors":
+            problems.append("--save_lora_format diffusers writes .safetensors files; remove --save_model_as")
+        return problems
+
+    def save(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
+        """sd-scripts' file, or with ``--save_lora_format diffusers`` the layout diffusers loads."""
+        if self.save_format != "diffusers":
+            return super().save(path, info, args)
+        from library.models.metadata import save_safetensors
+        from library.training.recipes import _save_dtype
+
+        dtype = _save_dtype(getattr(args, "save_precision", None), next(self.network.parameters()).dtype)
+        save_safetensors(path, self.network.diffusers_state_dict(dtype), info.metadata or None)
 
     def text_conditioning(self, text: Any) -> Any:
         self.text = wrap_text_dropout(text, self.dropout_rates)
