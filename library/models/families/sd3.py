@@ -77,8 +77,9 @@ class SD3Spec(FamilySpec):
         if source.is_dir() and not _is_sd3_folder(source):
             raise UserError(f"{source}: not a diffusers SD3 folder (transformer/config.json of an "
                             "SD3Transformer2DModel is missing)")
-        family = sd3_family(transformer_architecture(source).variant)
-        problems = component_problems(args, source, keys) + sd3_family_problems(args, family)
+        arch = transformer_architecture(source)
+        family = sd3_family(arch.variant)
+        problems = component_problems(args, source, keys) + sd3_family_problems(args, family, arch.depth)
         if problems:
             raise UserError.from_problems("SD3 model files", problems)
         return family
@@ -87,6 +88,14 @@ class SD3Spec(FamilySpec):
         from library.models.sd3.loading import load_sd3_models
 
         return load_sd3_models(args, family, device=device)
+
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        """The single file with every text encoder inside, or a diffusers folder (``sd3_train.py`` chooses
+        which encoders go into its single files itself)."""
+        from library.models.sd3.saving import save_sd3_model
+
+        return save_sd3_model(path, models, fmt=fmt, dtype=dtype, metadata=metadata)
 
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         from library.models.sd3.text import SD3TextEncoding

@@ -82,8 +82,8 @@ def sd3_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
     return problems
 
 
-def sd3_family_problems(args: argparse.Namespace, family: ModelFamily) -> list[str]:
-    """Checks that need the variant (SD3.5 Medium-only options)."""
+def sd3_family_problems(args: argparse.Namespace, family: ModelFamily, depth: int) -> list[str]:
+    """Checks that need the variant (SD3.5 Medium-only options) or the depth (``--num_last_block_to_freeze``)."""
     from library.models.families.sd3 import VARIANTS
 
     variant = family.base_model_version
@@ -95,6 +95,10 @@ def sd3_family_problems(args: argparse.Namespace, family: ModelFamily) -> list[s
                                 "remove it")
             else:
                 problems.append(f"--{name} is not implemented in this toolkit yet; remove it")
+    freeze = getattr(args, "num_last_block_to_freeze", None)
+    if freeze is not None and freeze > depth:
+        problems.append(f"--num_last_block_to_freeze {freeze}: this {VARIANTS[variant]} model has only {depth} joint "
+                        f"blocks; give at most {depth}")
     return problems
 
 

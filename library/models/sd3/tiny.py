@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from library.io_utils import atomic_write_json
 from library.models.sd3.conversion import SAI_PREFIX, TEXT_PREFIXES, VAE_PREFIX, SD3Architecture, diffusers_to_sai
 
 SD3_LATENT_SCALE = 1.5305
@@ -130,6 +129,7 @@ def save_tiny_sd3_diffusers(folder: str | Path, config: TinySD3Config = TinySD3C
     """The same tiny model as a diffusers ``StableDiffusion3Pipeline`` folder."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from library.models.sd3.saving import write_sd3_model_index
     from library.models.t5 import write_test_t5_tokenizer
     from library.models.tiny import write_clip_tokenizer
 
@@ -142,17 +142,7 @@ def save_tiny_sd3_diffusers(folder: str | Path, config: TinySD3Config = TinySD3C
     write_clip_tokenizer(folder / "tokenizer_2", sd2=True)
     write_test_t5_tokenizer(folder / "tokenizer_3")
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
-    atomic_write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusion3Pipeline",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "text_encoder_3": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "image_encoder": [None, None], "feature_extractor": [None, None],
-    })
+    write_sd3_model_index(folder)
     return folder
 
 
