@@ -199,3 +199,26 @@ def test_save_lora_format_diffusers(sd3, tmp_path):
     with pytest.raises(UserError, match="loads no T5 LoRA"):
         _main(_argv(sd3, tmp_path / "o2", extra=["--save_lora_format", "diffusers", "--network_args",
                                                  "train_t5xxl=True"]))
+
+
+def test_samples_during_training_with_the_flow_euler_sampler(sd3, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat --n blurry --w 80 --h 64 --d 7 --s 3 --l 4.0\nsks dog --d 8 --s 2 --l 1\n",
+                       encoding="utf-8")
+    _main(_argv(sd3, tmp_path / "out", extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "1",
+                                              "--cache_latents"]))
+    images = sorted((tmp_path / "out" / "sample").glob("*.png"))
+    assert len(images) == 2 * 2  # two prompts after steps 1 and 2
+    from PIL import Image
+
+    first = Image.open(next(p for p in images if "_00_" in p.name))
+    assert first.size == (80, 64)
+
+
+def test_flow_euler_reaches_the_data_for_an_exact_velocity():
+    from library.models.sd3.sampling import flow_euler
+
+    x0 = torch.randn(1, 4, 4, 4)
+    noise = torch.randn(1, 4, 4, 4)
+    out = flow_euler(lambda x, t: noise - x0, noise, steps=5)
+    assert torch.allclose(out, x0, atol=1e-5)

@@ -76,9 +76,6 @@ def sd3_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
                       ("xformers", "SD3 uses PyTorch SDPA attention")):
         if getattr(args, name, None) not in (None, False):
             problems.append(f"--{name} does not apply to SD3 ({why}); remove it")
-    if getattr(args, "sample_prompts", None):
-        problems.append("--sample_prompts: samples during SD3 training are not implemented yet; remove it and "
-                        "sample the saved LoRA with diffusers' StableDiffusion3Pipeline")
     return problems
 
 

@@ -136,3 +136,8 @@ class SD3FullWeightRecipe(FullWeightRecipe):
 
     def metadata(self, args: argparse.Namespace) -> dict[str, str]:
         return {**super().metadata(args), "ss_t5xxl_trained": str(self.train_t5)}
+
+    def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
+        from library.models.sd3.sampling import sample_sd3
+
+        sample_sd3(run, global_step, epoch)

@@ -86,3 +86,8 @@ class SD3LoRARecipe(LoRARecipe):
         super().train_mode(training)
         if hasattr(self.text, "training"):
             self.text.training = training
+
+    def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
+        from library.models.sd3.sampling import sample_sd3
+
+        sample_sd3(run, global_step, epoch)
