@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from library.models.architecture import _heads
 from library.models.sd3.conversion import SAI_PREFIX, TEXT_PREFIXES, VAE_PREFIX, SD3Architecture, diffusers_to_sai
 
 SD3_LATENT_SCALE = 1.5305
@@ -33,10 +34,13 @@ class TinySD3Config:
     clip_g_width: int = 24
     t5_width: int = 48
     vae_channels: int = 32
+    heads: int | None = None  # default: one 64-wide head per block (medium), else 4 heads of 8
+    head_dim: int | None = None
 
     def architecture(self) -> SD3Architecture:
         qk_norm = self.variant != "medium"
         head_dim, heads = (64, self.depth) if not qk_norm else (8, 4)  # SAI's medium: 64-wide heads, one per block
+        head_dim, heads = self.head_dim or head_dim, self.heads or heads
         return SD3Architecture(
             hidden_size=head_dim * heads, depth=self.depth, patch_size=2, in_channels=16, out_channels=16,
             head_dim=head_dim, context_in_dim=self.t5_width, pooled_in_dim=self.clip_l_width + self.clip_g_width,
@@ -57,7 +61,7 @@ class TinySD3Config:
 
         return CLIPTextConfig(
             vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-            num_attention_heads=max(1, width // 8), max_position_embeddings=77,
+            num_attention_heads=_heads(width), max_position_embeddings=77,
             hidden_act="gelu" if big else "quick_gelu", projection_dim=width, bos_token_id=49406,
             eos_token_id=49407, pad_token_id=0 if big else 49407,
         )
