@@ -196,6 +196,8 @@ ROWS = [
     Case("sd3_train_freezes_more_blocks_than_the_model_has", "sd3_train.py --pretrained_model_name_or_path "
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --num_last_block_to_freeze 30",
          "has only 2 joint blocks", setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd1_model_to_flux_train", "flux_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
+         "--output_dir {W}/o --ae {M}", "use train_network.py"),
     Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --token_string zqx --init_word dog", "use train_network.py"),
     Case("textual_inversion_token_in_vocabulary", "train_textual_inversion.py --pretrained_model_name_or_path {M} "
