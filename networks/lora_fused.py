@@ -143,7 +143,8 @@ class FusedLoRANetwork(LoRANetwork):
         def add(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
             plain = [p for m in loras for n, p in m.named_parameters() if ratio is None or "lora_up" not in n]
             plus = [p for m in loras for n, p in m.named_parameters() if ratio is not None and "lora_up" in n]
-            for params, group_lr, suffix in ((plain, lr, ""), (plus, None if lr is None else lr * (ratio or 1), " plus")):
+            plus_lr = None if lr is None else lr * (ratio or 1)
+            for params, group_lr, suffix in ((plain, lr, ""), (plus, plus_lr, " plus")):
                 if params and group_lr != 0:
                     groups.append({"params": params} if group_lr is None else {"params": params, "lr": group_lr})
                     descriptions.append(description + suffix)

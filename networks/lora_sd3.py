@@ -73,7 +73,8 @@ def _text_encoders(text_encoders: Any) -> list[nn.Module | None]:
 class SD3LoRANetwork(FusedLoRANetwork):
     """SD3 / SD3.5 LoRA with the kohya network interface (see the module docstring)."""
 
-    TEXT_ENCODER_GROUPS = ((PREFIX_CLIP_L, "textencoder1"), (PREFIX_CLIP_G, "textencoder2"), (PREFIX_T5, "textencoder3"))
+    TEXT_ENCODER_GROUPS = ((PREFIX_CLIP_L, "textencoder1"), (PREFIX_CLIP_G, "textencoder2"),
+                           (PREFIX_T5, "textencoder3"))
 
     def __init__(self, text_encoders: Any, transformer: nn.Module | None, options: SD3LoRAOptions,
                  multiplier: float = 1.0):

@@ -77,7 +77,8 @@ def test_every_layout_loads_the_same_model_and_conditioning(tmp_path):
     parts = save_tiny_sd3_files(tmp_path / "p", config, bundled=False)
     folder = save_tiny_sd3_diffusers(tmp_path / "d", config)
     runs = [
-        _args(pretrained_model_name_or_path=str(bundled["sd3"]), tokenizer_cache_dir=str(bundled["tokenizer_cache_dir"])),
+        _args(pretrained_model_name_or_path=str(bundled["sd3"]),
+              tokenizer_cache_dir=str(bundled["tokenizer_cache_dir"])),
         _args(pretrained_model_name_or_path=str(parts["sd3"]), tokenizer_cache_dir=str(parts["tokenizer_cache_dir"]),
               **{r: str(parts[r]) for r in ("clip_l", "clip_g", "t5xxl", "vae")}),
         _args(pretrained_model_name_or_path=str(folder)),
@@ -242,5 +243,6 @@ def test_diffusers_format_is_applied_by_diffusers_with_the_same_math_as_our_merg
     changed = {k for k in base if not torch.equal(base[k], fused[k])}
     assert {"pos_embed.proj.weight", "norm_out.linear.weight", "transformer_blocks.1.norm1_context.linear.weight",
             "transformer_blocks.0.attn2.to_k.weight"} <= changed
-    assert not torch.equal(pipe.text_encoder.state_dict()["text_model.encoder.layers.0.self_attn.q_proj.weight"],
-                           build_tiny_sd3(config)["clip_l"].state_dict()["text_model.encoder.layers.0.self_attn.q_proj.weight"])
+    q_proj = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    untouched = build_tiny_sd3(config)["clip_l"].state_dict()[q_proj]
+    assert not torch.equal(pipe.text_encoder.state_dict()[q_proj], untouched)

@@ -122,7 +122,8 @@ def read_architecture(shapes: Mapping[str, Sequence[int]]) -> SD3Architecture:
     return SD3Architecture(
         hidden_size=hidden, depth=len(_indices(s, r"joint_blocks\.(\d+)\.")), patch_size=patch,
         in_channels=in_channels, out_channels=s["final_layer.linear.weight"][0] // (patch * patch),
-        head_dim=head_dim, context_in_dim=s["context_embedder.weight"][1], pooled_in_dim=s["y_embedder.mlp.0.weight"][1],
+        head_dim=head_dim, context_in_dim=s["context_embedder.weight"][1],
+        pooled_in_dim=s["y_embedder.mlp.0.weight"][1],
         pos_embed_max_size=round(math.sqrt(s["pos_embed"][1])), qk_norm=qk_norm,
         dual_attention_layers=tuple(_indices(s, r"joint_blocks\.(\d+)\.x_block\.attn2\.")),
     )

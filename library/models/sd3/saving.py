@@ -27,7 +27,8 @@ def _unwrap(module: Any) -> Any:
     return getattr(module, "module", module)
 
 
-def sd3_single_file_state(models: Any, text_roles: Collection[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def sd3_single_file_state(models: Any, text_roles: Collection[str],
+                          dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """The single-file tensors: the MMDiT, the VAE (LDM names) and the text encoders in ``text_roles``."""
     from library.models.ldm_conversion import vae_diffusers_to_ldm
 
