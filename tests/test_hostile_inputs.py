@@ -175,6 +175,10 @@ ROWS = [
          "--models {OUT}/l.safetensors", "is a file, not a folder"),
     Case("merge_lora_ratio_nan", "networks/merge_lora.py --save_to {W}/x.safetensors --models {OUT}/l.safetensors "
          "--ratios nan", "must be a finite number"),
+    Case("merge_lora_lbws_wrong_length", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --lbws [1,0,1]", "must have 17 or 26 values for SD1.x LoRAs"),
+    Case("svd_merge_lora_lbws_not_json", "networks/svd_merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --lbws 1,0,1", "give a JSON list of numbers"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --max_train_steps 3 --resume {STATE}", "this is a state of a lora training"),
     Case("sd1_model_to_sdxl_train_network", "sdxl_train_network.py --pretrained_model_name_or_path {M} "
