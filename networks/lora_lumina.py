@@ -2,7 +2,7 @@
 ``Lumina2Transformer2DModel``.
 
 sd-scripts puts its LoRAs on the Next-DiT layers, where q, k and v are one fused ``attention.qkv`` with one
-shared down-projection; diffusers splits it into ``attn.to_q/to_k/to_v``. ``networks.lora_flux.FusedLoRAModule``
+shared down-projection; diffusers splits it into ``attn.to_q/to_k/to_v``. ``networks.lora_fused.FusedLoRAModule``
 keeps the fused parameterisation on the split layers, so the file holds the fused shapes.
 
 Names: ``lora_unet_{layers,noise_refiner,context_refiner}_{i}_{attention_qkv,attention_out,feed_forward_w1,
@@ -31,7 +31,7 @@ from torch import nn
 
 from library.errors import UserError
 from networks.lora import LoRAModule, _listing, _split_by_module, load_lora_file, standard_key
-from networks.lora_flux import FluxLoRANetwork, FusedLoRAModule
+from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork
 from networks.lora_flux_options import _flag, _number, _probability
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def _gemma(text_encoders: Any) -> nn.Module | None:
     return text_encoders
 
 
-class LuminaLoRANetwork(FluxLoRANetwork):
+class LuminaLoRANetwork(FusedLoRANetwork):
     """Lumina 2 LoRA with the kohya network interface (``apply_to``, ``prepare_optimizer_params``, save/load/merge)."""
 
     TEXT_ENCODER_GROUPS = ((PREFIX_TE, "textencoder"),)
