@@ -288,8 +288,10 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                            cache_dir=cache_dir, identity=identity or "")
     if checked.cache_text and not recipe.trains_text_encoder():
         text.fill(group.fixed_captions(), device)
+    asked = bool(args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk)
     release_frozen_models(models, text, recipe, sampling=bool(checked.sample_prompts),
-                          latents_cached=group.latents is not None, verbose=accelerator.is_main_process)
+                          latents_cached=group.latents is not None, verbose=accelerator.is_main_process,
+                          text_cache_asked=asked)
     if unet_dtype is not None:  # cast only now: the frozen encoders' memory is free again
         move_module(models.unet, device, unet_dtype)
     text = recipe.text_conditioning(text)
@@ -371,14 +373,15 @@ def load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, a
 
 
 def release_frozen_models(models: Any, text: Any, recipe: Recipe, *, sampling: bool, latents_cached: bool,
-                          verbose: bool) -> None:
-    """Free the frozen text encoders once every caption's outputs are cached, and the VAE once every latent
-    is, when nothing later needs them (no samples; a recipe that saves only what it trains). Their weights
-    move to the ``meta`` device: the memory is returned and any later use fails loudly."""
+                          verbose: bool, text_cache_asked: bool = False) -> None:
+    """Free the frozen text encoders once every caption's outputs are cached (when ``--cache_text_encoder_outputs``
+    asked for it, as in sd-scripts), and the VAE once every latent is, when nothing later needs them (no samples;
+    a recipe that saves only what it trains). Their weights move to the ``meta`` device: the memory is returned
+    and any later use fails loudly."""
     if recipe.needs_frozen_models or sampling:
         return
     released = []
-    if text.cache and not recipe.trains_text_encoder():
+    if text_cache_asked and text.cache and not recipe.trains_text_encoder():
         for te in models.text_encoders:
             move_module(te, "meta")
         text.encoders_released = True
