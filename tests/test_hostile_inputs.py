@@ -57,6 +57,18 @@ def _replace_file(name: str, write: Callable[[Path], None]) -> Callable[[Path], 
     return lambda folder: write(folder / name)
 
 
+def _tiny_flux(folder: Path) -> None:
+    from library.models.flux.tiny import save_tiny_flux_files
+
+    save_tiny_flux_files(folder)
+
+
+def _tiny_sd3(folder: Path, variant: str) -> None:
+    from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_files
+
+    save_tiny_sd3_files(folder, TinySD3Config(variant=variant))
+
+
 def _caption_folder(work: Path, s: Setup) -> None:
     import shutil
 
@@ -88,6 +100,17 @@ def _latents_metadata(work: Path, s: Setup) -> None:
 
     (work / "meta.json").write_text(json.dumps({"red": {"caption": "a red circle"}}), encoding="utf-8")
 
+
+
+def _lumina_and_t5_headers(work: Path, setup: Setup) -> None:
+    """A file with a Lumina single file's header and a T5 encoder file (tiny tensors: only names are read)."""
+    import torch
+    from safetensors.torch import save_file
+
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({"layers.0.attention.qkv.weight": torch.zeros(4, 2), "cap_embedder.1.weight": torch.zeros(2, 2)},
+              str(work / "lumina.safetensors"))
+    save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}, str(work / "t5xxl.safetensors"))
 
 ROWS = [
     # files overwritten
@@ -176,6 +199,18 @@ ROWS = [
     Case("sd1_model_to_flux_train_network", "flux_train_network.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --network_module networks.lora_flux --ae {M}",
          "use train_network.py"),
+    Case("sd1_model_to_sd3_train_network", "sd3_train_network.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o", "use train_network.py"),
+    Case("flux_model_to_sd3_train_network", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/flux/flux.safetensors --dataset_config {DS} --output_dir {W}/o", "use flux_train_network.py",
+         setup=lambda work, s: _tiny_flux(work / "flux")),
+    Case("sd3_large_with_a_medium_only_flag", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --enable_scaled_pos_embed",
+         "--enable_scaled_pos_embed is an SD3.5 Medium option, and this model is SD3.5 Large",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "5-large")),
+    Case("sd3_train_freezes_more_blocks_than_the_model_has", "sd3_train.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --num_last_block_to_freeze 30",
+         "has only 2 joint blocks", setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
     Case("sd1_model_to_flux_train", "flux_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --ae {M}", "use train_network.py"),
     Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "
@@ -190,6 +225,18 @@ ROWS = [
          "--output_dir {W}/o", "bad.json line 1 (sample 1): the last turn is a user turn",
          setup=lambda work, s: (work / "bad.json").write_text(
              '[{"conversations": [{"from": "human", "value": "hi"}]}]', encoding="utf-8") and None),
+    Case("sd1_model_to_lumina_train_network", "lumina_train_network.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --ae {M}", "use train_network.py"),
+    Case("lumina_gemma2_is_a_t5_file", "lumina_train_network.py --pretrained_model_name_or_path {W}/lumina.safetensors "
+         "--gemma2 {W}/t5xxl.safetensors --dataset_config {DS} --output_dir {W}/o",
+         "this file is a T5 text encoder, not a Gemma2 text encoder", setup=_lumina_and_t5_headers),
+    Case("sd1_model_to_lumina_train", "lumina_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
+         "--output_dir {W}/o", "use train_network.py"),
+    Case("lumina_train_blockwise_with_accumulation", "lumina_train.py --pretrained_model_name_or_path "
+         "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blockwise_fused_optimizers "
+         "--gradient_accumulation_steps 2", "--gradient_accumulation_steps > 1", setup=_lumina_and_t5_headers),
+    Case("lumina_lora_converter_given_an_sd_lora", "networks/convert_lumina_lora_to_diffusers.py {OUT}/l.safetensors "
+         "{W}/x.safetensors", "not a Lumina 2 LoRA"),
     Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",
          "neither a model folder nor a Hugging Face id"),
 ]
