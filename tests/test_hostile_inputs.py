@@ -184,6 +184,10 @@ ROWS = [
          "--output_dir {W}/o", "bad.json line 1 (sample 1): the last turn is a user turn",
          setup=lambda work, s: (work / "bad.json").write_text(
              '[{"conversations": [{"from": "human", "value": "hi"}]}]', encoding="utf-8") and None),
+    Case("vlm_deepspeed_config_is_not_json", "vlm_train.py --model_id {W}/missing --data_path {W}/missing.json "
+         "--output_dir {W}/o --deepspeed {W}/ds.json", "ds.json is not valid JSON: Expecting ',' delimiter at line 1",
+         setup=lambda work, s: (work / "ds.json").write_text('{"zero_optimization": {"stage": 2} "bf16": {}}',
+                                                             encoding="utf-8") and None),
     Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",
          "neither a model folder nor a Hugging Face id"),
 ]
