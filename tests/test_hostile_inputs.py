@@ -172,6 +172,8 @@ ROWS = [
     Case("sd1_model_to_flux_train_network", "flux_train_network.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --network_module networks.lora_flux --ae {M}",
          "use train_network.py"),
+    Case("sd1_model_to_flux_train", "flux_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
+         "--output_dir {W}/o --ae {M}", "use train_network.py"),
     Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --token_string zqx --init_word dog", "use train_network.py"),
     Case("textual_inversion_token_in_vocabulary", "train_textual_inversion.py --pretrained_model_name_or_path {M} "

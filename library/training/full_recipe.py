@@ -361,10 +361,12 @@ def build_full_parser(prog: str, description: str, support: Any, style: str,
 
 
 def run_full_training(parser: argparse.ArgumentParser, argv: list[str] | None, support: Any, style: str, *,
-                      tracker_name: str, recipe_class: type | None = None,
-                      families: Sequence[str] = ("sd",)) -> Path | None:
-    """Parse ``argv`` (with ``--config_file``) and train; returns the final model's path. ``recipe_class``
-    (default :class:`FullWeightRecipe`) and ``families`` come from the script."""
+                      tracker_name: str, recipe_class: Callable[..., FullWeightRecipe] | None = None,
+                      families: Sequence[str] = ("sd",), metadata: Callable[[Any], dict[str, str]] | None = None,
+                      ) -> Path | None:
+    """Parse ``argv`` (with ``--config_file``) and train; returns the final model's path. ``recipe_class(args,
+    style)`` (default :class:`FullWeightRecipe`), ``families`` and ``metadata(run)`` (default
+    :func:`full_model_metadata`) come from the script."""
     from library.config.run_config import load_run_config
     from library.training.loop import run_training
 
@@ -378,5 +380,5 @@ def run_full_training(parser: argparse.ArgumentParser, argv: list[str] | None, s
         print(f"{args.in_json} comes from prepare_buckets_latents.py (it has train_resolution): its latents are "
               "used, as with --cache_latents_to_disk", flush=True)
     recipe = (recipe_class or FullWeightRecipe)(args, style)
-    return run_training(args, recipe, support, tracker_name=tracker_name, metadata=full_model_metadata,
+    return run_training(args, recipe, support, tracker_name=tracker_name, metadata=metadata or full_model_metadata,
                         families=families)

@@ -341,6 +341,8 @@ def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progre
         if args.max_grad_norm:
             acc.clip_grad_norm_(params, args.max_grad_norm)
         run.optimizer.step()
+    elif run.fused_flush is not None:
+        run.fused_flush()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     progress.global_step += 1

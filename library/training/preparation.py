@@ -227,6 +227,7 @@ class Run:
     resumed: Any = None
     optimizer_name: str = ""
     deepspeed: bool = False  # DeepSpeed averages, clips and steps inside the last backward of each step
+    fused_flush: Any = None  # with fused_backward: called after each step's backward (blockwise groups left over)
     fused_backward: bool = False  # the optimizer steps inside backward (--fused_backward_pass)
     models: Any = None
     group: Any = None
@@ -325,10 +326,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         allow_fp16_gradients(accelerator.scaler)
 
     resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
-    if getattr(args, "fused_backward_pass", False):
-        from library.training.fused_backward import attach_fused_backward
-
-        attach_fused_backward(optimizer, max_grad_norm=args.max_grad_norm, num_processes=accelerator.num_processes)
+    fused_flush = _attach_fused_steps(args, optimizer, accelerator.num_processes)
 
     generator = seed_generators(seed, accelerator)
     if accelerator.is_main_process:
@@ -342,8 +340,21 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         flow_settings=FlowMatchingSettings.from_args(args) if family.objective.is_flow_matching else None,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
-        fused_backward=bool(getattr(args, "fused_backward_pass", False)),
+        fused_backward=fused_flush is not None, fused_flush=fused_flush,
     )
+
+
+def _attach_fused_steps(args: argparse.Namespace, optimizer: Any, num_processes: int) -> Any:
+    """``--fused_backward_pass`` / ``--blockwise_fused_optimizers``: the hooks that step the optimizer inside
+    the backward pass; returns what the loop calls at the end of each step (None without either option)."""
+    from library.training.fused_backward import BlockwiseSteps, attach_fused_backward
+
+    if getattr(args, "blockwise_fused_optimizers", False):
+        return BlockwiseSteps(optimizer, max_grad_norm=args.max_grad_norm, num_processes=num_processes).flush
+    if getattr(args, "fused_backward_pass", False):
+        attach_fused_backward(optimizer, max_grad_norm=args.max_grad_norm, num_processes=num_processes)
+        return lambda: None
+    return None
 
 
 def allow_fp16_gradients(scaler: Any) -> None:

@@ -68,7 +68,7 @@ class FluxSpec(FamilySpec):
     """FLUX.1 behind the family seam."""
 
     name = "flux"
-    scripts = ("flux_train_network.py",)
+    scripts = ("flux_train_network.py", "flux_train.py")
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
@@ -107,6 +107,15 @@ class FluxSpec(FamilySpec):
         from library.models.flux.loading import load_flux_models
 
         return load_flux_models(args, family, device=device)
+
+    def save(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+             epoch: int, global_step: int) -> Path:
+        """The transformer alone, as one BFL-layout ``.safetensors`` file (what sd-scripts' flux_train.py writes)."""
+        from library.models.flux.saving import save_flux_transformer
+
+        if fmt != "safetensors":
+            raise UserError(f"FLUX models are saved as one .safetensors file in the BFL layout, not {fmt}")
+        return save_flux_transformer(path, models.unet, dtype=dtype, metadata=metadata)
 
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         from library.models.flux.text import FluxTextEncoding

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -218,19 +218,29 @@ def bfl_to_diffusers(state: Mapping[str, torch.Tensor], arch: FluxArchitecture |
 
 def diffusers_to_bfl(state: Mapping[str, torch.Tensor], arch: FluxArchitecture) -> dict[str, torch.Tensor]:
     """Convert ``FluxTransformer2DModel`` weights to BFL names (the inverse of :func:`bfl_to_diffusers`)."""
-    out: dict[str, torch.Tensor] = {}
+    return {name: make() for name, make in diffusers_to_bfl_lazy(state, arch).items()}
+
+
+def diffusers_to_bfl_lazy(state: Mapping[str, torch.Tensor],
+                          arch: FluxArchitecture) -> dict[str, Callable[[], torch.Tensor]]:
+    """:func:`diffusers_to_bfl` with each BFL tensor made only when its function is called (``--mem_eff_save``
+    writes them one at a time)."""
+    out: dict[str, Callable[[], torch.Tensor]] = {}
     used = set()
     for bfl, dif in _pairs(arch):
-        out[bfl] = state[dif]
+        out[bfl] = lambda dif=dif: state[dif]
         used.add(dif)
     for bfl, parts, _sizes in fused_layers(arch):
         for suffix in ("weight", "bias"):
             names = [f"{p}.{suffix}" for p in parts]
-            out[f"{bfl}.{suffix}"] = torch.cat([state[n] for n in names], dim=0)
+            out[f"{bfl}.{suffix}"] = lambda names=names: torch.cat([state[n] for n in names], dim=0)
             used.update(names)
     for suffix in ("weight", "bias"):
-        out[f"{FINAL_MOD[0]}.{suffix}"] = _swap_halves(state[f"{FINAL_MOD[1]}.{suffix}"])
+        out[f"{FINAL_MOD[0]}.{suffix}"] = lambda name=f"{FINAL_MOD[1]}.{suffix}": _swap_halves(state[name])
         used.add(f"{FINAL_MOD[1]}.{suffix}")
+    missing = sorted(used - set(state))
+    if missing:
+        raise KeyError(missing[0])
     extra = sorted(set(state) - used)
     if extra:
         raise ValueError(f"{len(extra)} unexpected tensors in a FluxTransformer2DModel, e.g. {extra[:3]}")
