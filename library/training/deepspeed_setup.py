@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,21 +125,40 @@ def deepspeed_problems(args: argparse.Namespace, *, cuda: bool) -> tuple[DeepSpe
     return settings, problems
 
 
-def deepspeed_config_for_run(settings: DeepSpeedSettings, args: argparse.Namespace,
-                             num_processes: int) -> dict[str, Any]:
-    """The config handed to DeepSpeed: the batch entries filled in, accumulation left to the loop (1 here)."""
+def deepspeed_config_for_run(settings: DeepSpeedSettings, args: argparse.Namespace, num_processes: int,
+                             hidden_size: int) -> dict[str, Any]:
+    """The config handed to DeepSpeed: the batch entries filled in, accumulation left to the loop (1 here), and
+    the "auto" bucket sizes from the language model's ``hidden_size`` (accelerate would look for it in the
+    model's top-level config, which a VLM's config does not have)."""
     config = json.loads(json.dumps(settings.config))
     config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     config["gradient_accumulation_steps"] = 1
     config["train_batch_size"] = args.train_batch_size * num_processes
     config["gradient_clipping"] = option_value(args, "gradient_clipping")
+    sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    zero = config["zero_optimization"]
+    zero.update({key: value for key, value in sizes.items() if zero.get(key) == "auto"})
     return config
 
 
-def deepspeed_plugin(settings: DeepSpeedSettings, args: argparse.Namespace, num_processes: int) -> Any:
+def deepspeed_plugin(settings: DeepSpeedSettings, args: argparse.Namespace, num_processes: int,
+                     hidden_size: int) -> Any:
     """accelerate's DeepSpeedPlugin for the run (mixed precision "auto" entries are filled by accelerate)."""
     from accelerate.utils import DeepSpeedPlugin
 
-    return DeepSpeedPlugin(hf_ds_config=deepspeed_config_for_run(settings, args, num_processes),
+    return DeepSpeedPlugin(hf_ds_config=deepspeed_config_for_run(settings, args, num_processes, hidden_size),
                            gradient_accumulation_steps=1, gradient_clipping=option_value(args, "gradient_clipping"),
                            zero_stage=settings.stage)
+
+
+def single_process_environment() -> dict[str, str]:
+    """The rendezvous variables a launcher sets, for a run started with plain ``python`` (one process): without
+    them DeepSpeed looks for MPI. Empty when a launcher started the run."""
+    if "WORLD_SIZE" in os.environ:
+        return {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

@@ -318,7 +318,7 @@ def _before_backward(run: Run, loss: torch.Tensor, progress: Progress, *, last: 
     """DeepSpeed steps inside the backward of a step's last micro-batch (``last``); with it, or with a fused
     backward pass, the weights change during backward, so the loss is checked before it."""
     if run.deepspeed:
-        run.accelerator.gradient_state._set_sync_gradients(last)
+        run.accelerator.sync_gradients = last
     if run.fused_backward or run.deepspeed:
         _check_finite(_reduce_mean(run, loss.detach().float().item()), progress, run.args)
 

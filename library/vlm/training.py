@@ -135,6 +135,7 @@ class PreparedData:
     tokenizer: Any
     image_processor: Any
     family: Any
+    text_hidden_size: int
 
 
 def read_samples(args: argparse.Namespace, *, eval_set: bool) -> list[Sample] | None:
@@ -164,13 +165,15 @@ def prepare_data(args: argparse.Namespace, *, prompts_only: bool = False) -> Pre
     folder = resolve_model_path(args.model_local_path or args.model_id, flag=flag)
     read_model_type(folder, flag)
     tokenizer, image_processor = load_processing(folder)
-    family = family_for(AutoConfig.from_pretrained(str(folder), local_files_only=True), image_processor)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    family = family_for(config, image_processor)
     encoder = ConversationEncoder(family, tokenizer)
     settings = {"max_length": args.model_max_length, "drop_too_long": args.drop_too_long,
                 "for_generation": prompts_only}
     train = encode_all(encoder, train_samples, name="training", **settings)
     held_out = encode_all(encoder, eval_samples, name="held-out", **settings) if eval_samples else None
-    return PreparedData(train, held_out, folder, tokenizer, image_processor, family)
+    return PreparedData(train, held_out, folder, tokenizer, image_processor, family,
+                        config.get_text_config().hidden_size)
 
 
 def load_for_training(folder: Path, args: argparse.Namespace, device: torch.device) -> Any:
@@ -229,7 +232,8 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
     from library.training.preparation import (assemble_run, init_trackers, make_accelerator, shared_seed,
                                               training_length, uses_cuda)
     from library.training.schedulers import create_scheduler, validate_scheduler_args
-    from library.training.deepspeed_setup import deepspeed_plugin, deepspeed_problems
+    from library.training.deepspeed_setup import (deepspeed_plugin, deepspeed_problems,
+                                                  single_process_environment)
     from library.training.state import verify_state
 
     ds_settings, ds_problems = deepspeed_problems(args, cuda=uses_cuda())
@@ -251,7 +255,10 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
     if check_data is not None:
         check_data(data)
 
-    plugin = deepspeed_plugin(ds_settings, args, world_size()) if ds_settings else None
+    plugin = None
+    if ds_settings:
+        os.environ.update(single_process_environment())  # what a launcher would have set
+        plugin = deepspeed_plugin(ds_settings, args, world_size(), data.text_hidden_size)
     accelerator = make_accelerator(args, tracker_name, deepspeed_plugin=plugin)
     seed = shared_seed(args, accelerator, resume_info["seed"] if resume_info else None)
     torch.manual_seed(seed)  # LoRA / head initialisation
