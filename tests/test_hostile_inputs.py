@@ -225,6 +225,10 @@ ROWS = [
          "--output_dir {W}/o", "bad.json line 1 (sample 1): the last turn is a user turn",
          setup=lambda work, s: (work / "bad.json").write_text(
              '[{"conversations": [{"from": "human", "value": "hi"}]}]', encoding="utf-8") and None),
+    Case("vlm_deepspeed_config_is_not_json", "vlm_train.py --model_id {W}/missing --data_path {W}/missing.json "
+         "--output_dir {W}/o --deepspeed {W}/ds.json", "ds.json is not valid JSON: Expecting ',' delimiter at line 1",
+         setup=lambda work, s: (work / "ds.json").write_text('{"zero_optimization": {"stage": 2} "bf16": {}}',
+                                                             encoding="utf-8") and None),
     Case("sd1_model_to_lumina_train_network", "lumina_train_network.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --ae {M}", "use train_network.py"),
     Case("lumina_gemma2_is_a_t5_file", "lumina_train_network.py --pretrained_model_name_or_path {W}/lumina.safetensors "

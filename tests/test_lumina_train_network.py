@@ -301,3 +301,15 @@ def test_samples_during_training_in_batches(lumina, tmp_path):
     assert images[1][2].shape == (64, 96, 3) and images[1][0].std() > 0
     for a, b in zip(images[1], images[2]):  # batched prompts start from the same per-seed noise
         assert np.abs(a - b).max() <= 2
+
+
+def test_two_processes(lumina, tmp_path):
+    data = dataset_toml(tmp_path / "d.toml", make_images(tmp_path / "img", count=4), resolution=64, batch_size=1)
+    argv = train_args(lumina["lumina"], tmp_path / "out", config=data, steps=2)
+    argv += ["--gemma2", str(lumina["gemma2"]), "--ae", str(lumina["ae"]), "--tokenizer_cache_dir",
+             str(lumina["tokenizer_cache_dir"]), "--gemma2_max_token_length", "16", "--cache_latents"]
+    result = run_script(argv, processes=2, script="lumina_train_network.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 per process with 2 process(es)" in result.stdout
+    sd, _ = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert len(sd) == 3 * 39 and any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))

@@ -156,7 +156,12 @@ def load_latent_vae(path: Path, family: Any, *, device: torch.device, dtype: tor
 
     from library.models.loading import load_vae
 
-    vae = load_vae(str(path), family, dtype=torch.float32, device="cpu")
+    if family.spec_name == "sd3":
+        from library.models.sd3.loading import load_sd3_vae
+
+        vae = load_sd3_vae(path)
+    else:
+        vae = load_vae(str(path), family, dtype=torch.float32, device="cpu")
     vae.set_attn_processor(AttnProcessor2_0())
     vae.requires_grad_(False)
     vae.eval()
@@ -206,12 +211,17 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def latent_family(args: argparse.Namespace, model: Path) -> Any:
-    """The family whose training reads these latents: recognised from a whole checkpoint or model folder;
-    for a VAE alone, ``--sdxl`` (else SD1.x/2.x)."""
+    """The family whose training reads these latents: recognised from a whole checkpoint or model folder
+    (SD1.x/2.x, SDXL, SD3 with its VAE inside); for a VAE alone, ``--sdxl`` (else SD1.x/2.x)."""
     from library.models.families import sd_family, sdxl_family
     from library.models.families.registry import recognised_spec
 
     spec = recognised_spec(model) if model.exists() else None
+    if spec is not None and spec.name == "sd3":
+        from library.models.families.sd3 import sd3_family
+        from library.models.sd3.loading import transformer_architecture
+
+        return sd3_family(transformer_architecture(model).variant)
     if args.sdxl or (spec is not None and spec.name == "sdxl"):
         return sdxl_family()
     return sd_family(args.v2, False)
