@@ -484,6 +484,15 @@ def sample_images(run: Run, global_step: int, epoch: int | None) -> None:
     if prompts:
         resolution = run.params.datasets[0].resolution
         run.recipe.before_forward({"network_multipliers": torch.ones(1)})  # samples show the full-strength LoRA
+        if models.family.objective.is_flow_matching:
+            from library.training.flow_sampling import generate_flow_samples
+
+            generate_flow_samples(
+                denoiser=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
+                prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,
+                tag=sample_tag(step=global_step, epoch=epoch), default_size=resolution, device=acc.device,
+                dtype=run.weight_dtype, family=models.family)
+            return
         generate_samples(
             unet=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
             prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,

@@ -238,12 +238,48 @@ class Run:
     text: Any = None
     weight_dtype: torch.dtype = torch.float32
     vae_encode: Any = None
+    block_swap: Any = None  # library.training.block_swap.BlockSwap with --blocks_to_swap
 
 
 def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
     """transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias that warns on every run)."""
     enable = getattr(text_encoder, "activation_checkpointing_enable", None)
     (enable or text_encoder.gradient_checkpointing_enable)()
+
+
+def _load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, accelerator: Any,
+                 dtype: torch.dtype) -> tuple[Any, str, torch.dtype, Any]:
+    """Load the models, let the recipe set up what it trains, apply the memory options and place everything on
+    the device; returns the models, the attention kernels' name, the VAE's dtype and the block swap (or None)."""
+    from library.models.fp8 import move_keeping_fp8
+    from library.training.memory import apply_fp8_base, enable_checkpointing, place_denoiser
+
+    device = accelerator.device
+    models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
+    attention = family.spec.set_attention(models, bool(args.xformers))
+    for module in (models.unet, models.vae, *models.text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    fp8 = apply_fp8_base(models, args, frozen_text_encoders="text_encoder" not in recipe.trained_base_modules())
+    if fp8 and accelerator.is_main_process:
+        print(f"float8 weights (--fp8_base): {', '.join(fp8)}", flush=True)
+    recipe.setup(models, args, device)  # after fp8: a LoRA wraps the float8 layers' forward
+    trained = recipe.trained_base_modules()
+    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
+    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
+        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
+    move_module(models.vae, device, vae_dtype)
+    block_swap = place_denoiser(models, args, device, torch.float32 if "unet" in trained else dtype)
+    for te in models.text_encoders:
+        move_keeping_fp8(te, device, torch.float32 if "text_encoder" in trained else dtype)
+    if args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False):
+        enable_checkpointing(models.unet, args, device)
+        models.unet.train()
+        if recipe.trains_text_encoder():
+            for te in models.text_encoders:
+                enable_text_encoder_checkpointing(te)
+                te.train()
+    return models, attention, vae_dtype, block_swap
 
 
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
@@ -263,27 +299,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     dtype = weight_dtype(args)
     set_seed(seed)
     family = checked.family
-    models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
-    attention = family.spec.set_attention(models, bool(args.xformers))
-    for module in (models.unet, models.vae, *models.text_encoders):
-        module.requires_grad_(False)
-        module.eval()
-    recipe.setup(models, args, device)
-    trained = recipe.trained_base_modules()
-    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
-    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
-        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
-    move_module(models.vae, device, vae_dtype)
-    move_module(models.unet, device, torch.float32 if "unet" in trained else dtype)
-    for te in models.text_encoders:
-        move_module(te, device, torch.float32 if "text_encoder" in trained else dtype)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        models.unet.train()
-        if recipe.trains_text_encoder():
-            for te in models.text_encoders:
-                enable_text_encoder_checkpointing(te)
-                te.train()
+    models, attention, vae_dtype, block_swap = _load_models(args, recipe, family, accelerator, dtype)
 
     vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
     if args.cache_latents or args.cache_latents_to_disk:
@@ -325,6 +341,10 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         allow_fp16_gradients(accelerator.scaler)
 
     resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
+    if resumed is not None and block_swap is not None:
+        from library.training.memory import optimizer_state_to
+
+        optimizer_state_to(optimizer, device)
     fused_flush = _attach_fused_steps(args, optimizer, accelerator.num_processes)
 
     generator = seed_generators(seed, accelerator)
@@ -339,7 +359,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         flow_settings=FlowMatchingSettings.from_args(args) if family.objective.is_flow_matching else None,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
-        fused_backward=fused_flush is not None, fused_flush=fused_flush,
+        fused_backward=fused_flush is not None, fused_flush=fused_flush, block_swap=block_swap,
     )
 
 
@@ -422,6 +442,10 @@ def assemble_run(args: argparse.Namespace, recipe: LoopRecipe, accelerator: Any,
     diffusion recipes. Call it after the recipe's model is set up and before :func:`init_trackers`."""
     optimizer = accelerator.prepare(optimizer)
     resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
+    if resumed is not None and block_swap is not None:
+        from library.training.memory import optimizer_state_to
+
+        optimizer_state_to(optimizer, device)
     generator = seed_generators(seed, accelerator)
     return Run(args=args, accelerator=accelerator, recipe=recipe, loader=loader, val_loader=val_loader,
                optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names, names=names,
