@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -70,16 +71,26 @@ class FusedLoRAModule(nn.Module):
     ``lora_down [r, in]`` is shared; ``lora_up [sum(out_i), r]`` is cut into row blocks, one per part, in order.
     Each part's output becomes ``org_i(x) + up_i(down(x)) * multiplier * alpha / r``. With one part this is a
     plain kohya LoRA. Dropouts are drawn per part call.
+
+    ``split`` (``split_qkv=True``): each part gets its own rank-``r`` LoRA, as sd-scripts' split_qkv. They are
+    kept as the fused LoRA of rank ``n*r`` they are equal to: part ``i`` uses rows ``i*r:(i+1)*r`` of
+    ``lora_down`` and only the matching columns of its ``lora_up`` rows (the rest of ``lora_up`` stays zero:
+    block-diagonal), with alpha ``n*alpha`` so that the scale stays ``alpha / r``. The file is therefore a
+    plain fused LoRA that every loader applies with the right math.
     """
 
     def __init__(self, lora_name: str, org_modules: Sequence[nn.Linear], multiplier: float | torch.Tensor = 1.0,
                  lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
-                 rank_dropout: float | None = None, module_dropout: float | None = None):
+                 rank_dropout: float | None = None, module_dropout: float | None = None, split: bool = False):
         super().__init__()
         in_features = {m.in_features for m in org_modules}
         if len(in_features) != 1:
             raise ValueError(f"{lora_name}: the fused parts have different inputs {sorted(in_features)}")
         self.lora_name = lora_name
+        self.split_rank = lora_dim if split and len(org_modules) > 1 else None
+        if self.split_rank is not None:
+            alpha = len(org_modules) * float(lora_dim if not alpha else alpha)
+            lora_dim = len(org_modules) * lora_dim
         self.lora_dim = lora_dim
         self.sizes = [m.out_features for m in org_modules]
         self.lora_down = nn.Linear(in_features.pop(), lora_dim, bias=False)
@@ -118,17 +129,19 @@ class FusedLoRAModule(nn.Module):
     def delta(self, x: torch.Tensor, part: int) -> torch.Tensor:
         """The LoRA's contribution to part ``part``'s output for input ``x``."""
         w = self.lora_down.weight
+        cols = slice(None) if self.split_rank is None else slice(part * self.split_rank, (part + 1) * self.split_rank)
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return torch.zeros((*x.shape[:-1], self.sizes[part]), device=x.device, dtype=w.dtype)
+        w = w[cols]
         lx = F.linear(x.to(w.dtype), w)
         if self.dropout is not None and self.training:
             lx = F.dropout(lx, p=self.dropout)
         scale = self.scale
         if self.rank_dropout is not None and self.training:
-            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            mask = torch.rand((lx.size(0), w.shape[0]), device=lx.device) > self.rank_dropout
             lx = lx * (mask.unsqueeze(1) if lx.dim() == 3 else mask)
             scale = scale / (1.0 - self.rank_dropout)
-        out = F.linear(lx, self.lora_up.weight[self._rows(part)])
+        out = F.linear(lx, self.lora_up.weight[self._rows(part), cols])
         multiplier = self.multiplier
         if isinstance(multiplier, torch.Tensor):  # one multiplier per sample
             multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))
@@ -230,12 +243,13 @@ class FluxLoRANetwork(LoRANetwork):
         if t5 is not None and (options.train_t5xxl or options.modules_dim is not None):
             te_targets += t5_targets(t5)
         for name, module in te_targets:
-            rank = options.rank_for(name) if options.modules_dim is not None else (options.dim, options.alpha)
+            rank = options.rank_for(name)
             if rank is not None:
                 self._add(LoRAModule(name, module, multiplier, rank[0], rank[1], **drop), self.text_encoder_loras)
         if transformer is not None:
             for name, parts, dim, alpha in flux_block_targets(transformer, options):
-                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **drop), self.unet_loras)
+                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **drop, split=options.split_qkv),
+                          self.unet_loras)
         logger.info("FLUX LoRA: %d text encoder modules, %d transformer modules", len(self.text_encoder_loras),
                     len(self.unet_loras))
         if options.verbose:
@@ -250,7 +264,8 @@ class FluxLoRANetwork(LoRANetwork):
                                  default_lr: float | None) -> tuple[list[dict[str, Any]], list[str]]:
         """Groups: CLIP-L (``text_encoder_lr[0]``), T5 (``text_encoder_lr[1]``, else the CLIP value), the
         transformer (``unet_lr``); each falls back to ``default_lr``. LoRA+ puts ``lora_up`` in its own group at
-        ``lr * ratio``. Groups with lr 0 are left out."""
+        ``lr * ratio``. Modules matching a ``network_reg_lrs`` regex get its rate, in groups ``reg_lr_<i>`` before
+        the others (sd-scripts' order). Groups with lr 0 are left out."""
         self.requires_grad_(True)
         te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else (
             [] if text_encoder_lr is None else [text_encoder_lr])
@@ -259,6 +274,15 @@ class FluxLoRANetwork(LoRANetwork):
         descriptions: list[str] = []
 
         def add(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
+            by_regex: dict[int, list[nn.Module]] = {}
+            for lora in loras:
+                index = next((i for i, (rx, _) in enumerate(o.reg_lrs) if re.search(rx, lora.lora_name)), -1)
+                by_regex.setdefault(index, []).append(lora)
+            for index in sorted(i for i in by_regex if i >= 0):  # sd-scripts: regex groups first
+                add_groups(by_regex[index], o.reg_lrs[index][1], ratio, f"reg_lr_{index}")
+            add_groups(by_regex.get(-1, []), lr, ratio, description)
+
+        def add_groups(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
             plain = [p for m in loras for n, p in m.named_parameters() if ratio is None or "lora_up" not in n]
             plus = [p for m in loras for n, p in m.named_parameters() if ratio is not None and "lora_up" in n]
             for params, group_lr, suffix in ((plain, lr, ""), (plus, None if lr is None else lr * (ratio or 1), " plus")):
@@ -303,7 +327,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     options = FluxLoRAOptions(
         dropout=parsed.dropout, rank_dropout=parsed.rank_dropout, module_dropout=parsed.module_dropout,
         loraplus_lr_ratio=parsed.loraplus_lr_ratio, loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
-        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio,
+        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio, reg_lrs=parsed.reg_lrs,
         modules_dim=modules_dim, modules_alpha=modules_alpha,
     )
     network = FluxLoRANetwork(text_encoders, flux, options, multiplier)

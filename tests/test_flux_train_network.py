@@ -230,3 +230,17 @@ def test_fp8_base_trains_a_lora_close_to_the_bf16_run(flux, tmp_path):
     b = torch.cat([fp8[k].float().flatten() for k in ups])
     cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     assert not torch.equal(a, b) and cosine > 0.9  # float8 storage changes the result a little, not its direction
+
+
+def test_t5_and_clip_loras_train_end_to_end_with_split_qkv_and_regex_ranks(flux, tmp_path):
+    extra = ["--cache_latents", "--network_args", "train_t5xxl=True", "split_qkv=True",
+             "network_reg_dims=single_blocks_\\d+_linear1=2", "--text_encoder_lr", "1e-3", "5e-4"]
+    sd, meta = load_lora(_main(_argv(flux, tmp_path / "out", steps=2, extra=extra)))
+    assert sd["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * 2, 64)  # q, k, v, mlp at rank 2
+    assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (3 * 4, 64)
+    t5 = {k.split(".")[0] for k in sd if k.startswith("lora_te3_")}
+    clip = {k.split(".")[0] for k in sd if k.startswith("lora_te1_text_model_")}
+    assert len(t5) == 2 * 7 and len(clip) == 12
+    for names in (t5, clip):
+        assert any(sd[f"{n}.lora_up.weight"].abs().sum() > 0 for n in names)  # both encoders' LoRAs trained
+    assert "train_t5xxl" in meta["ss_network_args"]

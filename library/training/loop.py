@@ -53,7 +53,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     if resume is not None:  # before any model loads
         check_process_count(args.resume, resume["num_processes"], accelerator.num_processes)
     seed = shared_seed(args, accelerator, resume.get("seed") if resume else None)
-    group = build_dataset_group(checked.params, seed=seed)
+    group = build_dataset_group(checked.params, seed=seed, required_step=checked.family.bucket_step)
     recipe.prepare_dataset(group)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
     max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))

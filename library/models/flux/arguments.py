@@ -68,7 +68,9 @@ def flux_option_problems(args: argparse.Namespace, *, cuda: bool, trains_denoise
         problems.append(f"--t5xxl_max_token_length must be positive, got {args.t5xxl_max_token_length}")
     for name, why in (("v2", "it selects Stable Diffusion 2.x"), ("clip_skip", "FLUX uses CLIP-L's pooled output"),
                       ("max_token_length", "use --t5xxl_max_token_length"),
-                      ("weighted_captions", "FLUX captions are not weighted"), ("vae", "use --ae"),
+                      ("weighted_captions", "caption weights such as (word:1.2) are not applied to CLIP-L's pooled "
+                       "output or T5, here or in sd-scripts' FLUX scripts, so they would stay in the text as "
+                       "characters"), ("vae", "use --ae"),
                       ("xformers", "FLUX uses PyTorch SDPA attention")):
         if getattr(args, name, None) not in (None, False):
             problems.append(f"--{name} does not apply to FLUX.1 ({why}); remove it")
