@@ -173,3 +173,17 @@ def test_blocks_to_swap_is_checked_against_the_model_file_before_it_loads(tmp_pa
     with pytest.raises(UserError, match="swaps 1 double and 4 single blocks .* has 2 double and 2 single blocks; "
                                         "use at most 2"):
         FluxSpec().family(args, files["flux"], keys)
+
+
+def test_fp8_t5_keeps_its_float32_modules_and_runs_without_autocast():
+    from library.models.flux.tiny import build_tiny_flux
+    from library.models.fp8 import to_fp8
+
+    t5 = build_tiny_flux()["t5"].eval()
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = t5(ids).last_hidden_state
+        count = to_fp8(t5)
+        out = t5(ids).last_hidden_state
+    assert count > 0 and all(m.wo.weight.dtype == torch.float32 for m in t5.modules() if hasattr(m, "wo"))
+    assert out.dtype == torch.float32 and (out - reference).norm() < 0.1 * reference.norm()

@@ -26,12 +26,16 @@ class Fp8Linear(torch.nn.Linear):
 
 
 def to_fp8(model: torch.nn.Module, skip: Callable[[str], bool] | None = None) -> int:
-    """Store every Linear weight of ``model`` as float8_e4m3fn (a head tied to the embeddings stays as it is,
-    and so do the modules whose name ``skip`` accepts); returns how many were converted."""
+    """Store every Linear weight of ``model`` as float8_e4m3fn; returns how many were converted. Left as they
+    are: a head tied to the embeddings, the modules whose name ``skip`` accepts, and those a transformers model
+    keeps in float32 (``_keep_in_fp32_modules``: T5's ``wo``, which casts its input to its weight's dtype)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     count = 0
     for name, module in model.named_modules():
         if type(module) is not torch.nn.Linear or id(module.weight) in embeddings or (skip and skip(name)):
+            continue
+        if any(part in keep for part in name.split(".")):
             continue
         if module.weight.dtype != FP8_DTYPE:
             module.weight.data = module.weight.data.to(FP8_DTYPE)
