@@ -15,7 +15,8 @@ When a block's weights leave the device:
   then), and any left over at the start of the next forward pass.
 
 Frozen weights are never copied back (the host copy is still right); trained weights (full fine-tuning) are
-copied back before they leave. The hooks work the same with a CPU "device": the tests run the machinery on CPU
+copied back when the block was on the device during a backward pass (the optimizer may have changed them
+there, with ``--fused_backward_pass`` / ``--blockwise_fused_optimizers``), not after a forward pass alone. The hooks work the same with a CPU "device": the tests run the machinery on CPU
 with ``poison=True`` (an offloaded weight is NaN), proving the weights are on the device whenever they are used.
 """
 
@@ -43,6 +44,7 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}  # (tensor, host, parked)
         self.resident: dict[int, Any] = {}  # swapped blocks on the device -> the event of their copy (CUDA)
+        self.dirty: set[int] = set()  # resident blocks that were on the device during a backward pass
         self.handles: list[Any] = []
         for i in self.swapped:
             self.host[i] = [self._park(t) for t in self._tensors(self.blocks[i])]
@@ -97,10 +99,11 @@ class BlockSwap:
             return
         self._ready(i)
         for t, host, parked in self.host[i]:
-            if t.requires_grad:  # trained weights changed on the device
+            if i in self.dirty and t.requires_grad:  # trained weights may have changed on the device
                 host.copy_(t.data)
             t.data = parked
         del self.resident[i]
+        self.dirty.discard(i)
 
     # ------------------------------------------------------------------ hooks
 
@@ -110,6 +113,7 @@ class BlockSwap:
                 for j in [j for j in self.resident if j > i + 1]:
                     self._offload(j)
                 self._ready(i)
+                self.dirty.add(i)
                 self._fetch(self._neighbour(i, -1))
             else:
                 if self._may_release():

@@ -442,10 +442,6 @@ def assemble_run(args: argparse.Namespace, recipe: LoopRecipe, accelerator: Any,
     diffusion recipes. Call it after the recipe's model is set up and before :func:`init_trackers`."""
     optimizer = accelerator.prepare(optimizer)
     resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
-    if resumed is not None and block_swap is not None:
-        from library.training.memory import optimizer_state_to
-
-        optimizer_state_to(optimizer, device)
     generator = seed_generators(seed, accelerator)
     return Run(args=args, accelerator=accelerator, recipe=recipe, loader=loader, val_loader=val_loader,
                optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names, names=names,
