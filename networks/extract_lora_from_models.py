@@ -3,8 +3,8 @@
     python networks/extract_lora_from_models.py --model_org base.safetensors --model_tuned tuned.safetensors \\
         --save_to extracted.safetensors --dim 32 --conv_dim 16
 
-The family (SD1.x / SD2.x) is read from the files; the text encoder is included when it differs by more than
---min_diff. See docs/lora_tools.md.
+The family (SD1.x/2.x, SDXL, FLUX.1) is read from the files; each text encoder is included when it differs by
+more than --min_diff. See docs/lora_tools.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision the models are loaded in (default float)")
     p.add_argument("--v2", action="store_true", help="SD2.x models (read from the files; checked if given)")
     p.add_argument("--v_parameterization", action="store_true", help="write v-prediction metadata")
-    p.add_argument("--sdxl", action="store_true", help="SDXL models (not supported yet: a clear error)")
+    p.add_argument("--sdxl", action="store_true", help="accepted for sd-scripts: the family is read from the files "
+                                                       "(checked if given)")
     p.add_argument("--load_original_model_to", default=None, help="accepted for sd-scripts; models load on the CPU")
     p.add_argument("--load_tuned_model_to", default=None, help="accepted for sd-scripts; models load on the CPU")
     common.add_precision_arguments(p, precision=False)

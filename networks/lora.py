@@ -40,7 +40,7 @@ TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttentio
 PREFIX_UNET = "lora_unet"
 PREFIX_TEXT_ENCODER = "lora_te"
 
-_RE_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te\d?_)(?!text_model_)")
+_RE_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?_)(?!text_model_)")  # CLIP only: FLUX's T5 is lora_te3_
 
 
 # ----------------------------------------------------------------------------------------------------------------

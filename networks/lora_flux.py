@@ -16,19 +16,15 @@ with ``in_dims`` also ``lora_unet_{img_in,time_in_*,vector_in_*,guidance_in_*,tx
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import (
-    LoRAModule, LoRANetwork, _listing, _split_by_module, find_target_modules, load_lora_file, standard_key,
-)
+from networks.lora import LoRAModule, _listing, _split_by_module, find_target_modules, load_lora_file, standard_key
+from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork
 from networks.lora_flux_options import (
     SHAPE_ARGS, FluxLoRAOptions, parse_block_selection, parse_flux_network_kwargs,
 )
@@ -63,104 +59,6 @@ EMBEDDER_TARGETS = (
      ("guidance_in_out_layer", "time_text_embed.guidance_embedder.linear_2")),
     (("txt_in", "context_embedder"),),
 )
-
-
-class FusedLoRAModule(nn.Module):
-    """One LoRA over one or more ``Linear`` layers that read the same input (the split parts of a fused layer).
-
-    ``lora_down [r, in]`` is shared; ``lora_up [sum(out_i), r]`` is cut into row blocks, one per part, in order.
-    Each part's output becomes ``org_i(x) + up_i(down(x)) * multiplier * alpha / r``. With one part this is a
-    plain kohya LoRA. Dropouts are drawn per part call.
-
-    ``split`` (``split_qkv=True``): each part gets its own rank-``r`` LoRA, as sd-scripts' split_qkv. They are
-    kept as the fused LoRA of rank ``n*r`` they are equal to: part ``i`` uses rows ``i*r:(i+1)*r`` of
-    ``lora_down`` and only the matching columns of its ``lora_up`` rows (the rest of ``lora_up`` stays zero:
-    block-diagonal), with alpha ``n*alpha`` so that the scale stays ``alpha / r``. The file is therefore a
-    plain fused LoRA that every loader applies with the right math.
-    """
-
-    def __init__(self, lora_name: str, org_modules: Sequence[nn.Linear], multiplier: float | torch.Tensor = 1.0,
-                 lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
-                 rank_dropout: float | None = None, module_dropout: float | None = None, split: bool = False):
-        super().__init__()
-        in_features = {m.in_features for m in org_modules}
-        if len(in_features) != 1:
-            raise ValueError(f"{lora_name}: the fused parts have different inputs {sorted(in_features)}")
-        self.lora_name = lora_name
-        self.split_rank = lora_dim if split and len(org_modules) > 1 else None
-        if self.split_rank is not None:
-            alpha = len(org_modules) * float(lora_dim if not alpha else alpha)
-            lora_dim = len(org_modules) * lora_dim
-        self.lora_dim = lora_dim
-        self.sizes = [m.out_features for m in org_modules]
-        self.lora_down = nn.Linear(in_features.pop(), lora_dim, bias=False)
-        self.lora_up = nn.Linear(lora_dim, sum(self.sizes), bias=False)
-        alpha = float(lora_dim if not alpha else alpha)
-        self.register_buffer("alpha", torch.tensor(alpha))
-        self.scale = alpha / lora_dim
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        self.multiplier = multiplier
-        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        object.__setattr__(self, "org_modules", list(org_modules))  # not submodules: their weights stay the model's
-        self.org_forwards: list[Any] = []
-        self.register_load_state_dict_post_hook(FusedLoRAModule._refresh_scale)
-
-    @staticmethod
-    def _refresh_scale(module: "FusedLoRAModule", incompatible_keys: Any) -> None:
-        module.scale = float(module.alpha.detach().float()) / module.lora_dim
-
-    def _rows(self, part: int) -> slice:
-        start = sum(self.sizes[:part])
-        return slice(start, start + self.sizes[part])
-
-    def apply_to(self) -> None:
-        if self.org_forwards:
-            raise RuntimeError(f"{self.lora_name} is already applied")
-        for part, module in enumerate(self.org_modules):
-            self.org_forwards.append(module.forward)
-            module.forward = self._part_forward(part, module.forward)
-
-    def _part_forward(self, part: int, org_forward: Any) -> Any:
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            return org_forward(x, *args, **kwargs) + self.delta(x, part).to(x.dtype)
-        return forward
-
-    def delta(self, x: torch.Tensor, part: int) -> torch.Tensor:
-        """The LoRA's contribution to part ``part``'s output for input ``x``."""
-        w = self.lora_down.weight
-        cols = slice(None) if self.split_rank is None else slice(part * self.split_rank, (part + 1) * self.split_rank)
-        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
-            return torch.zeros((*x.shape[:-1], self.sizes[part]), device=x.device, dtype=w.dtype)
-        w = w[cols]
-        lx = F.linear(x.to(w.dtype), w)
-        if self.dropout is not None and self.training:
-            lx = F.dropout(lx, p=self.dropout)
-        scale = self.scale
-        if self.rank_dropout is not None and self.training:
-            mask = torch.rand((lx.size(0), w.shape[0]), device=lx.device) > self.rank_dropout
-            lx = lx * (mask.unsqueeze(1) if lx.dim() == 3 else mask)
-            scale = scale / (1.0 - self.rank_dropout)
-        out = F.linear(lx, self.lora_up.weight[self._rows(part), cols])
-        multiplier = self.multiplier
-        if isinstance(multiplier, torch.Tensor):  # one multiplier per sample
-            multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))
-        return out * (multiplier * scale)
-
-    @torch.no_grad()
-    def merge_to(self, sd: Mapping[str, torch.Tensor], multiplier: float, dtype: torch.dtype | None,
-                 device: Any) -> None:
-        """Add ``multiplier * alpha / r * up[rows] @ down`` from ``sd`` to each part's weight."""
-        down = sd["lora_down.weight"].to(torch.float32)
-        up = sd["lora_up.weight"].to(torch.float32)
-        rank = down.shape[0]
-        alpha = float(sd["alpha"]) if "alpha" in sd else rank
-        delta = up @ down * (multiplier * alpha / rank)
-        for part, module in enumerate(self.org_modules):
-            weight = module.weight
-            target = weight.device if device is None else device
-            merged = weight.to(target, torch.float32) + delta[self._rows(part)].to(target)
-            weight.copy_(merged.to(dtype or weight.dtype))
 
 
 def _get(root: nn.Module, path: str) -> nn.Linear:
@@ -222,11 +120,13 @@ def _text_encoders(text_encoders: Any) -> tuple[nn.Module | None, nn.Module | No
     return items[0], items[1]
 
 
-class FluxLoRANetwork(LoRANetwork):
+class FluxLoRANetwork(FusedLoRANetwork):
     """FLUX.1 LoRA with the kohya network interface (``apply_to``, ``prepare_optimizer_params``, save/load/merge).
 
-    It shares everything but module discovery and parameter groups with ``networks.lora.LoRANetwork``.
+    It shares everything but module discovery with ``networks.lora_fused.FusedLoRANetwork``.
     """
+
+    TEXT_ENCODER_GROUPS = ((PREFIX_CLIP, "textencoder1"), (PREFIX_T5, "textencoder3"))
 
     def __init__(self, text_encoders: Any, transformer: nn.Module | None, options: FluxLoRAOptions,
                  multiplier: float = 1.0):
@@ -255,49 +155,6 @@ class FluxLoRANetwork(LoRANetwork):
         if options.verbose:
             for lora in self.all_loras():
                 logger.info("  %-56s rank %d alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
-
-    def _add(self, lora: nn.Module, into: list[nn.Module]) -> None:
-        self.add_module(lora.lora_name, lora)
-        into.append(lora)
-
-    def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
-                                 default_lr: float | None) -> tuple[list[dict[str, Any]], list[str]]:
-        """Groups: CLIP-L (``text_encoder_lr[0]``), T5 (``text_encoder_lr[1]``, else the CLIP value), the
-        transformer (``unet_lr``); each falls back to ``default_lr``. LoRA+ puts ``lora_up`` in its own group at
-        ``lr * ratio``. Modules matching a ``network_reg_lrs`` regex get its rate, in groups ``reg_lr_<i>`` before
-        the others (sd-scripts' order). Groups with lr 0 are left out."""
-        self.requires_grad_(True)
-        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else (
-            [] if text_encoder_lr is None else [text_encoder_lr])
-        o = self.options
-        groups: list[dict[str, Any]] = []
-        descriptions: list[str] = []
-
-        def add(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
-            by_regex: dict[int, list[nn.Module]] = {}
-            for lora in loras:
-                index = next((i for i, (rx, _) in enumerate(o.reg_lrs) if re.search(rx, lora.lora_name)), -1)
-                by_regex.setdefault(index, []).append(lora)
-            for index in sorted(i for i in by_regex if i >= 0):  # sd-scripts: regex groups first
-                add_groups(by_regex[index], o.reg_lrs[index][1], ratio, f"reg_lr_{index}")
-            add_groups(by_regex.get(-1, []), lr, ratio, description)
-
-        def add_groups(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
-            plain = [p for m in loras for n, p in m.named_parameters() if ratio is None or "lora_up" not in n]
-            plus = [p for m in loras for n, p in m.named_parameters() if ratio is not None and "lora_up" in n]
-            for params, group_lr, suffix in ((plain, lr, ""), (plus, None if lr is None else lr * (ratio or 1), " plus")):
-                if params and group_lr != 0:
-                    groups.append({"params": params} if group_lr is None else {"params": params, "lr": group_lr})
-                    descriptions.append(description + suffix)
-
-        te_ratio = o.loraplus_text_encoder_lr_ratio or o.loraplus_lr_ratio
-        for i, (prefix, label) in enumerate(((PREFIX_CLIP, "textencoder1"), (PREFIX_T5, "textencoder3"))):
-            loras = [m for m in self.text_encoder_loras if m.lora_name.startswith(prefix + "_")]
-            lr = te_lrs[min(i, len(te_lrs) - 1)] if te_lrs else default_lr
-            add(loras, lr, te_ratio, label)
-        add(self.unet_loras, unet_lr if unet_lr is not None else default_lr,
-            o.loraplus_unet_lr_ratio or o.loraplus_lr_ratio, "unet")
-        return groups, descriptions
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, ae: Any,

@@ -1,4 +1,4 @@
-"""Merge LoRA files into a Stable Diffusion checkpoint, or into one LoRA file.
+"""Merge LoRA files into a checkpoint (SD1.x/2.x, SDXL, FLUX.1), or into one LoRA file.
 
     # into a checkpoint (single file, or a diffusers folder when --save_to has no suffix)
     python networks/merge_lora.py --sd_model model.safetensors --save_to merged.safetensors \\
@@ -6,7 +6,7 @@
     # into one LoRA: exact, the ranks are concatenated (rank = sum of ranks)
     python networks/merge_lora.py --save_to ab.safetensors --models a.safetensors b.safetensors --ratios 1 0.5
 
-The family (SD1.x / SD2.x) is read from the files; --v2 is accepted and checked. See docs/lora_tools.md.
+The family (SD1.x/2.x, SDXL, FLUX.1) is read from the files; --v2 is accepted and checked. See docs/lora_tools.md.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concat", action="store_true",
                    help="concatenate the ranks (always done here: it is the exact merge; accepted for sd-scripts)")
     p.add_argument("--shuffle", action="store_true", help="shuffle the ranks of the merged LoRA (same deltas)")
+    common.add_lbws_argument(p)
     common.add_output_arguments(p)
     return p
 

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=float, nargs="*", default=None, help="one ratio per LoRA (default 1.0 each)")
     p.add_argument("--new_rank", type=int, default=4, help="rank of the result (default 4)")
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 conv modules (default --new_rank)")
+    common.add_lbws_argument(p)
     common.add_precision_arguments(p, precision=True)
     common.add_output_arguments(p)
     return p

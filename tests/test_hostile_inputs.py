@@ -57,6 +57,18 @@ def _replace_file(name: str, write: Callable[[Path], None]) -> Callable[[Path], 
     return lambda folder: write(folder / name)
 
 
+def _tiny_flux(folder: Path) -> None:
+    from library.models.flux.tiny import save_tiny_flux_files
+
+    save_tiny_flux_files(folder)
+
+
+def _tiny_sd3(folder: Path, variant: str) -> None:
+    from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_files
+
+    save_tiny_sd3_files(folder, TinySD3Config(variant=variant))
+
+
 def _caption_folder(work: Path, s: Setup) -> None:
     import shutil
 
@@ -163,6 +175,10 @@ ROWS = [
          "--models {OUT}/l.safetensors", "is a file, not a folder"),
     Case("merge_lora_ratio_nan", "networks/merge_lora.py --save_to {W}/x.safetensors --models {OUT}/l.safetensors "
          "--ratios nan", "must be a finite number"),
+    Case("merge_lora_lbws_wrong_length", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --lbws [1,0,1]", "must have 17 or 26 values for SD1.x LoRAs"),
+    Case("svd_merge_lora_lbws_not_json", "networks/svd_merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --lbws 1,0,1", "give a JSON list of numbers"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --max_train_steps 3 --resume {STATE}", "this is a state of a lora training"),
     Case("sd1_model_to_sdxl_train_network", "sdxl_train_network.py --pretrained_model_name_or_path {M} "
@@ -172,6 +188,18 @@ ROWS = [
     Case("sd1_model_to_flux_train_network", "flux_train_network.py --pretrained_model_name_or_path {M} "
          "--dataset_config {DS} --output_dir {W}/o --network_module networks.lora_flux --ae {M}",
          "use train_network.py"),
+    Case("sd1_model_to_sd3_train_network", "sd3_train_network.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o", "use train_network.py"),
+    Case("flux_model_to_sd3_train_network", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/flux/flux.safetensors --dataset_config {DS} --output_dir {W}/o", "use flux_train_network.py",
+         setup=lambda work, s: _tiny_flux(work / "flux")),
+    Case("sd3_large_with_a_medium_only_flag", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --enable_scaled_pos_embed",
+         "--enable_scaled_pos_embed is an SD3.5 Medium option, and this model is SD3.5 Large",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "5-large")),
+    Case("sd3_train_freezes_more_blocks_than_the_model_has", "sd3_train.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --num_last_block_to_freeze 30",
+         "has only 2 joint blocks", setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
     Case("sd1_model_to_flux_train", "flux_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --ae {M}", "use train_network.py"),
     Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "

@@ -263,9 +263,9 @@ def test_extract_skips_an_unchanged_text_encoder(tiny_sd1_dir, sd1_file, tmp_pat
 
 
 def test_check_reports_family_counts_and_loaders(tiny_sd1_dir, tmp_path, capsys):
-    from library.lora_tools import targets
+    from library.lora_tools import references
 
-    te, unet = targets.reference_model("sd1")
+    te, unet = references.sd_reference("sd1")
     found = lora.find_target_modules(te, unet, scan_conv_blocks=False)
     gen = torch.Generator().manual_seed(0)
     sd = {}
@@ -285,7 +285,7 @@ def test_check_reports_family_counts_and_loaders(tiny_sd1_dir, tmp_path, capsys)
     assert "ranks: 1: 264" in out
     assert "without 'text_model_'" in out
     assert "loads in networks.lora: yes: all 264 modules match" in out
-    assert "loads in diffusers: yes: modules applied: unet 192/192, text encoder 72/72" in out
+    assert "loads in diffusers: yes: layers applied: unet 192/192, text encoder 72/72" in out
 
 
 def test_check_tiny_lora_without_loaders_and_all_keys(tiny_sd1_dir, tmp_path, capsys):
@@ -307,7 +307,14 @@ def test_check_reports_other_families_and_metadata_problems(tmp_path, capsys):
     assert "family: FLUX.1" in out
     assert "without alpha" in out and "unrelated.weight" in out
     assert "ss_network_dim says 8, the tensors say 2" in out and "sshs_model_hash does not match" in out
-    assert "loads in diffusers: not checked: no full-size FLUX.1 reference model" in out
+    assert "loads in networks.lora: no: 1 modules have other shapes than the model" in out  # 16 wide, not 3072
+    assert "loads in diffusers: no:" in out
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"lora_unet_foo.lora_down.weight": torch.randn(2, 4), "lora_unet_foo.lora_up.weight": torch.randn(4, 2)},
+              str(unknown))
+    check_lora_weights.main([str(unknown)])
+    out = capsys.readouterr().out
+    assert "family: unknown" in out and "loads in diffusers: not checked: no full-size unknown reference model" in out
 
 
 # ------------------------------------------------------------------------------------------- spellings

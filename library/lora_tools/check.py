@@ -86,7 +86,7 @@ def inspect(lora: LoRAFile) -> CheckReport:
         if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all()):
             non_finite.append(name)
             continue
-        norms[name] = float(m.delta().norm())
+        norms[name] = m.delta_norm()
         if norms[name] == 0:
             zero.append(name)
     values = list(norms.values()) or [0.0]
@@ -106,25 +106,37 @@ def inspect(lora: LoRAFile) -> CheckReport:
     )
 
 
-def _our_loader(lora: LoRAFile, text_encoders, unet) -> str:
-    import networks.lora as network_module
+def _our_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denoiser) -> str:
+    import importlib
 
+    network_module = importlib.import_module(row.network_module)
     state = lora_state_dict(lora.modules)
     try:
-        network, _ = network_module.create_network_from_weights(1.0, None, None, text_encoders, unet, weights_sd=state)
+        network, _ = network_module.create_network_from_weights(1.0, None, None, text_encoders, denoiser,
+                                                                weights_sd=state)
     except UserError as err:
         return f"no: {err.message}"
-    own = {m.lora_name: m for m in network.all_loras()}
-    wrong = [n for n, m in lora.modules.items() if tuple(own[n].org_module.weight.shape) != m.weight_shape]
+    own = network.state_dict()
+    wrong = [n for n, m in lora.modules.items()
+             if tuple(own[f"{n}.lora_down.weight"].shape) != tuple(m.down.shape)
+             or tuple(own[f"{n}.lora_up.weight"].shape) != tuple(m.up.shape)]
     if wrong:
         return f"no: {len(wrong)} modules have other shapes than the model, e.g. {wrong[0]}"
-    return f"yes: all {len(own)} modules match"
+    return f"yes: all {len(network.all_loras())} modules match ({row.network_module})"
 
 
-def _diffusers_loader(lora: LoRAFile, text_encoders, unet) -> str:
+def _diffusers_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denoiser, spec_name: str) -> str:
+    """Ask diffusers to inject the file; count the layers it wrapped against the layers the modules cover (a
+    fused FLUX module covers its split layers)."""
+    from types import SimpleNamespace
+
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    pipe = fam.reference_pipeline(text_encoders, unet)
+    from library.models.families import family_spec
+
+    targets = family_spec(spec_name).lora_targets(SimpleNamespace(text_encoders=text_encoders, denoiser=denoiser),
+                                                  conv_blocks=True)
+    pipe = row.pipeline(text_encoders, denoiser)
     state = lora_state_dict(lora.modules)
     quiet = logging.getLogger("diffusers")
     level = quiet.level
@@ -135,27 +147,30 @@ def _diffusers_loader(lora: LoRAFile, text_encoders, unet) -> str:
         return f"no: {type(err).__name__}: {err}"
     finally:
         quiet.setLevel(level)
+    present = [te for te in text_encoders if te is not None]
     injected = {
-        "unet": sum(isinstance(m, BaseTunerLayer) for m in unet.modules()),
-        "text encoder": sum(isinstance(m, BaseTunerLayer) for te in text_encoders for m in te.modules()),
+        "unet": sum(isinstance(m, BaseTunerLayer) for m in denoiser.modules()),
+        "text encoder": sum(isinstance(m, BaseTunerLayer) for te in present for m in te.modules()),
     }
     expected = {
-        "unet": sum(n.startswith("lora_unet_") for n in lora.modules),
-        "text encoder": sum(n.startswith("lora_te") for n in lora.modules),
+        "unet": sum(len(targets.get(n, ())) for n in lora.modules if n.startswith("lora_unet_")),
+        "text encoder": sum(len(targets.get(n, ())) for n in lora.modules if n.startswith("lora_te")),
     }
     counts = ", ".join(f"{part} {injected[part]}/{expected[part]}" for part in expected if expected[part])
     complete = all(injected[p] == expected[p] for p in expected)
-    return ("yes" if complete else "partly") + f": modules applied: {counts}"
+    return ("yes" if complete else "partly") + f": layers applied: {counts}"
 
 
 def check_loaders(lora: LoRAFile, family: str | None) -> dict[str, str]:
     """``{"networks.lora": verdict, "diffusers": verdict}`` against full-size models of the family on meta."""
-    reference = fam.reference_model(family) if family else None
-    if reference is None:
+    row = fam.lora_family_row(family)
+    if row is None or row.reference is None or row.spec not in fam.FAMILY_SPECS:
         why = f"not checked: no full-size {fam.family_label(family)} reference model in the LoRA tools yet"
         return {"networks.lora": why, "diffusers": why}
-    verdicts = {"networks.lora": _our_loader(lora, *reference)}
-    verdicts["diffusers"] = _diffusers_loader(lora, *reference)  # our check leaves the models unchanged
+    text_encoders, denoiser = row.reference(family)
+    verdicts = {"networks.lora": _our_loader(lora, row, text_encoders, denoiser)}
+    # our check leaves the models unchanged
+    verdicts["diffusers"] = _diffusers_loader(lora, row, text_encoders, denoiser, row.spec)
     return verdicts
 
 

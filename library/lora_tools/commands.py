@@ -47,10 +47,11 @@ def run_resize(args: argparse.Namespace) -> None:
     target = "Dynamic" if args.dynamic_method else str(args.new_rank)
     base = dict(lora.metadata)
     base["ss_training_comment"] = resize.resize_comment(lora, report, target)
-    family = outputs.lora_model_family(fam.lora_family(lora.modules, lora.metadata), lora.metadata)
+    name = fam.lora_family(lora.modules, lora.metadata)
+    family = outputs.lora_model_family(name, lora.metadata, lora.modules)
     no_spec = args.no_metadata or not any(k.startswith("modelspec.") for k in base)
     meta = outputs.lora_metadata(modules, family, title=base.get("modelspec.title", save_to.stem), base=base,
-                                 no_metadata=no_spec)
+                                 no_metadata=no_spec, network_module=outputs.network_module_of(name))
     if args.dynamic_method:
         meta["ss_network_dim"] = meta["ss_network_alpha"] = "Dynamic"
     write_lora(save_to, modules, meta, outputs.precision_dtype(args.save_precision) or lora_dtype(lora))
@@ -73,8 +74,6 @@ def run_extract(args: argparse.Namespace) -> None:
         raise UserError(f"--clamp_quantile {settings.clamp_quantile}: must be in (0, 1] (default 0.99)")
     if settings.min_diff < 0:
         raise UserError(f"--min_diff {settings.min_diff}: must be >= 0")
-    if args.sdxl:
-        raise UserError("--sdxl: SDXL models are not supported by this toolkit yet (SD1.x/SD2.x)")
     for flag in ("load_original_model_to", "load_tuned_model_to"):
         where = getattr(args, flag)
         if where and where != "cpu":
@@ -89,16 +88,20 @@ def run_extract(args: argparse.Namespace) -> None:
     if family_org.name != family_tuned.name:
         raise UserError(f"--model_org is {fam.family_label(family_org.name)} but --model_tuned is "
                         f"{fam.family_label(family_tuned.name)}; extract from a model and its fine-tune")
+    if args.sdxl and family_org.name != "sdxl":
+        raise UserError(f"--sdxl is set but --model_org {args.model_org} is {fam.family_label(family_org.name)}; "
+                        "the family is read from the files: remove --sdxl")
     dtype = outputs.precision_dtype(args.load_precision) or outputs.precision_dtype("float")
     start = time.perf_counter()
     org = fam.load_model_for_lora(args.model_org, family_org, dtype=dtype)
     tuned = fam.load_model_for_lora(args.model_tuned, family_tuned, dtype=dtype)
     modules = extract_lora(org, tuned, settings, device=device)
     meta = outputs.lora_metadata(modules, family_tuned if v_param else family_org, title=save_to.stem,
-                                 no_metadata=args.no_metadata)
+                                 no_metadata=args.no_metadata,
+                                 network_module=outputs.network_module_of(family_org.spec_name))
     write_lora(save_to, modules, meta, save_dtype(args))
-    te = sum(n.startswith("lora_te") for n in modules)
-    print(f"saved {save_to}: {len(modules)} modules ({te} text encoder), rank {settings.dim}"
+    te = sorted({n.split("_")[1] for n in modules if n.startswith("lora_te")})
+    print(f"saved {save_to}: {len(modules)} modules (text encoders: {', '.join(te) or 'none'}), rank {settings.dim}"
           + (f", conv rank {settings.conv_dim}" if settings.conv_dim else "")
           + f" in {time.perf_counter() - start:.1f}s")
 

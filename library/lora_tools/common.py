@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from library.errors import UserError
-from library.lora_tools import merge, outputs
+from library.lora_tools import block_weights, merge, outputs
 from library.lora_tools import targets as fam
 from library.lora_tools.lora_file import LoRAFile, check_lora_path, read_lora, write_lora
 from library.models.metadata import IMPL_STABILITY_AI, modelspec
@@ -30,6 +30,12 @@ def add_precision_arguments(p: argparse.ArgumentParser, *, precision: bool) -> N
     if precision:
         p.add_argument("--precision", choices=PRECISION_CHOICES, default="float",
                        help="precision the merge is computed and the model held in (default float)")
+
+
+def add_lbws_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lbws", nargs="*", default=None,
+                   help="block weights of each LoRA, one JSON list per LoRA, e.g. \"[1,0,0,0,0,0,1,1,1,1,1,1]\" "
+                        "(SD1.x/2.x: 17 or 26 values, SDXL: 12 or 20; see docs/lora_tools.md)")
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,10 +86,18 @@ def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 
 def _merged_lora_metadata(args: argparse.Namespace, files: list[LoRAFile], modules, save_to: Path) -> dict[str, str]:
-    family = outputs.lora_model_family(lora_families(files), files[0].metadata)
-    return outputs.lora_metadata(
-        modules, family, title=save_to.stem, merged_from=files, no_metadata=args.no_metadata
-    )
+    name = lora_families(files)
+    family = outputs.lora_model_family(name, files[0].metadata, modules)
+    return outputs.lora_metadata(modules, family, title=save_to.stem, merged_from=files, no_metadata=args.no_metadata,
+                                 network_module=outputs.network_module_of(name))
+
+
+def merge_weights(args: argparse.Namespace, ratios: list[float], family: str | None) -> block_weights.MergeWeights:
+    """``--ratios`` with ``--lbws`` (checked against the LoRAs' family); the block weights are printed."""
+    weights = block_weights.parse_lbws(getattr(args, "lbws", None), ratios, family, fam.family_label(family))
+    for line in block_weights.describe(weights):
+        print(line)
+    return weights
 
 
 def merge_into_lora(args: argparse.Namespace) -> None:
@@ -92,8 +106,8 @@ def merge_into_lora(args: argparse.Namespace) -> None:
     save_to = outputs.check_output(args.save_to, overwrite=args.overwrite, inputs=args.models)
     resolve_device(args.device)
     files = read_loras(args.models)
-    lora_families(files)
-    modules = merge.concat_loras(files, ratios, shuffle=args.shuffle)
+    weights = merge_weights(args, ratios, lora_families(files))
+    modules = merge.concat_loras(files, weights, shuffle=args.shuffle)
     write_lora(save_to, modules, _merged_lora_metadata(args, files, modules, save_to), save_dtype(args))
     ranks = sorted({m.rank for m in modules.values()})
     print(f"saved {save_to}: {len(modules)} modules, rank {'/'.join(map(str, ranks))} (ranks concatenated)")
@@ -107,9 +121,9 @@ def svd_merge_loras(args: argparse.Namespace) -> None:
     save_to = outputs.check_output(args.save_to, overwrite=args.overwrite, inputs=args.models)
     device = resolve_device(args.device)
     files = read_loras(args.models)
-    lora_families(files)
+    weights = merge_weights(args, ratios, lora_families(files))
     conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
-    modules = merge.svd_merge(files, ratios, args.new_rank, conv_rank, device=device)
+    modules = merge.svd_merge(files, weights, args.new_rank, conv_rank, device=device)
     write_lora(save_to, modules, _merged_lora_metadata(args, files, modules, save_to), save_dtype(args))
     print(f"saved {save_to}: {len(modules)} modules, rank {args.new_rank} (conv {conv_rank})")
 
@@ -129,10 +143,11 @@ def _checkpoint_metadata(args: argparse.Namespace, family, save_to: Path) -> dic
 
 
 def checkpoint_for(path: str, v2: bool, v_parameterization: bool, what: str):
-    """The family of a checkpoint read from the file; ``--v2`` given for an SD1 file is an error."""
+    """The family of a checkpoint read from the file; ``--v2`` given for another file than SD2 is an error."""
     family = fam.checkpoint_family(path, True if v_parameterization else None)
     if v2 and not family.ss_v2:
-        raise UserError(f"{what} {path} is a Stable Diffusion 1.x model but --v2 is set; remove --v2")
+        raise UserError(f"{what} {path} is a model of the {fam.family_label(family.name)} family but --v2 is set "
+                        "(--v2 means Stable Diffusion 2.x); remove --v2")
     return family
 
 
@@ -144,16 +159,17 @@ def merge_into_checkpoint(args: argparse.Namespace) -> None:
     fam.output_model_format(save_to)
     device = resolve_device(args.device)
     family = checkpoint_for(args.sd_model, args.v2, args.v_parameterization, "--sd_model")
-    fam.check_can_save(family)
+    fam.check_can_save(family, save_to)
     files = read_loras(args.models)
     wrong = [f"{f.path} is a {fam.family_label(name)} LoRA" for f in files
-             if (name := fam.lora_family(f.modules, f.metadata)) != family.name]
+             if not fam.same_family(name := fam.lora_family(f.modules, f.metadata), family)]
     if wrong:
         raise UserError.from_problems(f"--sd_model {args.sd_model} is {fam.family_label(family.name)}", wrong)
+    weights = merge_weights(args, ratios, lora_families(files))
     times = [time.perf_counter()]
     model = fam.load_model_for_lora(args.sd_model, family, dtype=outputs.precision_dtype(args.precision))
     times.append(time.perf_counter())
-    changed = merge.merge_into_model(model, files, ratios, device=device)
+    changed = merge.merge_into_model(model, files, weights, device=device)
     times.append(time.perf_counter())
     model.save(save_to, save_dtype(args), _checkpoint_metadata(args, family, save_to))
     times.append(time.perf_counter())

@@ -2,8 +2,9 @@
 
 For every LoRA target of the family (LoCon convs too with a conv rank), the delta ``tuned - original`` is
 factorized by SVD to ``--dim`` (``--conv_dim`` for 3x3 convs), clamped at ``--clamp_quantile`` and stored with
-alpha = rank (scale 1), as sd-scripts does. Text encoders are included only when one of their weights differs
-by more than ``--min_diff``.
+alpha = rank (scale 1), as sd-scripts does. Each text encoder (``lora_te``, SDXL's ``lora_te1``/``lora_te2``) is
+included only when one of its weights differs by more than ``--min_diff``. A fused FLUX layer (``qkv``) is
+extracted from its parts stacked on rows, as sd-scripts' LoRA sits on it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from library.errors import UserError
 from library.lora_tools import lowrank
 from library.lora_tools.lora_file import LoRAModuleWeights
-from library.lora_tools.targets import ModelForLoRA
+from library.lora_tools.targets import ModelForLoRA, fused_shape, fused_weight
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,13 @@ class ExtractSettings:
     min_diff: float
 
 
-def _pairs(org: ModelForLoRA, tuned: ModelForLoRA, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+Pair = tuple[tuple[torch.nn.Module, ...], tuple[torch.nn.Module, ...]]
+
+
+def _pairs(org: ModelForLoRA, tuned: ModelForLoRA, conv_blocks: bool) -> dict[str, Pair]:
     a, b = org.targets(conv_blocks), tuned.targets(conv_blocks)
     differ = sorted(set(a) ^ set(b))
-    differ += [n for n in a if n in b and a[n].weight.shape != b[n].weight.shape]
+    differ += [n for n in a if n in b and fused_shape(a[n]) != fused_shape(b[n])]
     if differ:
         raise UserError(
             f"{org.source} and {tuned.source} are not the same architecture ({len(differ)} LoRA targets differ, "
@@ -42,18 +46,24 @@ def _pairs(org: ModelForLoRA, tuned: ModelForLoRA, conv_blocks: bool) -> dict[st
     return {n: (a[n], b[n]) for n in a}
 
 
-def _text_encoder_differs(pairs: dict[str, tuple[torch.nn.Module, ...]], min_diff: float, device) -> bool:
-    largest = 0.0
+def _text_encoder(name: str) -> str | None:
+    """``lora_te`` / ``lora_te1`` / ``lora_te2`` / ``lora_te3`` of a text encoder module, None for the denoiser."""
+    return name.split("_")[1] if name.startswith("lora_te") else None
+
+
+def _changed_text_encoders(pairs: dict[str, Pair], min_diff: float, device) -> set[str]:
+    """The text encoders with a weight that differs by more than ``min_diff``."""
+    largest: dict[str, float] = {}
     for name, (m_org, m_tuned) in pairs.items():
-        if not name.startswith("lora_te"):
+        part = _text_encoder(name)
+        if part is None or largest.get(part, 0.0) > min_diff:
             continue
-        diff = m_tuned.weight.to(device, torch.float32) - m_org.weight.to(device, torch.float32)
-        largest = max(largest, float(diff.abs().max()))
-        if largest > min_diff:
-            logger.info("text encoder differs (%g > --min_diff %g): extracting it too", largest, min_diff)
-            return True
-    logger.info("text encoder is the same (largest difference %g <= --min_diff %g): UNet only", largest, min_diff)
-    return False
+        diff = fused_weight(m_tuned, device) - fused_weight(m_org, device)
+        largest[part] = max(largest.get(part, 0.0), float(diff.abs().max()))
+    for part, value in sorted(largest.items()):
+        verdict = "differs: extracted" if value > min_diff else "is the same: skipped"
+        logger.info("text encoder %s %s (largest difference %g, --min_diff %g)", part, verdict, value, min_diff)
+    return {part for part, value in largest.items() if value > min_diff}
 
 
 @torch.no_grad()
@@ -62,11 +72,11 @@ def extract_lora(
 ) -> dict[str, LoRAModuleWeights]:
     """The extracted modules, by standard kohya name."""
     pairs = _pairs(org, tuned, conv_blocks=settings.conv_dim is not None)
-    if not _text_encoder_differs(pairs, settings.min_diff, device):
-        pairs = {n: p for n, p in pairs.items() if not n.startswith("lora_te")}
+    changed = _changed_text_encoders(pairs, settings.min_diff, device)
+    pairs = {n: p for n, p in pairs.items() if _text_encoder(n) in changed or _text_encoder(n) is None}
     out: dict[str, LoRAModuleWeights] = {}
     for name, (m_org, m_tuned) in tqdm(sorted(pairs.items()), desc="extracting (SVD)", unit="module"):
-        delta = m_tuned.weight.to(device, torch.float32) - m_org.weight.to(device, torch.float32)
+        delta = fused_weight(m_tuned, device) - fused_weight(m_org, device)
         is_3x3 = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
         rank = settings.conv_dim if is_3x3 and settings.conv_dim is not None else settings.dim
         factors = lowrank.svd(lowrank.as_matrix(delta))

@@ -64,6 +64,14 @@ class LoRAModuleWeights:
         """Shape of the weight this module changes."""
         return (int(self.up.shape[0]), *self.down.shape[1:])
 
+    def delta_norm(self) -> float:
+        """``|up @ down * alpha / r|`` (Frobenius) from the rank x rank Gram matrices, without the full delta:
+        ``|U D|^2 = sum((U^T U) * (D D^T))``."""
+        up = self.up.flatten(1).double()
+        down = self.down.flatten(1).double()
+        squared = float(((up.T @ up) * (down @ down.T)).sum())
+        return max(squared, 0.0) ** 0.5 * abs(self.scale)
+
     def delta(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``up @ down * alpha / r`` in the shape of the original weight (multiplier 1)."""
         up = self.up.to(device, dtype)

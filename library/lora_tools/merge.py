@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 from library.errors import UserError
 from library.lora_tools import lowrank
+from library.lora_tools.block_weights import MergeWeights
 from library.lora_tools.lora_file import LoRAFile, LoRAModuleWeights
-from library.lora_tools.targets import ModelForLoRA
+from library.lora_tools.targets import ModelForLoRA, fused_shape, fused_weight, store_weight
 
 
 def _listing(items: Sequence[str], limit: int = 6) -> str:
@@ -39,15 +40,22 @@ def check_same_shapes(files: Sequence[LoRAFile]) -> None:
         )
 
 
-def _scaled_pieces(
-    files: Sequence[LoRAFile], ratios: Sequence[float], name: str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+Ratios = MergeWeights | Sequence[float]
+
+
+def _weights(ratios: Ratios) -> MergeWeights:
+    """``--ratios`` (and ``--lbws``) as one :class:`MergeWeights`."""
+    return ratios if isinstance(ratios, MergeWeights) else MergeWeights(tuple(ratios))
+
+
+def _scaled_pieces(files: Sequence[LoRAFile], ratios: Ratios, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(up, down)`` of every file for one module with ``ratio * alpha / r`` folded in (split as sqrt between
     up and down, the sign on down) so that ``up @ down`` is the module's delta."""
     pieces = []
-    for f, ratio in zip(files, ratios):
+    weights = _weights(ratios)
+    for i, f in enumerate(files):
         m = f.modules.get(name)
-        scale = 0.0 if m is None else ratio * m.scale
+        scale = 0.0 if m is None else weights.of(i, name) * m.scale
         if scale == 0:
             continue
         root = abs(scale) ** 0.5
@@ -60,7 +68,7 @@ def _module_names(files: Sequence[LoRAFile]) -> list[str]:
 
 
 def concat_loras(
-    files: Sequence[LoRAFile], ratios: Sequence[float], *, shuffle: bool = False, seed: int | None = None
+    files: Sequence[LoRAFile], ratios: Ratios, *, shuffle: bool = False, seed: int | None = None
 ) -> dict[str, LoRAModuleWeights]:
     """One LoRA whose every module is the exact sum of the files' deltas times their ratios: the ranks are
     concatenated (rank = sum of ranks, alpha = rank). ``shuffle`` permutes the ranks of each module (the delta
@@ -83,7 +91,7 @@ def concat_loras(
 
 def svd_merge(
     files: Sequence[LoRAFile],
-    ratios: Sequence[float],
+    ratios: Ratios,
     new_rank: int,
     new_conv_rank: int,
     *,
@@ -113,12 +121,19 @@ def unmatched_modules(model: ModelForLoRA, files: Sequence[LoRAFile]) -> list[st
     problems = []
     for f in files:
         missing = [n for n in f.modules if n not in targets]
+        if missing and not any(n.startswith("lora_te") for n in targets) and any(n.startswith("lora_te") for n in
+                                                                               missing):
+            te = [n for n in missing if n.startswith("lora_te")]
+            problems.append(f"{f.path}: {len(te)} text encoder modules, but {model.source} holds no text encoder "
+                            "(a FLUX.1 model file is the transformer alone); merge a LoRA without text encoder "
+                            "modules (e.g. trained with --network_train_unet_only)")
+            missing = [n for n in missing if not n.startswith("lora_te")]
         if missing:
             problems.append(f"{f.path}: {len(missing)} modules match nothing in the model: {_listing(missing)}")
         wrong = [
-            f"{n} {tuple(m.weight_shape)} vs model {tuple(targets[n].weight.shape)}"
+            f"{n} {tuple(m.weight_shape)} vs model {fused_shape(targets[n])}"
             for n, m in f.modules.items()
-            if n in targets and tuple(targets[n].weight.shape) != tuple(m.weight_shape)
+            if n in targets and fused_shape(targets[n]) != tuple(m.weight_shape)
         ]
         if wrong:
             problems.append(f"{f.path}: {len(wrong)} modules have other shapes than the model: {_listing(wrong, 3)}")
@@ -129,11 +144,11 @@ def unmatched_modules(model: ModelForLoRA, files: Sequence[LoRAFile]) -> list[st
 def merge_into_model(
     model: ModelForLoRA,
     files: Sequence[LoRAFile],
-    ratios: Sequence[float],
+    ratios: Ratios,
     *,
     device: str | torch.device = "cpu",
 ) -> int:
-    """Add ``ratio * up @ down * alpha / r`` of every module of every file to the model's weights (computed in
+    """Add ``ratio (x block weight) * up @ down * alpha / r`` of every module of every file to the model's weights (computed in
     float32 on ``device``, stored in the weight's dtype). Everything is checked before any weight changes.
     Returns the number of weights changed."""
     problems = unmatched_modules(model, files)
@@ -141,13 +156,13 @@ def merge_into_model(
         raise UserError.from_problems(f"cannot merge into {model.source}", problems)
     targets = model.targets()
     deltas: dict[str, list[tuple[float, LoRAModuleWeights]]] = {}
-    for f, ratio in zip(files, ratios):
+    weights = _weights(ratios)
+    for i, f in enumerate(files):
         for name, m in f.modules.items():
-            deltas.setdefault(name, []).append((ratio, m))
+            deltas.setdefault(name, []).append((weights.of(i, name), m))
     for name, items in tqdm(sorted(deltas.items()), desc="merging", unit="module"):
-        weight = targets[name].weight
-        merged = weight.to(device, torch.float32)
+        merged = fused_weight(targets[name], device)
         for ratio, m in items:
             merged += ratio * m.delta(device)
-        weight.copy_(merged.to(weight.device, weight.dtype))
+        store_weight(targets[name], merged)
     return len(deltas)

@@ -14,9 +14,10 @@ import torch
 from library.errors import UserError
 from library.io_utils import output_dir_problem
 from library.lora_tools.lora_file import LORA_SUFFIXES, LoRAFile, LoRAModuleWeights, dims_metadata
-from library.models.families import ModelFamily, sd_family
+from library.models.families import ModelFamily, sd_family, sdxl_family
 from library.models.metadata import IMPL_DIFFUSERS, modelspec
 from library.precision import dtype_of
+
 
 def precision_dtype(name: str | None) -> torch.dtype | None:
     """``float`` / ``fp16`` / ``bf16`` as a dtype (None stays None)."""
@@ -63,12 +64,30 @@ def check_ratios(models: list[str], ratios: list[float] | None) -> list[float]:
     return list(ratios)
 
 
-def lora_model_family(family_name: str | None, metadata: Mapping[str, str]) -> ModelFamily | None:
-    """The model family of a LoRA (SD1/SD2; v-prediction from its metadata), None for other families."""
-    if family_name not in ("sd1", "sd2"):
-        return None
+def lora_model_family(family_name: str | None, metadata: Mapping[str, str],
+                      modules: Mapping[str, LoRAModuleWeights] | None = None) -> ModelFamily | None:
+    """The model family of a LoRA (v-prediction from its metadata; FLUX dev or schnell from a guidance embedder
+    module or the metadata, dev when neither says), None for families without models here."""
     v = metadata.get("modelspec.prediction_type") == "v" or metadata.get("ss_base_model_version", "").endswith("_v")
-    return sd_family(family_name == "sd2", v)
+    if family_name in ("sd1", "sd2"):
+        return sd_family(family_name == "sd2", v)
+    if family_name == "sdxl":
+        return sdxl_family(v)
+    if family_name == "flux":
+        from library.models.families.flux import flux_family
+
+        schnell = "schnell" in metadata.get("modelspec.architecture", "") and not any(
+            "guidance_in" in n for n in modules or {})
+        return flux_family("schnell" if schnell else "dev")
+    return None
+
+
+def network_module_of(family_name: str | None) -> str:
+    """``ss_network_module`` of a LoRA family's files."""
+    from library.lora_tools.targets import lora_family_row
+
+    row = lora_family_row(family_name)
+    return row.network_module if row is not None else "networks.lora"
 
 
 def network_args_metadata(modules: Mapping[str, LoRAModuleWeights]) -> dict[str, str]:
@@ -87,11 +106,12 @@ def lora_metadata(
     base: Mapping[str, str] | None = None,
     merged_from: list[LoRAFile] | None = None,
     no_metadata: bool = False,
+    network_module: str = "networks.lora",
 ) -> dict[str, str]:
     """Metadata of a LoRA the tools write: ``base`` (kept as it is) updated with the network module, dims,
     alphas, args and base model version, plus ``modelspec.*`` unless ``no_metadata``. Hashes are added on save."""
     meta = {k: v for k, v in (base or {}).items() if not k.startswith("sshs_")}
-    meta["ss_network_module"] = "networks.lora"
+    meta["ss_network_module"] = network_module
     meta.update(dims_metadata(modules.values()))
     meta.update(network_args_metadata(modules))
     if family is not None:

@@ -1,12 +1,13 @@
 """Where a LoRA meets a model family: which family a LoRA file is for, and a loaded checkpoint's LoRA targets.
 
-The tools never branch on a family. What differs per family sits in two places:
+The tools never branch on a family. What differs per family sits behind two seams:
 
-- :data:`LORA_FAMILIES`: how a family's LoRA module names look (to tell which family a file is for, and which
-  families this toolkit can load models of yet);
-- :class:`ModelForLoRA`: a loaded checkpoint as ``{kohya module name: nn.Linear/nn.Conv2d}`` plus its family
-  and a ``save``; :func:`load_model_for_lora` builds it through the model loader, and
-  :func:`reference_model` builds a full-size model on the ``meta`` device (names and shapes only, no memory).
+- :data:`LORA_FAMILIES` (here): how a family's LoRA module names look (to tell which family a file is for), the
+  network module that loads its files, and (``library.lora_tools.references``) its full-size model on the
+  ``meta`` device for the loader checks;
+- the family's ``FamilySpec`` (``library.models.families``): reading, loading and saving its checkpoints for the
+  tools (``lora_family``, ``load_for_lora``, ``save_for_lora``, ``lora_save_formats``) and the modules a LoRA
+  file changes (``lora_targets``). :class:`ModelForLoRA` is a checkpoint loaded that way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import os
 import re
 from dataclasses import dataclass
-from types import MappingProxyType
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from library.errors import UserError
+from library.lora_tools import references
 from library.lora_tools.lora_file import LoRAModuleWeights
-from library.models.families import FAMILY_SPECS, ModelFamily, resolve_family
+from library.models.families import FAMILY_SPECS, ModelFamily
 
 
 def _sd_version(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str, str]) -> str:
@@ -42,24 +43,33 @@ def _sd_version(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str,
 @dataclass(frozen=True)
 class LoRAFamily:
     """How one family's LoRA names look. ``spec`` is the model family spec (``library.models.families``) that
-    loads its checkpoints; ``refine`` splits families that share names (SD1/SD2)."""
+    loads its checkpoints; ``refine`` splits families that share names (SD1/SD2); ``network_module`` loads its
+    files (``--network_module`` / ``ss_network_module``)."""
 
     name: str
     label: str
     pattern: re.Pattern[str]
     spec: str
     refine: Callable[[Mapping[str, LoRAModuleWeights], Mapping[str, str]], str] | None = None
+    network_module: str = "networks.lora"
+    #: full-size ``(text_encoders, denoiser)`` on ``meta`` for a family name, and the diffusers pipeline around them
+    reference: Callable[[str], tuple[list[nn.Module], nn.Module]] | None = None
+    pipeline: Callable[[list[nn.Module], nn.Module], Any] | None = None
 
 
 LORA_FAMILIES: tuple[LoRAFamily, ...] = (
-    LoRAFamily("flux", "FLUX.1", re.compile(r"^lora_unet_(double|single)_blocks_"), "flux"),
+    LoRAFamily("flux", "FLUX.1", re.compile(r"^lora_unet_(double|single)_blocks_|^lora_te3_"), "flux",
+               network_module="networks.lora_flux", reference=references.flux_reference,
+               pipeline=references.flux_pipeline),
     LoRAFamily("sd3", "SD3/3.5", re.compile(r"^lora_unet_joint_blocks_"), "sd3"),
     LoRAFamily("lumina", "Lumina-2", re.compile(r"^lora_unet_(layers|noise_refiner|context_refiner)_\d+_"), "lumina"),
-    LoRAFamily("sdxl", "SDXL", re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_|^lora_te2_"), "sdxl"),
+    LoRAFamily("sdxl", "SDXL", re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_|^lora_te2_"), "sdxl",
+               reference=references.sdxl_reference, pipeline=references.sdxl_pipeline),
     LoRAFamily("sd", "SD1.x/2.x", re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_|^lora_te_"), "sd",
-               _sd_version),
+               _sd_version, reference=references.sd_reference, pipeline=references.sd_pipeline),
 )
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", **{f.name: f.label for f in LORA_FAMILIES}}
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", **{f.name: f.label for f in LORA_FAMILIES},
+                 "flux1-dev": "FLUX.1", "flux1-schnell": "FLUX.1"}
 
 
 def lora_family(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str, str]) -> str | None:
@@ -70,66 +80,91 @@ def lora_family(modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str,
     return None
 
 
+def lora_family_row(name: str | None) -> LoRAFamily | None:
+    """The :data:`LORA_FAMILIES` row of a LoRA family name (``sd1``/``sd2`` share the ``sd`` row)."""
+    base = {"sd1": "sd", "sd2": "sd"}.get(name or "", name)
+    return next((f for f in LORA_FAMILIES if f.name == base), None)
+
+
 def family_label(name: str | None) -> str:
     return FAMILY_LABELS.get(name or "", "unknown")
 
 
+def same_family(lora_name: str | None, model: ModelFamily) -> bool:
+    """Whether a LoRA of family ``lora_name`` is for checkpoints of ``model`` (SD1/SD2 by name, others by spec)."""
+    row = lora_family_row(lora_name)
+    if row is None:
+        return False
+    return lora_name == model.name if row.spec == "sd" else row.spec == model.spec_name
+
+
 def models_supported(name: str | None) -> bool:
     """Whether this toolkit can load checkpoints of this LoRA family yet (its spec is registered)."""
-    base = {"sd1": "sd", "sd2": "sd"}.get(name or "", name)
-    return any(f.name == base and f.spec in FAMILY_SPECS for f in LORA_FAMILIES)
+    row = lora_family_row(name)
+    return row is not None and row.spec in FAMILY_SPECS
 
 
 # ----------------------------------------------------------------------------------------------- models
 
 
+def fused_shape(parts: tuple[nn.Module, ...]) -> tuple[int, ...]:
+    """Shape of the weight a LoRA module changes: its parts' weights stacked on rows."""
+    first = tuple(parts[0].weight.shape)
+    return (sum(int(p.weight.shape[0]) for p in parts), *first[1:])
+
+
+def fused_weight(parts: tuple[nn.Module, ...], device: str | torch.device = "cpu") -> torch.Tensor:
+    """The (fused) weight of a LoRA target in float32 on ``device``."""
+    weights = [p.weight.to(device, torch.float32) for p in parts]
+    return weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+
+
+@torch.no_grad()
+def store_weight(parts: tuple[nn.Module, ...], value: torch.Tensor) -> None:
+    """Write a (fused) weight back into its parts, each in its own dtype and device."""
+    start = 0
+    for p in parts:
+        rows = int(p.weight.shape[0])
+        p.weight.copy_(value[start:start + rows].to(p.weight.device, p.weight.dtype))
+        start += rows
+
+
 @dataclass
 class ModelForLoRA:
-    """A loaded checkpoint seen by the LoRA tools."""
+    """A checkpoint loaded for the LoRA tools through its family spec (``load_for_lora``)."""
 
     family: ModelFamily
-    models: Any  # the loader's result (SDModels for SD1/SD2)
+    models: Any  # the spec's loaded components (``SDModels``)
     source: Path
 
     @property
     def family_name(self) -> str:
         return self.family.name
 
-    def targets(self, conv_blocks: bool = True) -> dict[str, nn.Module]:
-        """Every module a kohya LoRA can change, by its standard kohya name; ``conv_blocks`` includes the LoCon
-        modules (ResNet and up/down-sampler blocks)."""
-        from networks.lora import find_target_modules
-
-        found = find_target_modules(self.models.text_encoders, self.models.denoiser, scan_conv_blocks=conv_blocks)
-        return {t.lora_name: t.module for t in found}
+    def targets(self, conv_blocks: bool = True) -> dict[str, tuple[nn.Module, ...]]:
+        """Every module a kohya LoRA can change, by its standard kohya name (see ``FamilySpec.lora_targets``)."""
+        return self.family.spec.lora_targets(self.models, conv_blocks)
 
     def save(self, path: Path, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
         """Write the (changed) model with its family's saver: ``.safetensors``/``.ckpt`` single file, or a
         diffusers folder for a path without a suffix."""
         fmt = output_model_format(path)
-        save = _saver(self.family.spec_name)
-        save(path, self.models, fmt=fmt, dtype=dtype, metadata=metadata if fmt == "safetensors" else None)
+        self.family.spec.save_for_lora(path, self.models, fmt=fmt, dtype=dtype,
+                                       metadata=metadata if fmt == "safetensors" else None)
 
 
-def _save_sd(path: Path, models: Any, **kwargs: Any) -> None:
-    from library.models.saving import save_sd_model
-
-    save_sd_model(path, models, **kwargs)
-
-
-#: the checkpoint saver of each family spec (the family seam has no save yet)
-_SAVERS: Mapping[str, Callable[..., None]] = MappingProxyType({"sd": _save_sd})
-
-
-def check_can_save(family: ModelFamily) -> None:
-    """Refuse (before any model loads) a family whose checkpoints the tools cannot write yet."""
-    _saver(family.spec_name)
-
-
-def _saver(spec_name: str) -> Callable[..., None]:
-    if spec_name not in _SAVERS:
-        raise UserError(f"saving {spec_name.upper()} checkpoints is not supported by the LoRA tools yet")
-    return _SAVERS[spec_name]
+def check_can_save(family: ModelFamily, path: Path) -> None:
+    """Refuse (before any model loads) an output format the family's checkpoints cannot be written in."""
+    formats = family.spec.lora_save_formats
+    fmt = output_model_format(path)
+    if not formats:
+        raise UserError(f"merging into {family_label(family.name)} checkpoints is not supported by the LoRA tools "
+                        "yet; merge the LoRAs into one LoRA instead (without --sd_model)")
+    if fmt not in formats:
+        kinds = {"safetensors": ".safetensors file", "ckpt": ".ckpt file",
+                 "diffusers_safetensors": "diffusers folder (no suffix)"}
+        raise UserError(f"--save_to {path}: a {family_label(family.name)} checkpoint is written as "
+                        + " or ".join(kinds[f] for f in formats))
 
 
 def output_model_format(path: Path) -> str:
@@ -155,30 +190,30 @@ def _family_args(path: str | os.PathLike, family: ModelFamily | None, v_paramete
             v2 = checkpoint_is_v2(path)
         except UserError:  # not an SD1/SD2 checkpoint: another family's spec recognises it, or reports it
             v2 = False
-    return argparse.Namespace(pretrained_model_name_or_path=str(path), v2=v2, v_parameterization=v_parameterization)
+    return argparse.Namespace(pretrained_model_name_or_path=str(path), v2=v2, v_parameterization=v_parameterization,
+                              vae=None, tokenizer_cache_dir=None)
 
 
 def checkpoint_family(path: str | os.PathLike, v_parameterization: bool | None = None) -> ModelFamily:
     """The family of a model file or diffusers folder, read from the file (header or configs) through the family
     registry. ``v_parameterization`` None: a diffusers folder's scheduler says it, a single file is epsilon."""
+    from library.models.families.registry import FAMILY_SPECS, recognised_spec
     from library.models.loading import resolve_model_path
+    from library.models.weights import safetensors_keys
 
     source = resolve_model_path(str(path))
     if v_parameterization is None:
         scheduler = source / "scheduler" / "scheduler_config.json"
         v_parameterization = scheduler.is_file() and '"v_prediction"' in scheduler.read_text(encoding="utf-8")
     args = _family_args(source, None, bool(v_parameterization))
-    return resolve_family(args, trains=tuple(FAMILY_SPECS), source=source)
+    keys = safetensors_keys(source) if source.is_file() and source.suffix.lower() == ".safetensors" else None
+    spec = recognised_spec(source) or FAMILY_SPECS["sd"]
+    return spec.lora_family(args, source, keys)
 
 
-def load_model_for_lora(
-    path: str | os.PathLike,
-    family: ModelFamily,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> ModelForLoRA:
-    """Load a checkpoint of ``family`` (see :func:`checkpoint_family`) through its family spec.
+def load_model_for_lora(path: str | os.PathLike, family: ModelFamily, *, dtype: torch.dtype = torch.float32
+                        ) -> ModelForLoRA:
+    """Load a checkpoint of ``family`` (see :func:`checkpoint_family`) on the CPU through its family spec.
 
     A single file carries no tokenizer; the CLIP tokenizer bundled with the toolkit (the same vocabulary and
     merges, SD2's padding for SD2) is used, so nothing is looked up online."""
@@ -190,47 +225,5 @@ def load_model_for_lora(
         write_clip_tokenizer(Path(tmp) / "tokenizer", sd2=family.ss_v2)
         args = _family_args(path, family, family.objective.is_v_prediction)
         args.tokenizer_cache_dir = tmp
-        models = family.spec.load(args, family, device=device, dtype=dtype)
+        models = family.spec.load_for_lora(args, family, dtype=dtype)
     return ModelForLoRA(family, models, Path(path))
-
-
-# ----------------------------------------------------------------------------------------------- reference models
-
-REFERENCE_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
-    "sd1": {
-        "unet": dict(cross_attention_dim=768, attention_head_dim=8),
-        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     projection_dim=768, hidden_act="quick_gelu"),
-    },
-    "sd2": {
-        "unet": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
-        "text": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                     projection_dim=1024, hidden_act="gelu"),
-    },
-}
-
-
-def reference_model(family_name: str) -> tuple[list[nn.Module], nn.Module] | None:
-    """Full-size ``(text_encoders, unet)`` of a family on the ``meta`` device (SD1.5 / SD2.1 layouts), or None
-    for families without models here yet."""
-    if family_name not in REFERENCE_CONFIGS:
-        return None
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = REFERENCE_CONFIGS[family_name]
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**config["unet"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**config["text"]))
-    return [text_encoder], unet
-
-
-def reference_pipeline(text_encoders: list[nn.Module], unet: nn.Module) -> Any:
-    """A diffusers pipeline around the reference modules, to ask diffusers whether it loads a file."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=None, text_encoder=text_encoders[0], tokenizer=None, unet=unet, scheduler=None,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )

@@ -8,6 +8,13 @@ Options (sd-scripts names): ``--timestep_sampling sigma|uniform|sigmoid|shift|fl
 ``--discrete_flow_shift``, ``--model_prediction_type raw|additive|sigma_scaled``, ``--weighting_scheme``
 (``sigma_sqrt|logit_normal|mode|cosmap|none|uniform``) with ``--logit_mean``, ``--logit_std``, ``--mode_scale``.
 
+SD3 (``sd3_train_network.py``) has no ``--timestep_sampling``: its scripts set ``timestep_sampling="sd3"`` and
+``model_prediction_type="sigma_scaled"`` (:func:`add_sd3_flow_arguments`). ``u`` is drawn from the
+``--weighting_scheme`` density, shifted by ``--training_shift``, mapped to an integer timestep in
+``[--min_timestep, --max_timestep)`` and ``sigma = t / 1000``, bit-identical to sd-scripts' SD3 draw; the loss
+compares ``x_t - sigma * output`` with the latents, weighted by ``--weighting_scheme`` (sigma_sqrt, cosmap).
+A draw of ``t = 0`` (sigma 0, where that x0 estimate is exact) gets weight 0 instead of sd-scripts' ``inf * 0``.
+
 Differences from sd-scripts:
 
 - ``sigma_scaled`` turns the output into an x0 estimate ``x_t - sigma * out`` and compares it with the clean
@@ -37,6 +44,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
+SD3_SAMPLING = "sd3"  # set by the SD3 scripts, not a --timestep_sampling choice
+_SAMPLINGS = TIMESTEP_SAMPLINGS + (SD3_SAMPLING,)
 
 # Options of the DDPM objective that have no meaning for flow matching, with the reason given to the user.
 _SD_ONLY_OPTIONS = {
@@ -86,6 +95,17 @@ def add_flow_matching_arguments(parser: argparse.ArgumentParser, defaults: FlowD
     add_weighting_arguments(parser)
 
 
+def add_sd3_flow_arguments(parser: argparse.ArgumentParser) -> None:
+    """SD3's objective options: ``--training_shift`` and the weighting group (``--min_timestep`` and
+    ``--max_timestep`` come from the loop's options and bound the integer timesteps)."""
+    g = parser.add_argument_group("SD3 flow matching")
+    g.add_argument("--training_shift", type=float, default=1.0,
+                   help="shift of the timestep distribution drawn from --weighting_scheme, u*s/(1+(s-1)u); "
+                        "above 1 favours noisier steps (default 1.0)")
+    add_weighting_arguments(parser)
+    parser.set_defaults(timestep_sampling=SD3_SAMPLING, model_prediction_type="sigma_scaled")
+
+
 @dataclass(frozen=True)
 class FlowMatchingSettings:
     """Resolved flow-matching options; field names match the command-line options."""
@@ -98,6 +118,9 @@ class FlowMatchingSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    training_shift: float = 1.0  # SD3
+    min_timestep: int | None = None  # SD3: integer timesteps in [min, max)
+    max_timestep: int | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> "FlowMatchingSettings":
@@ -110,7 +133,7 @@ def flow_option_problems(args: Any) -> list[str]:
     """Every problem with the flow-matching options and with SD options that do not apply to them."""
     s = FlowMatchingSettings.from_args(args)
     problems = []
-    if s.timestep_sampling not in TIMESTEP_SAMPLINGS:
+    if s.timestep_sampling not in _SAMPLINGS:
         problems.append(f"--timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, "
                         f"got {s.timestep_sampling!r}")
     if s.model_prediction_type not in MODEL_PREDICTION_TYPES:
@@ -124,11 +147,31 @@ def flow_option_problems(args: Any) -> list[str]:
         problems.append(f"--discrete_flow_shift must be positive, got {s.discrete_flow_shift}")
     if s.logit_std <= 0:
         problems.append(f"--logit_std must be positive, got {s.logit_std}")
+    if s.timestep_sampling == SD3_SAMPLING:
+        problems += _sd3_problems(s)
     for name, why in _SD_ONLY_OPTIONS.items():
+        if s.timestep_sampling == SD3_SAMPLING and name in ("min_timestep", "max_timestep"):
+            continue
         value = getattr(args, name, None)
         if value not in (None, False):
             problems.append(f"--{name} does not apply to flow-matching training ({why}); remove it")
     return problems
+
+
+def _sd3_problems(s: FlowMatchingSettings) -> list[str]:
+    problems = []
+    if s.training_shift <= 0:
+        problems.append(f"--training_shift must be positive, got {s.training_shift}")
+    low, high = _timestep_range(s)
+    if not 0 <= low < high <= NUM_TRAIN_TIMESTEPS:
+        problems.append(f"--min_timestep {low} / --max_timestep {high}: need 0 <= min < max <= "
+                        f"{NUM_TRAIN_TIMESTEPS}")
+    return problems
+
+
+def _timestep_range(s: FlowMatchingSettings) -> tuple[int, int]:
+    low = 0 if s.min_timestep is None else int(s.min_timestep)
+    return low, NUM_TRAIN_TIMESTEPS if s.max_timestep is None else int(s.max_timestep)
 
 
 def _draw(kind: str, n: int, generator: torch.Generator | None, device: torch.device | None) -> torch.Tensor:
@@ -181,19 +224,25 @@ def sample_sigmas(settings: FlowMatchingSettings, batch_size: int, latent_hw: tu
             sigmas = shift_sigmas(sigmas, settings.discrete_flow_shift)
         elif mode == "flux_shift":
             sigmas = flux_time_shift(sigmas, (latent_hw[0] // 2) * (latent_hw[1] // 2))
+    elif mode == SD3_SAMPLING:
+        u = shift_sigmas(sample_density(settings, batch_size, generator, device), settings.training_shift)
+        low, high = _timestep_range(settings)
+        sigmas = (u * (high - low) + low).long().float() / NUM_TRAIN_TIMESTEPS
     elif mode == "sigma":
         u = sample_density(settings, batch_size, generator, device)
         index = (u * NUM_TRAIN_TIMESTEPS).long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
         sigmas = discrete_sigmas(settings.discrete_flow_shift).to(u.device)[index]
     else:
-        raise ValueError(f"unknown timestep sampling {mode!r}; expected one of {TIMESTEP_SAMPLINGS}")
+        raise ValueError(f"unknown timestep sampling {mode!r}; expected one of {_SAMPLINGS}")
     return sigmas.to(device) if device is not None else sigmas
 
 
 def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss weight: ``sigma^-2`` (sigma_sqrt), ``2 / (pi (1 - 2s + 2s^2))`` (cosmap), else 1."""
+    """Per-sample loss weight: ``sigma^-2`` (sigma_sqrt; 0 at sigma 0, where the x0 loss is 0 anyway),
+    ``2 / (pi (1 - 2s + 2s^2))`` (cosmap), else 1."""
     if scheme == "sigma_sqrt":
-        return sigmas.float() ** -2.0
+        s = sigmas.float()
+        return torch.where(s > 0, s.clamp(min=torch.finfo(s.dtype).tiny) ** -2.0, torch.zeros_like(s))
     if scheme == "cosmap":
         return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
     return torch.ones_like(sigmas)

@@ -143,6 +143,36 @@ class FamilySpec(ABC):
 
         raise UserError(f"saving whole {self.name} models is not supported; train a LoRA for this family instead")
 
+    # ---- the LoRA tools (merge into a checkpoint, extract from two; library/lora_tools)
+
+    #: checkpoint formats :meth:`save_for_lora` writes (``safetensors``, ``ckpt``, ``diffusers_safetensors``);
+    #: empty: the LoRA tools cannot merge into this family's checkpoints (refused before anything loads)
+    lora_save_formats: tuple[str, ...] = ()
+
+    def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        """The family of a checkpoint the LoRA tools read (by default :meth:`family`; a family whose training
+        needs more files than the checkpoint, like FLUX's text encoders, reads it from the checkpoint alone)."""
+        return self.family(args, source, keys)
+
+    def load_for_lora(self, args: argparse.Namespace, family: ModelFamily, *, dtype: torch.dtype) -> Any:
+        """The model the LoRA tools change or compare, on the CPU (by default everything :meth:`load` loads)."""
+        return self.load(args, family, device="cpu", dtype=dtype)
+
+    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
+                      metadata: dict[str, str] | None) -> Path:
+        """Write a model loaded by :meth:`load_for_lora` (by default :meth:`save`)."""
+        return self.save(path, models, fmt=fmt, dtype=dtype, metadata=metadata, epoch=0, global_step=0)
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        """Every module a kohya LoRA file can change, by kohya module name. A LoRA over a fused layer that the
+        compute model splits (FLUX's ``qkv``) maps to its parts in row order: their weights stacked on dim 0 are
+        the fused weight. ``conv_blocks`` includes the LoCon 3x3 convs. By default: ``networks.lora``'s targets
+        (CLIP text encoders and :meth:`lora_denoiser_name` of the denoiser's modules)."""
+        from networks.lora import find_target_modules
+
+        found = find_target_modules(models.text_encoders, models.denoiser, scan_conv_blocks=conv_blocks)
+        return {t.lora_name: (t.module,) for t in found}
+
     @abstractmethod
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:
         """The object that tokenizes and encodes captions for this family's text encoders."""

@@ -200,3 +200,19 @@ class FluxSpec(FamilySpec):
 
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")  # networks.lora_flux names the BFL modules itself
+
+    # ---- the LoRA tools: the transformer alone (``save`` writes it back as the BFL single file)
+    lora_save_formats = ("safetensors",)
+
+    def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        return self._variant(source, keys)
+
+    def load_for_lora(self, args: argparse.Namespace, family: ModelFamily, *, dtype: torch.dtype) -> Any:
+        from library.models.flux.lora_checkpoint import load_transformer_for_lora
+
+        return load_transformer_for_lora(args, family, dtype)
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        from library.models.flux.lora_checkpoint import flux_lora_targets
+
+        return flux_lora_targets(models.text_encoders, models.denoiser)

@@ -43,6 +43,7 @@ class SDSpec(FamilySpec):
 
     name = "sd"
     scripts = ("train_network.py", "train_db.py", "fine_tune.py")
+    lora_save_formats = ("safetensors", "ckpt", "diffusers_safetensors")
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         from library.models import ldm_conversion as conv

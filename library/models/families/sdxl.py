@@ -68,6 +68,7 @@ class SDXLSpec(FamilySpec):
 
     name = "sdxl"
     scripts = ("sdxl_train_network.py", "sdxl_train.py")
+    lora_save_formats = ("safetensors", "ckpt", "diffusers_safetensors")
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return any(k.startswith("conditioner.embedders.") for k in keys)

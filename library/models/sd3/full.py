@@ -1,0 +1,143 @@
+"""``sd3_train.py``'s recipe: the full-weight recipe with SD3's options (sd-scripts' names): the MMDiT always,
+CLIP-L and CLIP-G with ``--train_text_encoder``, T5 also with ``--train_t5xxl``, one learning rate per encoder
+(``--learning_rate_te1/te2/te3``), the last N joint blocks frozen with ``--num_last_block_to_freeze``, and
+saves in the SAI single-file layout (MMDiT + VAE, plus every trained text encoder; ``--save_clip`` /
+``--save_t5xxl`` add frozen ones) or as a diffusers folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.training.full_recipe import FullWeightRecipe
+from library.training.recipes import SaveInfo
+
+# sd-scripts options parsed so its command lines parse, refused with the reason
+_REFUSED = {
+    "block_lr": "per-block learning rates are not implemented for SD3 yet",
+    "blockwise_fused_optimizers": "use --fused_backward_pass (one optimizer step per parameter, the same saving)",
+    "fused_optimizer_groups": "use --fused_backward_pass",
+    "use_t5xxl_cache_only": "not implemented yet; with a frozen T5 and fixed captions the whole text conditioning "
+                            "is cached (--cache_text_encoder_outputs) when the CLIPs do not train",
+}
+
+
+def add_sd3_full_arguments(parser: argparse.ArgumentParser) -> None:
+    """sd-scripts' ``sd3_train.py`` options besides those of fine_tune.py."""
+    from library.models.sd3.arguments import add_sd3_arguments
+
+    add_sd3_arguments(parser)
+    g = parser.add_argument_group("SD3 full fine-tuning")
+    g.add_argument("--train_t5xxl", action="store_true", help="train T5 too (with --train_text_encoder)")
+    for i, name in ((1, "CLIP-L"), (2, "CLIP-G"), (3, "T5")):
+        g.add_argument(f"--learning_rate_te{i}", type=float, default=None,
+                       help=f"learning rate of {name} (default: --learning_rate_te, else --learning_rate)")
+    g.add_argument("--num_last_block_to_freeze", type=int, default=None,
+                   help="freeze the last N joint blocks of the MMDiT (whole blocks; at most the model's depth)")
+    g.add_argument("--block_lr", type=str, default=None, help="not implemented for SD3 yet; refused")
+    g.add_argument("--blockwise_fused_optimizers", action="store_true", help="refused: use --fused_backward_pass")
+    g.add_argument("--fused_optimizer_groups", type=int, default=None, help="refused: use --fused_backward_pass")
+    g.add_argument("--use_t5xxl_cache_only", action="store_true", help="not implemented yet; refused")
+    g.add_argument("--skip_latents_validity_check", action="store_true", help="accepted (deprecated in sd-scripts)")
+    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                   help="accepted: weights are always read into memory once")
+
+
+class SD3FullWeightRecipe(FullWeightRecipe):
+    """Fine-tuning of a whole SD3 / SD3.5 model (``sd3_train.py``)."""
+
+    def __init__(self, args: argparse.Namespace, style: str):
+        super().__init__(args, style)
+        from library.models.sd3.recipe import dropout_rates
+
+        self.train_t5 = bool(args.train_t5xxl) and self.train_te
+        self.freeze_last = int(args.num_last_block_to_freeze or 0)
+        self.dropout_rates = dropout_rates(args)
+        self.save_roles = {r for r, on in (("clip_l", self.train_te or args.save_clip),
+                                           ("clip_g", self.train_te or args.save_clip),
+                                           ("t5xxl", self.train_t5 or args.save_t5xxl)) if on}
+        self.text: Any = None
+
+    def option_problems(self, args: argparse.Namespace) -> list[str]:
+        from library.models.sd3.arguments import sd3_option_problems
+        from library.training.preparation import uses_cuda
+
+        problems = super().option_problems(args)
+        problems += [p for p in sd3_option_problems(args, cuda=uses_cuda())
+                     if not p.startswith(("--save_clip ", "--save_t5xxl "))]
+        problems += [f"--{name}: {why}" for name, why in _REFUSED.items() if getattr(args, name, None)]
+        if args.train_t5xxl and not self.train_te:
+            problems.append("--train_t5xxl needs --train_text_encoder (as in sd-scripts)")
+        for i in (1, 2, 3):
+            trains = self.train_te if i < 3 else self.train_t5
+            if getattr(args, f"learning_rate_te{i}") is not None and not trains:
+                problems.append(f"--learning_rate_te{i} is given but that text encoder does not train")
+        if args.num_last_block_to_freeze is not None and args.num_last_block_to_freeze < 0:
+            problems.append(f"--num_last_block_to_freeze must not be negative, got {args.num_last_block_to_freeze}")
+        if self.save_format not in ("safetensors", "diffusers", "diffusers_safetensors"):
+            problems.append(f"--save_model_as {self.save_format}: SD3 models are saved as safetensors (the single "
+                            "file) or diffusers / diffusers_safetensors (a folder)")
+        return problems
+
+    def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
+        super().setup(models, args, device)
+        models.text_encoders[2].requires_grad_(self.train_t5)
+        blocks = models.unet.transformer_blocks
+        for block in list(blocks)[len(blocks) - self.freeze_last:] if self.freeze_last else []:
+            block.requires_grad_(False)
+
+    def _modules(self) -> list[tuple[str, torch.nn.Module]]:
+        modules: list[tuple[str, torch.nn.Module]] = [("unet", self.models.unet)]
+        if self.train_te:
+            encoders = self.models.text_encoders[: 3 if self.train_t5 else 2]
+            modules += [(f"text_encoder{i or ''}", te) for i, te in enumerate(encoders)]
+        return modules
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, module in self._modules() for p in module.parameters() if p.requires_grad]
+
+    def text_encoder_trains_at(self, global_step: int) -> bool:
+        return self.train_te
+
+    def train_mode(self, training: bool) -> None:
+        self.models.unet.train(training)
+        for i, te in enumerate(self.models.text_encoders):
+            te.train(training and self.train_te and (i < 2 or self.train_t5))
+        if hasattr(self.text, "training"):
+            self.text.training = training
+
+    def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+        groups = [{"params": [p for p in self.models.unet.parameters() if p.requires_grad], "lr": args.learning_rate}]
+        names = ["unet"]
+        base = args.learning_rate_te if args.learning_rate_te is not None else args.learning_rate
+        for i, (name, te) in enumerate(self._modules()[1:]):
+            lr = getattr(args, f"learning_rate_te{i + 1}")
+            groups.append({"params": list(te.parameters()), "lr": base if lr is None else lr})
+            names.append(f"textencoder{i + 1}")
+        self._ensure_ema(args)
+        return groups, names
+
+    def text_conditioning(self, text: Any) -> Any:
+        from library.models.sd3.recipe import wrap_text_dropout
+
+        self.text = wrap_text_dropout(text, self.dropout_rates)
+        return self.text
+
+    def _write(self, path: Path, info: SaveInfo, args: argparse.Namespace) -> None:
+        from library.models.saving import save_dtype
+        from library.models.sd3.saving import save_sd3_model
+
+        dtype = save_dtype(args.save_precision) or next(self.models.unet.parameters()).dtype
+        save_sd3_model(path, self.models, fmt=self.save_format, dtype=dtype, metadata=info.metadata or None,
+                       text_roles=self.save_roles)
+
+    def metadata(self, args: argparse.Namespace) -> dict[str, str]:
+        return {**super().metadata(args), "ss_t5xxl_trained": str(self.train_t5)}
+
+    def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
+        from library.models.sd3.sampling import sample_sd3
+
+        sample_sd3(run, global_step, epoch)

@@ -1,0 +1,224 @@
+"""sd3_train_network.py end to end on tiny SD3 / SD3.5 models: the single file (with and without the text
+encoders inside), diffusers folders, every weighting scheme, text caching and dropout, metadata, learning,
+bit-exact resume, and bad input refused before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from library.errors import UserError
+from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_diffusers, save_tiny_sd3_files
+from library.training.flow_matching import WEIGHTING_SCHEMES
+from train_helpers import dataset_toml, load_lora, make_images, train_args
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3")
+    files = save_tiny_sd3_files(root / "m", TinySD3Config(variant="5-medium"))
+    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
+    return files
+
+
+def _argv(sd3, out, *, steps=2, model=None, extra=()):
+    argv = train_args(model or sd3["sd3"], out, config=sd3["data"], steps=steps)
+    return argv + ["--tokenizer_cache_dir", str(sd3["tokenizer_cache_dir"]), "--t5xxl_max_token_length", "8",
+                   *extra]
+
+
+def _main(argv):
+    import sd3_train_network
+
+    torch.set_num_threads(1)
+    return sd3_train_network.main(argv)
+
+
+def _prepare(argv):
+    import sd3_train_network
+    from library.config.arguments import SUPPORT_TRAIN_NETWORK
+    from library.config.run_config import load_run_config
+    from library.models.sd3.recipe import SD3LoRARecipe
+    from library.training.loop import prepare_training
+
+    torch.set_num_threads(1)
+    args = load_run_config(sd3_train_network.build_parser(), argv)
+    return prepare_training(args, SD3LoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("sd3",))
+
+
+def test_trains_an_sd3_lora_with_sd_scripts_names_and_metadata(sd3, tmp_path):
+    out = _main(_argv(sd3, tmp_path / "out", steps=3, extra=["--cache_latents"]))
+    sd, meta = load_lora(out)
+    names = {k.split(".")[0] for k in sd}
+    assert {"lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn2_qkv"} <= names
+    assert "lora_unet_joint_blocks_1_context_block_attn_proj" not in names  # the last context block is pre-only
+    assert sum(n.startswith("lora_te1_text_model_") for n in names) == 12
+    assert sum(n.startswith("lora_te2_text_model_") for n in names) == 12
+    assert not any(n.startswith("lora_te3_") for n in names)
+    assert sd["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (3 * 32, 4)
+    assert any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+    assert meta["ss_base_model_version"] == "5-medium"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["ss_network_module"] == "networks.lora_sd3"
+    assert (meta["ss_weighting_scheme"], meta["ss_apply_t5_attn_mask"]) == ("uniform", "False")
+
+
+def test_every_weighting_scheme_gives_a_finite_loss_and_gradient(sd3, tmp_path):
+    from library.training.flow_matching import FlowMatchingSettings
+    from library.training.loop import batch_loss
+
+    run = _prepare(_argv(sd3, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
+    assert (run.flow_settings.timestep_sampling, run.flow_settings.model_prediction_type) == ("sd3", "sigma_scaled")
+    batch = next(iter(run.loader))
+    for scheme in WEIGHTING_SCHEMES:
+        for shift in (1.0, 3.0):
+            run.flow_settings = FlowMatchingSettings(timestep_sampling="sd3", model_prediction_type="sigma_scaled",
+                                                     weighting_scheme=scheme, training_shift=shift)
+            run.recipe.network.zero_grad(set_to_none=True)
+            loss = batch_loss(run, batch, 0)
+            loss.backward()
+            grads = [p.grad for p in run.recipe.network.parameters() if p.grad is not None]
+            assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), (scheme, shift)
+
+
+def test_the_lora_learns_and_changes_the_output(sd3, tmp_path):
+    from library.training.loop import batch_loss
+
+    run = _prepare(_argv(sd3, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only",
+                                                       "--learning_rate", "2e-2", "--network_dim", "8"]))
+    batch = next(iter(run.loader))
+    fixed = torch.tensor([300.0, 700.0])
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return float(batch_loss(run, batch, 0, timesteps=fixed, generator=torch.Generator().manual_seed(3)))
+
+    before = held_out()
+    for step in range(25):
+        loss = batch_loss(run, batch, step)
+        loss.backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    after = held_out()
+    assert after < 0.9 * before, (before, after)
+    net, models = run.recipe.network, run.models
+    latents = torch.randn(1, 16, 8, 8)
+    cond = run.text(["a photo"], torch.device("cpu"))
+    with torch.no_grad():
+        net.set_multiplier(1.0)
+        on = models.family.spec.forward(models.unet, latents, torch.tensor([500.0]), cond, torch.float32)
+        net.set_multiplier(0.0)
+        off = models.family.spec.forward(models.unet, latents, torch.tensor([500.0]), cond, torch.float32)
+    assert (on - off).abs().max() > 1e-4
+
+
+def test_separate_parts_diffusers_folder_and_text_options(sd3, tmp_path):
+    parts = save_tiny_sd3_files(tmp_path / "parts", TinySD3Config(variant="medium"), bundled=False)
+    argv = _argv(sd3, tmp_path / "a", model=parts["sd3"], extra=[
+        "--clip_l", str(parts["clip_l"]), "--clip_g", str(parts["clip_g"]), "--t5xxl", str(parts["t5xxl"]),
+        "--vae", str(parts["vae"]), "--apply_lg_attn_mask", "--apply_t5_attn_mask", "--clip_l_dropout_rate", "0.5",
+        "--t5_dropout_rate", "0.5", "--weighting_scheme", "logit_normal", "--training_shift", "3.0",
+        "--cache_text_encoder_outputs", "--network_train_unet_only"])
+    sd, meta = load_lora(_main(argv))
+    assert meta["ss_base_model_version"] == "medium" and meta["ss_apply_lg_attn_mask"] == "True"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora"
+    assert not any(k.startswith("lora_te") for k in sd) and "lora_unet_joint_blocks_0_x_block_attn2_qkv.alpha" not in sd
+    folder = save_tiny_sd3_diffusers(tmp_path / "folder", TinySD3Config(variant="5-large"))
+    sd, meta = load_lora(_main(train_args(folder, tmp_path / "b", config=sd3["data"], steps=2) + [
+        "--t5xxl_max_token_length", "8", "--network_args", "train_t5xxl=True", "emb_dims=[2,2,2,2,2,2]"]))
+    names = {k.split(".")[0] for k in sd}
+    assert meta["ss_base_model_version"] == "5-large"
+    assert any(n.startswith("lora_te3_encoder_block_0_layer_0_SelfAttention_q") for n in names)
+    assert {"lora_unet_x_embedder_proj", "lora_unet_final_layer_adaLN_modulation_1"} <= names
+
+
+@pytest.mark.parametrize("case, message", [
+    ("flux", "this is a model of the FLUX family, which this script does not train; use flux_train_network.py"),
+    ("sdxl", "this is a model of the SDXL family, which this script does not train; use sdxl_train_network.py"),
+    ("t5_as_clip_g", "--clip_g .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP text encoder"),
+    ("medium_only", "--pos_emb_random_crop_rate is an SD3.5 Medium option, and this model is SD3 Medium"),
+    ("fp8", "--fp8_base is a GPU memory option for SD3 and this machine has no CUDA device"),
+    ("swap", "--blocks_to_swap is a GPU memory option"),
+    ("sd_flags", "--clip_skip does not apply to SD3"),
+    ("flow", "--min_snr_gamma does not apply to flow-matching training"),
+    ("timesteps", "--min_timestep 800 / --max_timestep 200"),
+    ("network", "networks.lora finds no MMDiT layers"),
+    ("network_args", "did you mean 'x_attn_dim'"),
+    ("t5_cache", "train_t5xxl=True trains T5, whose outputs then cannot be cached"),
+])
+def test_bad_input_is_one_message_before_any_model_loads(sd3, tmp_path, case, message):
+    from library.models.flux.tiny import save_tiny_flux_files
+    from library.models.tiny_sdxl import save_tiny_sdxl_single_file
+
+    parts = save_tiny_sd3_files(tmp_path / "parts", TinySD3Config(variant="medium"), bundled=False)
+    argv = _argv(sd3, tmp_path / "out")
+    with_parts = ["--clip_l", str(parts["clip_l"]), "--clip_g", str(parts["clip_g"]), "--t5xxl", str(parts["t5xxl"]),
+                  "--vae", str(parts["vae"])]
+    edits = {
+        "flux": lambda a: a[:1] + [str(save_tiny_flux_files(tmp_path / "flux")["flux"])] + a[2:],
+        "sdxl": lambda a: a[:1] + [str(save_tiny_sdxl_single_file(tmp_path / "sdxl.safetensors"))] + a[2:],
+        "t5_as_clip_g": lambda a: a + ["--clip_g", str(parts["t5xxl"])],
+        "medium_only": lambda a: a[:1] + [str(parts["sd3"])] + a[2:] + with_parts + ["--pos_emb_random_crop_rate",
+                                                                                     "0.2"],
+        "fp8": lambda a: a + ["--fp8_base"],
+        "swap": lambda a: a + ["--blocks_to_swap", "8"],
+        "sd_flags": lambda a: a + ["--clip_skip", "2"],
+        "flow": lambda a: a + ["--min_snr_gamma", "5"],
+        "timesteps": lambda a: a + ["--min_timestep", "800", "--max_timestep", "200"],
+        "network": lambda a: a + ["--network_module", "networks.lora"],
+        "network_args": lambda a: a + ["--network_args", "x_atn_dim=4"],
+        "t5_cache": lambda a: a + ["--network_args", "train_t5xxl=True", "--cache_text_encoder_outputs",
+                                   "--network_train_unet_only"],
+    }
+    with pytest.raises(UserError, match=message):
+        _main(edits[case](argv))
+
+
+def test_resume_is_bit_exact(sd3, tmp_path):
+    from train_helpers import run_script
+
+    extra = ["--cache_latents", "--save_every_n_steps", "2", "--save_state", "--network_dropout", "0.1",
+             "--clip_g_dropout_rate", "0.3", "--weighting_scheme", "logit_normal", "--training_shift", "2.0"]
+    full = run_script(_argv(sd3, tmp_path / "a", steps=4, extra=extra), script="sd3_train_network.py")
+    assert full.returncode == 0, full.stderr[-3000:]
+    state = tmp_path / "a" / "lora-step00000002-state"
+    resumed = run_script(_argv(sd3, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
+                         script="sd3_train_network.py")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, _ = load_lora(tmp_path / "a" / "lora.safetensors")
+    b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("lora_te2_") for k in a)
+
+
+def test_save_lora_format_diffusers(sd3, tmp_path):
+    sd, meta = load_lora(_main(_argv(sd3, tmp_path / "out", extra=["--save_lora_format", "diffusers"])))
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in sd
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in sd
+    assert not any(k.startswith("lora_") for k in sd) and meta["ss_base_model_version"] == "5-medium"
+    with pytest.raises(UserError, match="loads no T5 LoRA"):
+        _main(_argv(sd3, tmp_path / "o2", extra=["--save_lora_format", "diffusers", "--network_args",
+                                                 "train_t5xxl=True"]))
+
+
+def test_samples_during_training_with_the_flow_euler_sampler(sd3, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat --n blurry --w 80 --h 64 --d 7 --s 3 --l 4.0\nsks dog --d 8 --s 2 --l 1\n",
+                       encoding="utf-8")
+    _main(_argv(sd3, tmp_path / "out", extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "1",
+                                              "--cache_latents"]))
+    images = sorted((tmp_path / "out" / "sample").glob("*.png"))
+    assert len(images) == 2 * 2  # two prompts after steps 1 and 2
+    from PIL import Image
+
+    first = Image.open(next(p for p in images if "_00_" in p.name))
+    assert first.size == (80, 64)
+
+
+def test_flow_euler_reaches_the_data_for_an_exact_velocity():
+    from library.models.sd3.sampling import flow_euler
+
+    x0 = torch.randn(1, 4, 4, 4)
+    noise = torch.randn(1, 4, 4, 4)
+    out = flow_euler(lambda x, t: noise - x0, noise, steps=5)
+    assert torch.allclose(out, x0, atol=1e-5)
