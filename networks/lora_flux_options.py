@@ -127,7 +127,8 @@ def _regex_pairs(key: str, value: Any, kind: type) -> tuple[tuple[str, Any], ...
         try:
             re.compile(pattern.strip())
         except re.error as err:
-            raise UserError(f"--network_args {key}: {pattern.strip()!r} is not a valid regular expression ({err})") from None
+            raise UserError(f"--network_args {key}: {pattern.strip()!r} is not a valid regular expression "
+                            f"({err})") from None
         pairs.append((pattern.strip(), _number(key, number.strip(), kind)))
     return tuple(pairs)
 
@@ -176,7 +177,7 @@ def parse_flux_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | None
         train_t5xxl=get("train_t5xxl") is not None and _flag("train_t5xxl", get("train_t5xxl")),
         verbose=get("verbose") is not None and _flag("verbose", get("verbose")),
         split_qkv=get("split_qkv") is not None and _flag("split_qkv", get("split_qkv")),
-        reg_dims=() if get("network_reg_dims") is None else _regex_pairs("network_reg_dims", get("network_reg_dims"), int),
-        reg_lrs=() if get("network_reg_lrs") is None else _regex_pairs("network_reg_lrs", get("network_reg_lrs"), float),
+        reg_dims=_regex_pairs("network_reg_dims", get("network_reg_dims") or "", int),
+        reg_lrs=_regex_pairs("network_reg_lrs", get("network_reg_lrs") or "", float),
         **ratio,
     )

@@ -16,7 +16,8 @@ When a block's weights leave the device:
 
 Frozen weights are never copied back (the host copy is still right); trained weights (full fine-tuning) are
 copied back when the block was on the device during a backward pass (the optimizer may have changed them
-there, with ``--fused_backward_pass`` / ``--blockwise_fused_optimizers``), not after a forward pass alone. The hooks work the same with a CPU "device": the tests run the machinery on CPU
+there, with ``--fused_backward_pass`` / ``--blockwise_fused_optimizers``), not after a forward pass alone.
+The hooks work the same with a CPU "device": the tests run the machinery on CPU
 with ``poison=True`` (an offloaded weight is NaN), proving the weights are on the device whenever they are used.
 """
 

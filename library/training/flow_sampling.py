@@ -87,7 +87,8 @@ def generate_flow_samples(
                     v = spec.forward(denoiser, x, sigma * 1000, cond, model_dtype).float()
                     if uncond is None:
                         return v
-                    return spec.forward(denoiser, x, sigma * 1000, uncond, model_dtype).float() * (1 - scale) + v * scale
+                    u = spec.forward(denoiser, x, sigma * 1000, uncond, model_dtype).float()
+                    return u + scale * (v - u)
 
                 sigmas = flow_schedule(steps, (shape[2] // 2) * (shape[3] // 2))
                 latents = euler_flow(predict, noise, sigmas)
