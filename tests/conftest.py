@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,19 @@ def make_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RG
 def image_factory():
     """``image_factory(path, (w, h), seed=0, mode="RGB")`` writes a generated image and returns its path."""
     return make_image
+
+
+@pytest.fixture
+def hide_module(monkeypatch):
+    """``hide_module("bitsandbytes")``: the package (and its submodules) cannot be imported for the rest of the test,
+    as if it were not installed (``import`` raises ImportError, ``importlib.util.find_spec`` returns None)."""
+
+    def hide(name: str) -> None:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            monkeypatch.setitem(sys.modules, key, None)
+        monkeypatch.setitem(sys.modules, name, None)
+
+    return hide
 
 
 @pytest.fixture(autouse=True)

@@ -101,6 +101,17 @@ def _latents_metadata(work: Path, s: Setup) -> None:
     (work / "meta.json").write_text(json.dumps({"red": {"caption": "a red circle"}}), encoding="utf-8")
 
 
+
+def _lumina_and_t5_headers(work: Path, setup: Setup) -> None:
+    """A file with a Lumina single file's header and a T5 encoder file (tiny tensors: only names are read)."""
+    import torch
+    from safetensors.torch import save_file
+
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({"layers.0.attention.qkv.weight": torch.zeros(4, 2), "cap_embedder.1.weight": torch.zeros(2, 2)},
+              str(work / "lumina.safetensors"))
+    save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}, str(work / "t5xxl.safetensors"))
+
 ROWS = [
     # files overwritten
     Case("output_name_is_a_path", "{TN} --dataset_config {DS} --output_dir {W}/a/b --output_name ../../victim",
@@ -214,6 +225,22 @@ ROWS = [
          "--output_dir {W}/o", "bad.json line 1 (sample 1): the last turn is a user turn",
          setup=lambda work, s: (work / "bad.json").write_text(
              '[{"conversations": [{"from": "human", "value": "hi"}]}]', encoding="utf-8") and None),
+    Case("vlm_deepspeed_config_is_not_json", "vlm_train.py --model_id {W}/missing --data_path {W}/missing.json "
+         "--output_dir {W}/o --deepspeed {W}/ds.json", "ds.json is not valid JSON: Expecting ',' delimiter at line 1",
+         setup=lambda work, s: (work / "ds.json").write_text('{"zero_optimization": {"stage": 2} "bf16": {}}',
+                                                             encoding="utf-8") and None),
+    Case("sd1_model_to_lumina_train_network", "lumina_train_network.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --ae {M}", "use train_network.py"),
+    Case("lumina_gemma2_is_a_t5_file", "lumina_train_network.py --pretrained_model_name_or_path {W}/lumina.safetensors "
+         "--gemma2 {W}/t5xxl.safetensors --dataset_config {DS} --output_dir {W}/o",
+         "this file is a T5 text encoder, not a Gemma2 text encoder", setup=_lumina_and_t5_headers),
+    Case("sd1_model_to_lumina_train", "lumina_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
+         "--output_dir {W}/o", "use train_network.py"),
+    Case("lumina_train_blockwise_with_accumulation", "lumina_train.py --pretrained_model_name_or_path "
+         "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blockwise_fused_optimizers "
+         "--gradient_accumulation_steps 2", "--gradient_accumulation_steps > 1", setup=_lumina_and_t5_headers),
+    Case("lumina_lora_converter_given_an_sd_lora", "networks/convert_lumina_lora_to_diffusers.py {OUT}/l.safetensors "
+         "{W}/x.safetensors", "not a Lumina 2 LoRA"),
     Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",
          "neither a model folder nor a Hugging Face id"),
 ]

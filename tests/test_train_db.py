@@ -167,8 +167,10 @@ def test_fused_backward_pass_matches_the_plain_adafactor_step(tiny_sd1_dir, data
     (["--no_token_padding", "--max_token_length", "150"], "--no_token_padding"),
     (["--cache_text_encoder_outputs"], r"^cannot start training: 1 problem\n.*--stop_text_encoder_training -1"),
 ])
-def test_refused_options(tiny_sd1_dir, data, tmp_path, extra, message):
+def test_refused_options(tiny_sd1_dir, data, tmp_path, extra, message, hide_module):
     from library.errors import UserError
+
+    hide_module("bitsandbytes")  # --use_8bit_adam without it (it is pinned, so installed in CI)
 
     with pytest.raises(UserError, match=message) as raised:
         run_db(db_args(tiny_sd1_dir, tmp_path / "out", data["train"], steps=1, extra=extra))

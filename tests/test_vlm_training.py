@@ -169,18 +169,34 @@ def test_vision_lora_and_target_modules(tiny, shapes, tmp_path):
         _train(_argv(tiny["qwen2_5_vl"], shapes, tmp_path / "bad", "--lora_target_modules", "qq_proj"))
 
 
-def test_q_lora_runs_on_cpu_or_is_refused_before_loading(tiny, shapes, tmp_path):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        with pytest.raises(UserError, match="need the bitsandbytes package.*pip install bitsandbytes"):
-            _train(_argv(tiny["llava_onevision"], shapes, tmp_path / "out", "--q_lora", "--max_train_steps", "2"))
-        assert not (tmp_path / "out" / "last").exists()
-        return
-    final, recipe = _train(_argv(tiny["llava_onevision"], shapes, tmp_path / "out", "--q_lora",
-                                 "--max_train_steps", "2"))
-    assert (final / "adapter_model.safetensors").is_file()
+def test_q_lora_learns_on_cpu_and_its_adapter_reloads(tiny, shapes, tmp_path):
+    pytest.importorskip("bitsandbytes")  # pinned; bitsandbytes 0.50.2 runs 4-bit NF4 on the CPU
+    from peft import PeftModel
+
+    from library.vlm.loading import load_vlm
+
+    family = "llava_onevision"
+    final, recipe = _train(_argv(tiny[family], shapes, tmp_path / "out", "--q_lora", "--max_train_steps", "30",
+                                 "--validate_every_n_steps", "10"))
     assert any(type(m).__name__ == "Linear4bit" for m in recipe.model.modules())
+    saved = load_file(str(final / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in saved) and any("multi_modal_projector" in k for k in saved)
+    assert all(v.dtype == torch.float32 for v in saved.values())  # the adapter holds no quantized weights
+
+    base = load_vlm(tiny[family], bits=4)
+    start = held_out_loss(base.model, base.family, base.tokenizer, shapes["eval"], shapes["folder"])
+    tuned = PeftModel.from_pretrained(base.model, str(final)).eval()
+    after = held_out_loss(tuned, base.family, base.tokenizer, shapes["eval"], shapes["folder"])
+    assert after <= 0.7 * start, (start, after)
+    recipe.model.eval()
+    assert held_out_loss(recipe.model, base.family, base.tokenizer, shapes["eval"], shapes["folder"]) == after
+
+
+def test_q_lora_without_bitsandbytes_is_refused_before_loading(tiny, shapes, tmp_path, hide_module):
+    hide_module("bitsandbytes")
+    with pytest.raises(UserError, match="need the bitsandbytes package.*pip install bitsandbytes==0.50.2"):
+        _train(_argv(tiny["llava_onevision"], shapes, tmp_path / "out", "--q_lora", "--max_train_steps", "2"))
+    assert not (tmp_path / "out" / "last").exists()
 
 
 def test_options_are_checked_before_any_model_loads(tiny, shapes, tmp_path):

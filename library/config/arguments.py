@@ -23,6 +23,7 @@ SUPPORT_FINE_TUNE = DatasetSupport(dreambooth=False, finetuning=True, caption_dr
 # sd-scripts' sdxl_train.py takes both styles (fine-tuning metadata and DreamBooth folders)
 SUPPORT_SDXL_TRAIN = DatasetSupport(dreambooth=True, finetuning=True, caption_dropout=True, script="sdxl_train.py")
 SUPPORT_FLUX_TRAIN = DatasetSupport(dreambooth=True, finetuning=True, caption_dropout=True, script="flux_train.py")
+SUPPORT_LUMINA_TRAIN = DatasetSupport(dreambooth=True, finetuning=True, caption_dropout=True, script="lumina_train.py")
 
 SUPPORT_BY_SCRIPT: Mapping[str, DatasetSupport] = MappingProxyType(
     {s.script: s for s in (SUPPORT_TRAIN_NETWORK, SUPPORT_TRAIN_DB, SUPPORT_FINE_TUNE)})

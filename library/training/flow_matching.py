@@ -4,9 +4,10 @@ Conventions (sd-scripts' FLUX ones): ``sigma`` in (0, 1] is the noise level, the
 ``x_t = (1 - sigma) * x0 + sigma * noise``, the velocity target is ``noise - x0``, and the model is given
 ``timesteps = sigma * 1000`` (FLUX divides it by 1000 again).
 
-Options (sd-scripts names): ``--timestep_sampling sigma|uniform|sigmoid|shift|flux_shift``, ``--sigmoid_scale``,
-``--discrete_flow_shift``, ``--model_prediction_type raw|additive|sigma_scaled``, ``--weighting_scheme``
-(``sigma_sqrt|logit_normal|mode|cosmap|none|uniform``) with ``--logit_mean``, ``--logit_std``, ``--mode_scale``.
+Options (sd-scripts names): ``--timestep_sampling sigma|uniform|sigmoid|shift|flux_shift|nextdit_shift``,
+``--sigmoid_scale``, ``--discrete_flow_shift``, ``--model_prediction_type raw|additive|sigma_scaled``,
+``--weighting_scheme`` (``sigma_sqrt|logit_normal|mode|cosmap|none|uniform``) with ``--logit_mean``, ``--logit_std``,
+``--mode_scale``.
 
 SD3 (``sd3_train_network.py``) has no ``--timestep_sampling``: its scripts set ``timestep_sampling="sd3"`` and
 ``model_prediction_type="sigma_scaled"`` (:func:`add_sd3_flow_arguments`). ``u`` is drawn from the
@@ -41,7 +42,7 @@ from library.training.losses import LossSettings, conditional_loss, masked_mean
 from library.training.noise import NoiseSettings, apply_noise_offset, pyramid_noise
 
 NUM_TRAIN_TIMESTEPS = 1000
-TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform")
 SD3_SAMPLING = "sd3"  # set by the SD3 scripts, not a --timestep_sampling choice
@@ -213,11 +214,15 @@ def sample_sigmas(settings: FlowMatchingSettings, batch_size: int, latent_hw: tu
                   generator: torch.Generator | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Noise levels [B] (float32, on ``device``) drawn by ``--timestep_sampling``.
 
-    ``latent_hw`` is the unpacked latent size; ``flux_shift`` uses its 2x2-patch sequence length.
+    ``latent_hw`` is the unpacked latent size; ``flux_shift`` and ``nextdit_shift`` use its 2x2-patch sequence
+    length.
     """
     mode = settings.timestep_sampling
     if mode == "uniform":
         sigmas = _draw("uniform", batch_size, generator, device)
+    elif mode == "nextdit_shift":  # Lumina: a uniform draw with FLUX's resolution shift (sd-scripts' clamp)
+        sigmas = _draw("uniform", batch_size, generator, device).clamp(min=1e-7)
+        sigmas = flux_time_shift(sigmas, (latent_hw[0] // 2) * (latent_hw[1] // 2))
     elif mode in ("sigmoid", "shift", "flux_shift"):
         sigmas = torch.sigmoid(settings.sigmoid_scale * _draw("normal", batch_size, generator, device))
         if mode == "shift":

@@ -272,8 +272,7 @@ def train(run: Run) -> Path:
                     group_start = (b // ga) * ga
                     group_len = min(ga, n_batches - group_start)
                     loss = recipe.batch_loss(run, batch, progress.global_step)
-                    if run.fused_backward:  # the weights change during backward: check the loss before
-                        _check_finite(_reduce_mean(run, loss.detach().float().item()), progress, args)
+                    _before_backward(run, loss, progress, last=b + 1 - group_start == group_len)
                     acc.backward(loss / group_len)
                     group_loss += loss.detach().float() / group_len
                     progress.batches_done += 1
@@ -315,6 +314,15 @@ def train(run: Run) -> Path:
     return _finish(run, progress, _snapshot(run, progress))
 
 
+def _before_backward(run: Run, loss: torch.Tensor, progress: Progress, *, last: bool) -> None:
+    """DeepSpeed steps inside the backward of a step's last micro-batch (``last``); with it, or with a fused
+    backward pass, the weights change during backward, so the loss is checked before it."""
+    if run.deepspeed:
+        run.accelerator.sync_gradients = last
+    if run.fused_backward or run.deepspeed:
+        _check_finite(_reduce_mean(run, loss.detach().float().item()), progress, run.args)
+
+
 def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progress,
                     group_loss: torch.Tensor, stop: StopRequest) -> tuple[float, dict[str, float]]:
     """Check the step's loss, average the gradients over processes, clip, step; returns the loss (mean over
@@ -328,7 +336,7 @@ def _optimizer_step(run: Run, params: list[torch.nn.Parameter], progress: Progre
     else:
         step_loss = float(group_loss)
     _check_finite(step_loss, progress, args)
-    if not run.fused_backward:  # with a fused backward pass each parameter was stepped during backward
+    if not (run.fused_backward or run.deepspeed):  # else each parameter was stepped during backward
         _all_reduce_gradients(run, params)
         if args.max_grad_norm:
             acc.clip_grad_norm_(params, args.max_grad_norm)
@@ -427,9 +435,20 @@ def _prune(run: Run, kind: str, *, state: bool, keep_after: int) -> None:
 
 def _save_weights(run: Run, path: Path, progress: Progress) -> None:
     acc = run.accelerator
-    if acc.is_main_process:
-        save_or_emergency(_weights_saver(run, progress), path, run.names, progress.global_step)
-    acc.wait_for_everyone()
+    with _gathered_weights(run):
+        if acc.is_main_process:
+            save_or_emergency(_weights_saver(run, progress), path, run.names, progress.global_step)
+        acc.wait_for_everyone()
+
+
+def _gathered_weights(run: Run) -> Any:
+    """ZeRO-3 shards the trained weights over the processes: every process gathers them for a save."""
+    plugin = getattr(run.accelerator.state, "deepspeed_plugin", None) if run.deepspeed else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(run.recipe.trainable_parameters(), modifier_rank=None)
 
 
 def _weights_saver(run: Run, progress: Progress) -> Callable[[Path], None]:

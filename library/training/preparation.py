@@ -124,7 +124,7 @@ def resume_recipe_problem(folder: str, saved: str, current: str) -> str:
             f"is a {current} training; {hint}, or give a state of this script")
 
 
-def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
+def make_accelerator(args: argparse.Namespace, tracker_name: str, *, deepspeed_plugin: Any = None) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs
@@ -137,7 +137,7 @@ def make_accelerator(args: argparse.Namespace, tracker_name: str) -> Any:
     trackers, project_dir = tracker_settings(args, tracker_name)
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout else []
     return Accelerator(mixed_precision=args.mixed_precision, log_with=trackers, project_dir=project_dir,
-                       kwargs_handlers=handlers, cpu=not uses_cuda())
+                       kwargs_handlers=handlers, cpu=not uses_cuda(), deepspeed_plugin=deepspeed_plugin)
 
 
 def shared_seed(args: argparse.Namespace, accelerator: Any, resume_seed: int | None = None) -> int:
@@ -226,6 +226,7 @@ class Run:
     sample_prompts: list[Any] = field(default_factory=list)  # what samples are made from (prompts, images)
     resumed: Any = None
     optimizer_name: str = ""
+    deepspeed: bool = False  # DeepSpeed averages, clips and steps inside the last backward of each step
     fused_flush: Any = None  # with fused_backward: called after each step's backward (blockwise groups left over)
     fused_backward: bool = False  # the optimizer steps inside backward (--fused_backward_pass)
     models: Any = None
@@ -436,15 +437,24 @@ def init_trackers(args: argparse.Namespace, accelerator: Any, tracker_name: str)
 
 def assemble_run(args: argparse.Namespace, recipe: LoopRecipe, accelerator: Any, *, names: OutputNames,
                  loader: Any, val_loader: Any, optimizer: Any, lr_scheduler: Any, lr_names: list[str], seed: int,
-                 max_train_steps: int, num_epochs: int, sample_prompts: list[Any] | None = None) -> Run:
+                 max_train_steps: int, num_epochs: int, sample_prompts: list[Any] | None = None,
+                 deepspeed_model: torch.nn.Module | None = None) -> Run:
     """The :class:`Run` of a recipe that brings its own model, data and optimizer (a captioner, a VLM):
     prepares the optimizer, restores ``--resume`` and seeds the RNGs, as :func:`build_run` does for the
-    diffusion recipes. Call it after the recipe's model is set up and before :func:`init_trackers`."""
-    optimizer = accelerator.prepare(optimizer)
+    diffusion recipes. Call it after the recipe's model is set up and before :func:`init_trackers`. With a
+    DeepSpeed accelerator, ``deepspeed_model`` (the recipe's model) is prepared with the optimizer into a DeepSpeed
+    engine, which accelerator.backward drives; the recipe keeps calling its own module."""
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    if deepspeed:
+        if deepspeed_model is None:
+            raise ValueError("a DeepSpeed run needs the recipe's model (deepspeed_model)")
+        _, optimizer = accelerator.prepare(deepspeed_model, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
     resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
     generator = seed_generators(seed, accelerator)
     return Run(args=args, accelerator=accelerator, recipe=recipe, loader=loader, val_loader=val_loader,
                optimizer=optimizer, lr_scheduler=lr_scheduler, lr_names=lr_names, names=names,
                max_train_steps=max_train_steps, num_epochs=num_epochs, seed=seed, generator=generator,
                sample_prompts=list(sample_prompts or []), resumed=resumed,
-               optimizer_name=optimizer_class_name(optimizer))
+               optimizer_name=optimizer_class_name(optimizer), deepspeed=deepspeed)

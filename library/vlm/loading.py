@@ -135,7 +135,18 @@ def load_vlm(folder: Path, *, dtype: torch.dtype = torch.float32, device: torch.
         raise UserError(f"{flag} {folder}: cannot load the model ({' '.join(str(err).split())[:400]})") from None
     if quant is None and device is not None:
         model.to(device)
+    if quant is not None and (device is None or device.type == "cpu"):
+        _plain_cpu_4bit_matmul(model)
     return VLM(model.eval(), tokenizer, image_processor, family_for(model.config, image_processor), folder)
+
+
+def _plain_cpu_4bit_matmul(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (used on CPUs with AVX512-BF16 in eval mode
+    without gradients): it rewrites the weights in place into a bf16 layout, so a validation pass changes the model's
+    numbers and the next training step fails, and it fails outright on layers narrower than its block size (64)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def adapter_base_path(adapter: Path) -> str | None:

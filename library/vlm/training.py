@@ -8,6 +8,7 @@ weights load; then load the model, let the recipe choose what trains, and hand a
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +20,6 @@ from library.errors import UserError
 from library.vlm.adapters import TrainingTargets
 from library.vlm.data import DEFAULT_CAPTION_PROMPT, DataOptions, Sample, caption_folder_samples, load_conversations
 from library.vlm.encoding import ConversationEncoder, Encoded, collate, encode_all
-
-DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
-
 
 def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
@@ -65,7 +63,8 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_vision_encoder", action="store_true", help="also train the vision tower")
     g.add_argument("--use_vision_lora", action="store_true", help="LoRA on the vision tower's linear layers")
     g.add_argument("--deepspeed", type=str, default=None,
-                   help=f"DeepSpeed config (zero2.json / zero3.json in {DS_CONFIGS}); see docs/vlm_finetuning.md")
+                   help="DeepSpeed ZeRO config: zero2 or zero3 (shipped in library/vlm/ds_configs) or a JSON file; "
+                        "needs deepspeed and CUDA GPUs")
 
 
 def build_parser(prog: str, description: str, add_recipe_arguments: Callable[[argparse.ArgumentParser], None]
@@ -125,21 +124,7 @@ def option_problems(args: argparse.Namespace) -> list[str]:
     for name in ("train_batch_size", "model_max_length"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1 (got {getattr(args, name)})")
-    if getattr(args, "deepspeed", None):
-        problems.append(deepspeed_problem(args.deepspeed))
     return problems
-
-
-def deepspeed_problem(config: str) -> str:
-    """DeepSpeed is not wired into the toolkit's loop (it owns gradient averaging and saving); say so clearly."""
-    try:
-        import deepspeed  # noqa: F401
-        installed = "deepspeed is installed, but"
-    except ImportError:
-        installed = "deepspeed is not installed, and"
-    return (f"--deepspeed {config}: {installed} this trainer runs on the toolkit's own loop, which averages "
-            "gradients itself; use `accelerate launch --multi_gpu` (data parallel), --q_lora and "
-            "--gradient_checkpointing for memory. The ZeRO configs are shipped for reference in " + str(DS_CONFIGS))
 
 
 @dataclass
@@ -150,6 +135,7 @@ class PreparedData:
     tokenizer: Any
     image_processor: Any
     family: Any
+    text_hidden_size: int
 
 
 def read_samples(args: argparse.Namespace, *, eval_set: bool) -> list[Sample] | None:
@@ -179,13 +165,15 @@ def prepare_data(args: argparse.Namespace, *, prompts_only: bool = False) -> Pre
     folder = resolve_model_path(args.model_local_path or args.model_id, flag=flag)
     read_model_type(folder, flag)
     tokenizer, image_processor = load_processing(folder)
-    family = family_for(AutoConfig.from_pretrained(str(folder), local_files_only=True), image_processor)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    family = family_for(config, image_processor)
     encoder = ConversationEncoder(family, tokenizer)
     settings = {"max_length": args.model_max_length, "drop_too_long": args.drop_too_long,
                 "for_generation": prompts_only}
     train = encode_all(encoder, train_samples, name="training", **settings)
     held_out = encode_all(encoder, eval_samples, name="held-out", **settings) if eval_samples else None
-    return PreparedData(train, held_out, folder, tokenizer, image_processor, family)
+    return PreparedData(train, held_out, folder, tokenizer, image_processor, family,
+                        config.get_text_config().hidden_size)
 
 
 def load_for_training(folder: Path, args: argparse.Namespace, device: torch.device) -> Any:
@@ -227,6 +215,11 @@ def run_info(args: argparse.Namespace, data: PreparedData, stage: str) -> dict[s
             "model_max_length": args.model_max_length}
 
 
+def world_size() -> int:
+    """The number of processes ``accelerate launch`` started (1 for a plain ``python`` run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData], Any], *, extra_problems:
               list[str] | None = None, tracker_name: str = "vlm_train", prompts_only: bool = False,
               check_data: Callable[[PreparedData], None] | None = None,
@@ -237,11 +230,14 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
     from library.training.optimizers import create_optimizer, validate_optimizer_args
     from library.training.outputs import OutputNames, check_output_dir, output_problems
     from library.training.preparation import (assemble_run, init_trackers, make_accelerator, shared_seed,
-                                              training_length)
+                                              training_length, uses_cuda)
     from library.training.schedulers import create_scheduler, validate_scheduler_args
+    from library.training.deepspeed_setup import (deepspeed_plugin, deepspeed_problems,
+                                                  single_process_environment)
     from library.training.state import verify_state
 
-    problems = option_problems(args) + list(extra_problems or [])
+    ds_settings, ds_problems = deepspeed_problems(args, cuda=uses_cuda())
+    problems = option_problems(args) + ds_problems + list(extra_problems or [])
     for check in (validate_optimizer_args, validate_scheduler_args):
         try:
             check(args)
@@ -259,7 +255,11 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
     if check_data is not None:
         check_data(data)
 
-    accelerator = make_accelerator(args, tracker_name)
+    plugin = None
+    if ds_settings:
+        os.environ.update(single_process_environment())  # what a launcher would have set
+        plugin = deepspeed_plugin(ds_settings, args, world_size(), data.text_hidden_size)
+    accelerator = make_accelerator(args, tracker_name, deepspeed_plugin=plugin)
     seed = shared_seed(args, accelerator, resume_info["seed"] if resume_info else None)
     torch.manual_seed(seed)  # LoRA / head initialisation
     vlm = load_for_training(data.folder, args, accelerator.device)
@@ -277,7 +277,8 @@ def train_vlm(args: argparse.Namespace, make_recipe: Callable[[Any, PreparedData
               f"parameters {trained:,} of {total:,}", flush=True)
     run = assemble_run(args, recipe, accelerator, names=names, loader=loader, val_loader=val_loader,
                        optimizer=optimizer, lr_scheduler=scheduler, lr_names=lr_names, seed=seed,
-                       max_train_steps=steps, num_epochs=epochs)
+                       max_train_steps=steps, num_epochs=epochs,
+                       deepspeed_model=vlm.model if ds_settings else None)
     init_trackers(args, accelerator, tracker_name)
     try:
         return train(run)

@@ -16,12 +16,13 @@ import torch
 from library.errors import UserError
 from library.models.families.base import FamilySpec, ModelFamily
 from library.models.families.flux import FluxSpec
+from library.models.families.lumina import LuminaSpec
 from library.models.families.sd import SDSpec
 from library.models.families.sd3 import SD3Spec
 from library.models.families.sdxl import SDXLSpec
 
 FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType(
-    {spec.name: spec for spec in (SDXLSpec(), SD3Spec(), FluxSpec(), SDSpec())})
+    {spec.name: spec for spec in (SDXLSpec(), SD3Spec(), FluxSpec(), LuminaSpec(), SDSpec())})
 
 
 def family_spec(name: str) -> FamilySpec:
