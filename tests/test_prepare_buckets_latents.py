@@ -220,3 +220,29 @@ def test_train_network_uses_prepared_latents(data, tmp_path, tiny_sd1_dir):
                       "--flip_aug", "--cache_latents_to_disk", "--train_batch_size", "1"])
     assert final is not None and Path(final).is_file()
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in npzs] == before
+
+
+def test_sd3_training_uses_prepared_latents(data, tmp_path):
+    """prepare_buckets_latents.py with an SD3 single file writes *_sd3.npz entries that sd3_train_network.py
+    reads and rewrites none of."""
+    import sd3_train_network
+    from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_files
+
+    folder, in_json = data
+    files = save_tiny_sd3_files(tmp_path / "sd3", TinySD3Config(variant="medium"))
+    out_json = tmp_path / "meta_lat.json"
+    run_tool(folder, in_json, out_json, files["sd3"])
+    npzs = sorted(folder.glob("*_sd3.npz"))
+    assert len(npzs) == len(SIZES)
+    with np.load(npzs[0]) as f:
+        assert f["latents"].shape[0] == 16
+    before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in npzs]
+    torch.set_num_threads(1)
+    final = sd3_train_network.main([
+        "--pretrained_model_name_or_path", str(files["sd3"]), "--tokenizer_cache_dir", str(files["tokenizer_cache_dir"]),
+        "--t5xxl_max_token_length", "8", "--output_dir", str(tmp_path / "out"), "--network_dim", "4",
+        "--learning_rate", "1e-3", "--seed", "1", "--max_train_steps", "1", "--max_data_loader_n_workers", "0",
+        "--in_json", str(out_json), "--train_data_dir", str(folder), "--resolution", "128", "--enable_bucket",
+        "--min_bucket_reso", "64", "--max_bucket_reso", "256", "--cache_latents_to_disk", "--train_batch_size", "1"])
+    assert final is not None and Path(final).is_file()
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in npzs] == before

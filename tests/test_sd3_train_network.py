@@ -222,3 +222,21 @@ def test_flow_euler_reaches_the_data_for_an_exact_velocity():
     noise = torch.randn(1, 4, 4, 4)
     out = flow_euler(lambda x, t: noise - x0, noise, steps=5)
     assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_plan_names_the_family_and_post_hoc_ema_of_sd3_loras(sd3, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT
+
+    _main(_argv(sd3, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
+                                                       "--save_every_n_steps", "1"]))
+    assert "model family: sd3-5-medium" in capsys.readouterr().out
+    files = sorted(str(p) for p in (tmp_path / "out").glob("lora-step*.safetensors"))
+    result = subprocess.run([sys.executable, str(ROOT / "lora_post_hoc_ema.py"), *files, "--output_file",
+                             str(tmp_path / "ema.safetensors")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ema, meta = load_lora(tmp_path / "ema.safetensors")
+    last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
+    assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"

@@ -161,6 +161,10 @@ def load_latent_vae(path: Path, family: Any, *, device: torch.device, dtype: tor
 
     if family.spec_name == "flux" and path.is_file():
         vae = load_ae(str(path), torch.float32)  # as flux_train*.py load --ae
+    elif family.spec_name == "sd3":
+        from library.models.sd3.loading import load_sd3_vae
+
+        vae = load_sd3_vae(path)
     else:
         vae = load_vae(str(path), family, dtype=torch.float32, device="cpu")
     vae.set_attn_processor(AttnProcessor2_0())
@@ -225,8 +229,9 @@ def _latent_channels(model: Path) -> int | None:
 
 
 def latent_family(args: argparse.Namespace, model: Path) -> Any:
-    """The family whose training reads these latents: recognised from a whole checkpoint or model folder;
-    for a VAE alone, ``--sdxl`` / ``--flux`` (else SD1.x/2.x)."""
+    """The family whose training reads these latents: recognised from a whole checkpoint or model folder
+    (SD1.x/2.x, SDXL, SD3 with its VAE inside, a FLUX folder); for a VAE alone, ``--sdxl`` / ``--flux`` (else
+    SD1.x/2.x)."""
     from library.models.families import sd_family, sdxl_family
     from library.models.families.flux import flux_family
     from library.models.families.registry import recognised_spec
@@ -235,6 +240,11 @@ def latent_family(args: argparse.Namespace, model: Path) -> Any:
     if spec is not None and spec.name == "flux" and model.is_file():
         raise UserError(f"{model}: this is the FLUX.1 transformer; the latents are made by the AE: give the AE file "
                         "(ae.safetensors) and --flux")
+    if spec is not None and spec.name == "sd3":
+        from library.models.families.sd3 import sd3_family
+        from library.models.sd3.loading import transformer_architecture
+
+        return sd3_family(transformer_architecture(model).variant)
     channels = _latent_channels(model)
     if args.flux or (spec is not None and spec.name == "flux"):
         if channels not in (None, 16):

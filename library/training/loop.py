@@ -70,6 +70,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
                                                grad_accum=ga), epochs=num_epochs, steps=max_train_steps)
         return None
     if accelerator.is_main_process:
+        print(f"model family: {checked.family.name} ({args.pretrained_model_name_or_path})", flush=True)
         print(group.plan(num_processes=n, grad_accum=ga, epochs=num_epochs, steps=max_train_steps), flush=True)
     run = build_run(args, recipe, checked, accelerator, group, seed=seed, max_train_steps=max_train_steps,
                     num_epochs=num_epochs)

@@ -241,6 +241,17 @@ def load_sd3_models(args: argparse.Namespace, family: Any, *, device: Any) -> An
                     tokenizers=tokenizers, source=str(source), vae_source=getattr(args, "vae", None))
 
 
+def load_sd3_vae(source: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The VAE of an SD3 single file (``first_stage_model.*`` inside) or diffusers folder, as training loads it."""
+    if source.is_dir():
+        return _folder_part(source, "vae", dtype)
+    parts = split_single_file(read_weights(source)[0])
+    if "vae" not in parts:
+        raise UserError(f"{source}: this SD3 file holds no VAE (first_stage_model.*); give the SD3 VAE file or a "
+                        "single file that includes it")
+    return build_vae(parts["vae"], f"{source} (vae)", dtype)
+
+
 def load_sd3_tokenizers(folder: Path | None, cache_dir: str | None) -> list[Any]:
     """CLIP-L (pads with the end token), CLIP-G (pads with ``!``, id 0) and T5, all offline: the model folder's
     ``tokenizer``/``tokenizer_2``/``tokenizer_3``, ``--tokenizer_cache_dir``, the HF cache, then (CLIP) the
