@@ -77,10 +77,28 @@ def _is_clip_vocabulary(tokenizer) -> bool:
 
 
 def _finish(tokenizer, spec: ClipTokenizerSpec):
-    """OpenCLIP encoders (SD2, SDXL's second) pad with ``!`` (id 0); CLIP ViT-L pads with ``<|endoftext|>``."""
-    if spec.pad_zero and tokenizer.pad_token_id != 0:
-        tokenizer.pad_token = "!"
+    """OpenCLIP encoders (SD2, SDXL's second) pad with ``!`` (id 0); CLIP ViT-L pads with ``<|endoftext|>``.
+
+    Only the pad id is set: ``!`` must not be a registered (added) token. transformers matches added tokens in
+    the text before BPE, so every ``!`` of a caption would become id 0 instead of its BPE ids (``!</w>`` 256,
+    ``!!</w>`` 748), unlike OpenCLIP. Tokenizer files that name ``!`` as pad token (SD2's, SDXL's
+    ``tokenizer_2``) register it; such a tokenizer is rebuilt from its vocabulary and merges without it."""
+    if spec.pad_zero:
+        if "!" in tokenizer.get_added_vocab():
+            tokenizer = _without_added_tokens(tokenizer)
+        tokenizer.pad_token_id = 0
     return tokenizer
+
+
+def _without_added_tokens(tokenizer):
+    """The same CLIP BPE (vocabulary, merges, length limit) with only the two special tokens added."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=tokenizer.model_max_length)
 
 
 def bundled_clip_tokenizer(pad_zero: bool = False):
@@ -91,9 +109,12 @@ def bundled_clip_tokenizer(pad_zero: bool = False):
 
     tmp = Path(tempfile.mkdtemp(prefix="clip-tokenizer-"))
     try:
-        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, sd2=pad_zero)), local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp)), local_files_only=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if pad_zero:
+        tokenizer.pad_token_id = 0  # ``!``, as OpenCLIP pads (see ``_finish``)
+    return tokenizer
 
 
 def load_clip_tokenizer(spec: ClipTokenizerSpec, *, model_dir: str | Path | None = None,
