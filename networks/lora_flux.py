@@ -143,12 +143,13 @@ class FluxLoRANetwork(FusedLoRANetwork):
         if t5 is not None and (options.train_t5xxl or options.modules_dim is not None):
             te_targets += t5_targets(t5)
         for name, module in te_targets:
-            rank = options.rank_for(name) if options.modules_dim is not None else (options.dim, options.alpha)
+            rank = options.rank_for(name)
             if rank is not None:
                 self._add(LoRAModule(name, module, multiplier, rank[0], rank[1], **drop), self.text_encoder_loras)
         if transformer is not None:
             for name, parts, dim, alpha in flux_block_targets(transformer, options):
-                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **drop), self.unet_loras)
+                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **drop, split=options.split_qkv),
+                          self.unet_loras)
         logger.info("FLUX LoRA: %d text encoder modules, %d transformer modules", len(self.text_encoder_loras),
                     len(self.unet_loras))
         if options.verbose:
@@ -183,7 +184,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     options = FluxLoRAOptions(
         dropout=parsed.dropout, rank_dropout=parsed.rank_dropout, module_dropout=parsed.module_dropout,
         loraplus_lr_ratio=parsed.loraplus_lr_ratio, loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
-        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio,
+        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio, reg_lrs=parsed.reg_lrs,
         modules_dim=modules_dim, modules_alpha=modules_alpha,
     )
     network = FluxLoRANetwork(text_encoders, flux, options, multiplier)

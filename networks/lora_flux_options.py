@@ -1,9 +1,11 @@
-"""``--network_args`` of ``networks.lora_flux`` (sd-scripts' names): per-type ranks, embedder ranks, block
-selection, T5 training, LoRA+ and dropouts."""
+"""``--network_args`` of ``networks.lora_flux`` (sd-scripts' names): per-type ranks, ranks and learning rates by
+regular expression (``network_reg_dims``/``network_reg_lrs``), embedder ranks, block selection, ``split_qkv``,
+T5 training, LoRA+ and dropouts."""
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -18,9 +20,10 @@ IN_DIM_NAMES = ("img", "time", "vector", "guidance", "txt")
 NETWORK_ARGS = TYPE_DIM_ARGS + (
     "in_dims", "train_blocks", "train_double_block_indices", "train_single_block_indices", "train_t5xxl",
     "split_qkv", "verbose", "dropout", "rank_dropout", "module_dropout", "loraplus_lr_ratio",
-    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "network_reg_dims", "network_reg_lrs",
 )
-SHAPE_ARGS = TYPE_DIM_ARGS + ("in_dims", "train_blocks", "train_double_block_indices", "train_single_block_indices")
+SHAPE_ARGS = TYPE_DIM_ARGS + ("in_dims", "train_blocks", "train_double_block_indices", "train_single_block_indices",
+                              "network_reg_dims", "split_qkv")
 TRAIN_BLOCKS = ("all", "single", "double")
 
 
@@ -43,6 +46,9 @@ class FluxLoRAOptions:
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    split_qkv: bool = False
+    reg_dims: tuple[tuple[str, int], ...] = ()  # (regex, rank): the first match wins, before the per-type ranks
+    reg_lrs: tuple[tuple[str, float], ...] = ()  # (regex, learning rate): the first match wins
     modules_dim: Mapping[str, int] | None = field(default=None, repr=False)
     modules_alpha: Mapping[str, float] | None = field(default=None, repr=False)
 
@@ -54,6 +60,9 @@ class FluxLoRAOptions:
             dim = self.modules_dim[lora_name]
             return dim, (self.modules_alpha or {}).get(lora_name, dim)
         dim = self.dim
+        for pattern, reg_dim in self.reg_dims:
+            if re.search(pattern, lora_name):
+                return (reg_dim, self.alpha) if reg_dim and selected else None
         for type_dim, fragments in zip(self.type_dims, _TYPE_FRAGMENTS):
             if type_dim is not None and all(f in lora_name for f in fragments):
                 dim = type_dim
@@ -105,6 +114,25 @@ def _flag(key: str, value: Any) -> bool:
     return text in ("true", "1")
 
 
+def _regex_pairs(key: str, value: Any, kind: type) -> tuple[tuple[str, Any], ...]:
+    """sd-scripts' ``"regex=value,regex=value"`` (a regex cannot contain a comma)."""
+    pairs = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        pattern, sep, number = part.rpartition("=")
+        if not sep or not pattern.strip():
+            raise UserError(f"--network_args {key}: {part!r} is not 'regex=value' (e.g. {key}=single_blocks_\\d+=8)")
+        try:
+            re.compile(pattern.strip())
+        except re.error as err:
+            raise UserError(f"--network_args {key}: {pattern.strip()!r} is not a valid regular expression "
+                            f"({err})") from None
+        pairs.append((pattern.strip(), _number(key, number.strip(), kind)))
+    return tuple(pairs)
+
+
 def _in_dims(value: str) -> tuple[int, ...]:
     text = value.strip().strip("[]")
     parts = [p for p in text.split(",") if p.strip()]
@@ -130,10 +158,6 @@ def parse_flux_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | None
         value = kwargs.get(key)
         return None if value is None or str(value).strip() in ("", "None") else value
 
-    if get("split_qkv") is not None and _flag("split_qkv", get("split_qkv")):
-        raise UserError("--network_args split_qkv=True is not supported: the default fused qkv LoRA is what "
-                        "ComfyUI, Forge and diffusers read directly (sd-scripts' split_qkv files need a different "
-                        "alpha to load right); remove split_qkv")
     train_blocks = str(get("train_blocks") or "all")
     if train_blocks not in TRAIN_BLOCKS:
         raise UserError(f"--network_args train_blocks={train_blocks!r}: expected one of {', '.join(TRAIN_BLOCKS)}")
@@ -152,5 +176,8 @@ def parse_flux_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | None
         single_blocks=None if get("train_single_block_indices") is None else str(get("train_single_block_indices")),
         train_t5xxl=get("train_t5xxl") is not None and _flag("train_t5xxl", get("train_t5xxl")),
         verbose=get("verbose") is not None and _flag("verbose", get("verbose")),
+        split_qkv=get("split_qkv") is not None and _flag("split_qkv", get("split_qkv")),
+        reg_dims=_regex_pairs("network_reg_dims", get("network_reg_dims") or "", int),
+        reg_lrs=_regex_pairs("network_reg_lrs", get("network_reg_lrs") or "", float),
         **ratio,
     )

@@ -12,6 +12,7 @@ update.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -29,11 +30,18 @@ class FusedLoRAModule(nn.Module):
     plain kohya LoRA. Dropouts are drawn per part call. ``swap_halves`` (one part only) is for a layer whose
     rows are the fused layer's two halves swapped: diffusers keeps SD3's final modulations as (scale, shift)
     where the original layer, and so the file, has (shift, scale).
+
+    ``split`` (FLUX's ``split_qkv=True``): each part gets its own rank-``r`` LoRA, as sd-scripts' split_qkv.
+    They are kept as the fused LoRA of rank ``n*r`` they are equal to: part ``i`` uses rows ``i*r:(i+1)*r`` of
+    ``lora_down`` and only the matching columns of its ``lora_up`` rows (the rest of ``lora_up`` stays zero:
+    block-diagonal), with alpha ``n*alpha`` so that the scale stays ``alpha / r``. The file is therefore a
+    plain fused LoRA that every loader applies with the right math.
     """
 
     def __init__(self, lora_name: str, org_modules: Sequence[nn.Linear], multiplier: float | torch.Tensor = 1.0,
                  lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
-                 rank_dropout: float | None = None, module_dropout: float | None = None, swap_halves: bool = False):
+                 rank_dropout: float | None = None, module_dropout: float | None = None, swap_halves: bool = False,
+                 split: bool = False):
         super().__init__()
         if swap_halves and len(org_modules) != 1:
             raise ValueError(f"{lora_name}: swap_halves needs exactly one part")
@@ -41,6 +49,10 @@ class FusedLoRAModule(nn.Module):
         if len(in_features) != 1:
             raise ValueError(f"{lora_name}: the fused parts have different inputs {sorted(in_features)}")
         self.lora_name = lora_name
+        self.split_rank = lora_dim if split and len(org_modules) > 1 else None
+        if self.split_rank is not None:
+            alpha = len(org_modules) * float(lora_dim if not alpha else alpha)
+            lora_dim = len(org_modules) * lora_dim
         self.lora_dim = lora_dim
         self.sizes = [m.out_features for m in org_modules]
         self.swap_halves = swap_halves
@@ -84,17 +96,19 @@ class FusedLoRAModule(nn.Module):
     def delta(self, x: torch.Tensor, part: int) -> torch.Tensor:
         """The LoRA's contribution to part ``part``'s output for input ``x``."""
         w = self.lora_down.weight
+        cols = slice(None) if self.split_rank is None else slice(part * self.split_rank, (part + 1) * self.split_rank)
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return torch.zeros((*x.shape[:-1], self.sizes[part]), device=x.device, dtype=w.dtype)
+        w = w[cols]
         lx = F.linear(x.to(w.dtype), w)
         if self.dropout is not None and self.training:
             lx = F.dropout(lx, p=self.dropout)
         scale = self.scale
         if self.rank_dropout is not None and self.training:
-            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            mask = torch.rand((lx.size(0), w.shape[0]), device=lx.device) > self.rank_dropout
             lx = lx * (mask.unsqueeze(1) if lx.dim() == 3 else mask)
             scale = scale / (1.0 - self.rank_dropout)
-        out = F.linear(lx, self.lora_up.weight[self._rows(part)])
+        out = F.linear(lx, self.lora_up.weight[self._rows(part)][:, cols])
         multiplier = self.multiplier
         if isinstance(multiplier, torch.Tensor):  # one multiplier per sample
             multiplier = multiplier.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))
@@ -132,7 +146,8 @@ class FusedLoRANetwork(LoRANetwork):
                                  default_lr: float | None) -> tuple[list[dict[str, Any]], list[str]]:
         """Groups: each text encoder of :attr:`TEXT_ENCODER_GROUPS` in order (``text_encoder_lr[i]``, else its
         last value), the transformer (``unet_lr``); each falls back to ``default_lr``. LoRA+ puts ``lora_up`` in
-        its own group at ``lr * ratio``. Groups with lr 0 are left out."""
+        its own group at ``lr * ratio``. Modules matching a ``network_reg_lrs`` regex (``options.reg_lrs``) get
+        its rate, in groups ``reg_lr_<i>`` before the others (sd-scripts' order). Groups with lr 0 are left out."""
         self.requires_grad_(True)
         te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else (
             [] if text_encoder_lr is None else [text_encoder_lr])
@@ -140,7 +155,18 @@ class FusedLoRANetwork(LoRANetwork):
         groups: list[dict[str, Any]] = []
         descriptions: list[str] = []
 
+        reg_lrs = getattr(o, "reg_lrs", ())
+
         def add(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
+            by_regex: dict[int, list[nn.Module]] = {}
+            for lora in loras:
+                index = next((i for i, (rx, _) in enumerate(reg_lrs) if re.search(rx, lora.lora_name)), -1)
+                by_regex.setdefault(index, []).append(lora)
+            for index in sorted(i for i in by_regex if i >= 0):
+                add_groups(by_regex[index], reg_lrs[index][1], ratio, f"reg_lr_{index}")
+            add_groups(by_regex.get(-1, []), lr, ratio, description)
+
+        def add_groups(loras: list[nn.Module], lr: float | None, ratio: float | None, description: str) -> None:
             plain = [p for m in loras for n, p in m.named_parameters() if ratio is None or "lora_up" not in n]
             plus = [p for m in loras for n, p in m.named_parameters() if ratio is not None and "lora_up" in n]
             plus_lr = None if lr is None else lr * (ratio or 1)

@@ -122,8 +122,9 @@ def _sdxl_like_file(path):
     ("sdxl", "this is a model of the SDXL family, which this script does not train; use sdxl_train_network.py"),
     ("t5_as_clip", "--clip_l .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP text encoder"),
     ("no_ae", "--ae is missing"),
-    ("fp8", "--fp8_base is a GPU memory option for FLUX and this machine has no CUDA device"),
-    ("swap", "--blocks_to_swap is a GPU memory option"),
+    ("offload", "--cpu_offload_checkpointing moves weights or activations between the GPU and host memory, and "
+                "this machine has no CUDA device"),
+    ("swap", "--blocks_to_swap needs --gradient_checkpointing"),
     ("sd_flags", "--clip_skip does not apply to FLUX.1"),
     ("flow", "--min_snr_gamma does not apply to flow-matching training"),
     ("network", "use --network_module networks.lora_flux"),
@@ -141,7 +142,7 @@ def test_bad_input_is_one_message_before_any_model_loads(flux, tmp_path, monkeyp
         "sdxl": lambda a: a[:1] + [str(_sdxl_like_file(tmp_path / "sdxl.safetensors"))] + a[2:],
         "t5_as_clip": lambda a: [flux["t5xxl"].as_posix() if x == str(flux["clip_l"]) else x for x in a],
         "no_ae": lambda a: a[: a.index("--ae")] + a[a.index("--ae") + 2:],
-        "fp8": lambda a: a + ["--fp8_base"],
+        "offload": lambda a: a + ["--cpu_offload_checkpointing"],
         "swap": lambda a: a + ["--blocks_to_swap", "8"],
         "sd_flags": lambda a: a + ["--clip_skip", "2"],
         "flow": lambda a: a + ["--min_snr_gamma", "5"],
@@ -195,3 +196,51 @@ def test_post_hoc_ema_of_flux_loras(flux, tmp_path):
     ema, meta = load_lora(tmp_path / "ema.safetensors")
     last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
     assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "flux-1-dev/lora"
+
+
+def test_samples_are_written_and_deterministic_for_a_seed(flux, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 88 --h 64 --d 7 --s 3 --g 2.0\n"
+                       "a blue circle --n blurry --l 2.0 --d 8 --s 2\n", encoding="utf-8")
+    extra = ["--cache_latents", "--network_train_unet_only", "--sample_prompts", str(prompts), "--sample_at_first",
+             "--sample_every_n_steps", "1"]
+    images = []
+    for name in ("a", "b"):
+        _main(_argv(flux, tmp_path / name, steps=1, extra=extra))
+        files = sorted((tmp_path / name / "sample").glob("*.png"))
+        assert [f.name.split("_")[1:3] for f in files] == [["000000", "00"], ["000000", "01"], ["000001", "00"],
+                                                           ["000001", "01"]]
+        images.append([np.asarray(Image.open(f)) for f in files])
+    assert images[0][0].shape == (64, 80, 3) and images[0][1].shape == (64, 64, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(*images))
+    assert not np.array_equal(images[0][0], images[0][2])  # the LoRA trained between the two samples
+
+
+def test_fp8_base_trains_a_lora_close_to_the_bf16_run(flux, tmp_path):
+    extra = ["--cache_latents", "--network_train_unet_only", "--mixed_precision", "bf16", "--max_grad_norm", "0"]
+    plain, _ = load_lora(_main(_argv(flux, tmp_path / "bf16", steps=2, extra=extra)))
+    fp8, meta = load_lora(_main(_argv(flux, tmp_path / "fp8", steps=2, extra=extra + ["--fp8_base"])))
+    assert meta["ss_fp8_base"] == "True" and plain.keys() == fp8.keys()
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert all(fp8[k].abs().sum() > 0 for k in ups)  # it trained
+    a = torch.cat([plain[k].float().flatten() for k in ups])
+    b = torch.cat([fp8[k].float().flatten() for k in ups])
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    assert not torch.equal(a, b) and cosine > 0.9  # float8 storage changes the result a little, not its direction
+
+
+def test_t5_and_clip_loras_train_end_to_end_with_split_qkv_and_regex_ranks(flux, tmp_path):
+    extra = ["--cache_latents", "--network_args", "train_t5xxl=True", "split_qkv=True",
+             "network_reg_dims=single_blocks_\\d+_linear1=2", "--text_encoder_lr", "1e-3", "5e-4"]
+    sd, meta = load_lora(_main(_argv(flux, tmp_path / "out", steps=2, extra=extra)))
+    assert sd["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * 2, 64)  # q, k, v, mlp at rank 2
+    assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (3 * 4, 64)
+    t5 = {k.split(".")[0] for k in sd if k.startswith("lora_te3_")}
+    clip = {k.split(".")[0] for k in sd if k.startswith("lora_te1_text_model_")}
+    assert len(t5) == 2 * 7 and len(clip) == 12
+    for names in (t5, clip):
+        assert any(sd[f"{n}.lora_up.weight"].abs().sum() > 0 for n in names)  # both encoders' LoRAs trained
+    assert "train_t5xxl" in meta["ss_network_args"]

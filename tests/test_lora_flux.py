@@ -160,8 +160,10 @@ def test_network_args(parts):
     assert "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_1" in t5
     with pytest.raises(UserError, match="did you mean 'img_attn_dim'"):
         names(img_atn_dim="4")
-    with pytest.raises(UserError, match="split_qkv"):
-        names(split_qkv="True")
+    with pytest.raises(UserError, match="expected True or False"):
+        names(split_qkv="yes")
+    with pytest.raises(UserError, match="not a valid regular expression"):
+        names(network_reg_dims="single_blocks_(=8")
     with pytest.raises(UserError, match="outside 0..1"):
         names(train_double_block_indices="0-5")
 
@@ -220,3 +222,55 @@ def test_diffusers_converter_splits_full_size_fused_modules_like_our_adapter():
             torch.testing.assert_close(b @ (a @ probe[: a.shape[1]]), expected[row:row + size], rtol=1e-5, atol=1e-6)
             row += size
     assert len([k for k in converted if k.endswith("lora_A.weight")]) == (8 + 2 * 3) + 2 * (2 + 4)
+
+
+def test_split_qkv_trains_separate_loras_saved_as_a_fused_file_of_rank_n_r():
+    fresh = build_tiny_flux(TinyFluxConfig(), seed=3)
+    t = fresh["transformer"]
+    net = lora_flux.create_network(1.0, 2, 1.0, None, [], t, split_qkv="True")
+    net.apply_to([], t, False, True)
+    sd = net.state_dict()
+    assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (6, 64)
+    assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (192, 6)
+    assert float(sd["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3.0  # scale stays alpha / r = 1 / 2
+    assert sd["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (8, 64)  # q, k, v, mlp
+    assert sd["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"].shape == (2, 64)  # not fused: rank r
+    loss = t(**_inputs()).sample.square().mean()
+    loss.backward()
+    lora = net.unet_loras[[m.lora_name for m in net.unet_loras].index("lora_unet_single_blocks_0_linear1")]
+    grad = lora.lora_up.weight.grad
+    for part, size in enumerate(lora.sizes):
+        rows = lora._rows(part)
+        outside = torch.ones(grad.shape[1], dtype=torch.bool)
+        outside[part * 2:(part + 1) * 2] = False
+        assert grad[rows][:, ~outside].abs().sum() > 0 and grad[rows][:, outside].abs().sum() == 0
+    # a trained split LoRA (block-diagonal up) applied as a plain fused file gives the same outputs
+    with torch.no_grad():
+        for m in net.unet_loras:
+            for part in range(len(m.sizes)):
+                cols = slice(None) if m.split_rank is None else slice(part * 2, (part + 1) * 2)
+                m.lora_up.weight[m._rows(part), cols] = torch.randn_like(m.lora_up.weight[m._rows(part), cols]) * 0.1
+        split_out = t(**_inputs(1)).sample
+    other = build_tiny_flux(TinyFluxConfig(), seed=3)["transformer"]
+    loaded, weights = lora_flux.create_network_from_weights(1.0, None, None, [], other, weights_sd=net.state_dict())
+    loaded.apply_to([], other, False, True)
+    loaded.load_state_dict(weights)
+    assert all(m.split_rank is None for m in loaded.unet_loras)
+    with torch.no_grad():
+        torch.testing.assert_close(other(**_inputs(1)).sample, split_out, rtol=1e-5, atol=1e-6)
+
+
+def test_network_reg_dims_and_lrs(parts):
+    net = lora_flux.create_network(1.0, 4, 1.0, None, [parts["clip_l"], None], parts["transformer"],
+                                   network_reg_dims="single_blocks_\\d+_linear1=8,te1_.*_mlp_fc1=2",
+                                   img_attn_dim="6", network_reg_lrs="double_blocks_1_=1e-5,te1_=3e-5")
+    ranks = {m.lora_name: m.lora_dim for m in net.all_loras()}
+    assert ranks["lora_unet_single_blocks_1_linear1"] == 8 and ranks["lora_unet_single_blocks_1_linear2"] == 4
+    assert ranks["lora_unet_double_blocks_0_img_attn_qkv"] == 6  # per-type rank where no regex matches
+    assert ranks["lora_te1_text_model_encoder_layers_0_mlp_fc1"] == 2
+    assert ranks["lora_te1_text_model_encoder_layers_0_mlp_fc2"] == 4
+    groups, names = net.prepare_optimizer_params(None, 1e-4, 1e-3)
+    assert names == ["reg_lr_1", "reg_lr_0", "unet"] and [g["lr"] for g in groups] == [3e-5, 1e-5, 1e-4]
+    double1 = {id(p) for m in net.unet_loras if m.lora_name.startswith("lora_unet_double_blocks_1_")
+               for p in m.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == double1

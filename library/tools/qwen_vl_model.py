@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from library.errors import UserError
+from library.models.fp8 import Fp8Linear, to_fp8  # noqa: F401  (Fp8Linear: part of this module's API)
 
 # Qwen/Qwen2.5-VL-7B-Instruct config.json: used for a single weights file without a config next to it.
 QWEN25_VL_7B_CONFIG: dict[str, Any] = {
@@ -149,28 +150,6 @@ def load_folder(model_path: Path, dtype: torch.dtype):
     except (OSError, ValueError, SafetensorError) as err:  # missing or unusable weight files
         reason = " ".join(str(err).split())[:400]
         raise UserError(f"{model_path}: cannot load the Qwen2.5-VL model folder: {reason}") from err
-
-
-class Fp8Linear(torch.nn.Linear):
-    """A Linear whose weight is stored in float8 and up-cast to the input's dtype for each call."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
-
-
-def to_fp8(model: torch.nn.Module) -> int:
-    """Store every Linear weight as float8_e4m3fn (norms, embeddings and biases keep their dtype; a head tied to
-    the embeddings stays as it is)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    count = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and id(module.weight) not in embeddings:
-            if module.weight.dtype != torch.float8_e4m3fn:
-                module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
-            module.__class__ = Fp8Linear
-            count += 1
-    return count
 
 
 @dataclass

@@ -53,7 +53,7 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
     if resume is not None:  # before any model loads
         check_process_count(args.resume, resume["num_processes"], accelerator.num_processes)
     seed = shared_seed(args, accelerator, resume.get("seed") if resume else None)
-    group = build_dataset_group(checked.params, seed=seed)
+    group = build_dataset_group(checked.params, seed=seed, required_step=checked.family.bucket_step)
     recipe.prepare_dataset(group)
     n, ga = accelerator.num_processes, args.gradient_accumulation_steps
     max_train_steps, num_epochs = training_length(args, group.steps_per_epoch(n, ga))
@@ -504,6 +504,15 @@ def sample_images(run: Run, global_step: int, epoch: int | None) -> None:
     if prompts:
         resolution = run.params.datasets[0].resolution
         run.recipe.before_forward({"network_multipliers": torch.ones(1)})  # samples show the full-strength LoRA
+        if models.family.objective.is_flow_matching:
+            from library.training.flow_sampling import generate_flow_samples
+
+            generate_flow_samples(
+                denoiser=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
+                prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,
+                tag=sample_tag(step=global_step, epoch=epoch), default_size=resolution, device=acc.device,
+                dtype=run.weight_dtype, family=models.family)
+            return
         generate_samples(
             unet=models.unet, vae=models.vae, text_encode=lambda texts: run.text.encode(texts, acc.device),
             prompts=prompts, output_dir=args.output_dir, output_name=run.names.name,

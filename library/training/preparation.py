@@ -241,12 +241,48 @@ class Run:
     text: Any = None
     weight_dtype: torch.dtype = torch.float32
     vae_encode: Any = None
+    block_swap: Any = None  # library.training.block_swap.BlockSwap with --blocks_to_swap
 
 
 def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
     """transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias that warns on every run)."""
     enable = getattr(text_encoder, "activation_checkpointing_enable", None)
     (enable or text_encoder.gradient_checkpointing_enable)()
+
+
+def _load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, accelerator: Any,
+                 dtype: torch.dtype) -> tuple[Any, str, torch.dtype, Any]:
+    """Load the models, let the recipe set up what it trains, apply the memory options and place everything on
+    the device; returns the models, the attention kernels' name, the VAE's dtype and the block swap (or None)."""
+    from library.models.fp8 import move_keeping_fp8
+    from library.training.memory import apply_fp8_base, enable_checkpointing, place_denoiser
+
+    device = accelerator.device
+    models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
+    attention = family.spec.set_attention(models, bool(args.xformers))
+    for module in (models.unet, models.vae, *models.text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    fp8 = apply_fp8_base(models, args, frozen_text_encoders="text_encoder" not in recipe.trained_base_modules())
+    if fp8 and accelerator.is_main_process:
+        print(f"float8 weights (--fp8_base): {', '.join(fp8)}", flush=True)
+    recipe.setup(models, args, device)  # after fp8: a LoRA wraps the float8 layers' forward
+    trained = recipe.trained_base_modules()
+    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
+    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
+        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
+    move_module(models.vae, device, vae_dtype)
+    block_swap = place_denoiser(models, args, device, torch.float32 if "unet" in trained else dtype)
+    for te in models.text_encoders:
+        move_keeping_fp8(te, device, torch.float32 if "text_encoder" in trained else dtype)
+    if args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False):
+        enable_checkpointing(models.unet, args, device)
+        models.unet.train()
+        if recipe.trains_text_encoder():
+            for te in models.text_encoders:
+                enable_text_encoder_checkpointing(te)
+                te.train()
+    return models, attention, vae_dtype, block_swap
 
 
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
@@ -266,7 +302,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     dtype = weight_dtype(args)
     set_seed(seed)
     family = checked.family
-    models, attention, vae_dtype, unet_dtype = load_models(args, recipe, family, accelerator, dtype)
+    models, attention, vae_dtype, block_swap = _load_models(args, recipe, family, accelerator, dtype)
 
     vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
     if args.cache_latents or args.cache_latents_to_disk:
@@ -293,8 +329,6 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     release_frozen_models(models, text, recipe, sampling=bool(checked.sample_prompts),
                           latents_cached=group.latents is not None, verbose=accelerator.is_main_process,
                           text_cache_asked=asked)
-    if unet_dtype is not None:  # cast only now: the frozen encoders' memory is free again
-        move_module(models.unet, device, unet_dtype)
     text = recipe.text_conditioning(text)
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -316,6 +350,10 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         allow_fp16_gradients(accelerator.scaler)
 
     resumed = restore_state(args, recipe, optimizer, lr_scheduler, accelerator)
+    if resumed is not None and block_swap is not None:
+        from library.training.memory import optimizer_state_to
+
+        optimizer_state_to(optimizer, device)
     fused_flush = _attach_fused_steps(args, optimizer, accelerator.num_processes)
 
     generator = seed_generators(seed, accelerator)
@@ -330,47 +368,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
         flow_settings=FlowMatchingSettings.from_args(args) if family.objective.is_flow_matching else None,
         names=checked.names, max_train_steps=max_train_steps, num_epochs=num_epochs, weight_dtype=dtype,
         vae_encode=vae_encode, seed=seed, generator=generator, resumed=resumed, optimizer_name=optimizer_name,
-        fused_backward=fused_flush is not None, fused_flush=fused_flush,
+        fused_backward=fused_flush is not None, fused_flush=fused_flush, block_swap=block_swap,
     )
-
-
-def load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, accelerator: Any,
-                dtype: torch.dtype) -> tuple[Any, str, torch.dtype, torch.dtype | None]:
-    """Load the models, let the recipe set up its trained modules, and put each model on the device in its
-    dtype; returns ``(models, attention, vae dtype, UNet dtype still to apply)``.
-
-    A recipe that needs no frozen model after caching (LoRA) loads a family's weights as stored and casts
-    the UNet last (the caller does, once the text encoders and VAE may be released): a float16 checkpoint
-    is then never held in float32 all at once. Otherwise the UNet dtype returned is None (already applied).
-    """
-    device = accelerator.device
-    defer = family.spec.loads_stored_dtype and not recipe.needs_frozen_models and not getattr(
-        args, "base_weights", None)  # merging base weights needs the working precision
-    models = family.spec.load(args, family, device=device if args.lowram else "cpu",
-                              dtype=None if defer else torch.float32)
-    attention = family.spec.set_attention(models, bool(args.xformers))
-    for module in (models.unet, models.vae, *models.text_encoders):
-        module.requires_grad_(False)
-        module.eval()
-    recipe.setup(models, args, device)
-    trained = recipe.trained_base_modules()
-    vae_dtype = torch.float32 if args.no_half_vae or (dtype == torch.float16 and not family.vae_half_safe) else dtype
-    if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
-        print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
-    move_module(models.vae, device, vae_dtype)
-    unet_dtype = torch.float32 if "unet" in trained else dtype
-    if not defer:
-        move_module(models.unet, device, unet_dtype)
-    for te in models.text_encoders:
-        move_module(te, device, torch.float32 if "text_encoder" in trained else dtype)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        models.unet.train()
-        if recipe.trains_text_encoder():
-            for te in models.text_encoders:
-                enable_text_encoder_checkpointing(te)
-                te.train()
-    return models, attention, vae_dtype, unet_dtype if defer else None
 
 
 def release_frozen_models(models: Any, text: Any, recipe: Recipe, *, sampling: bool, latents_cached: bool,

@@ -33,7 +33,7 @@ import re
 import time
 import tomllib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -58,11 +58,12 @@ _SCHEDULER_CLASSES = {
 }
 _NEEDS = {"lms": ("scipy", "scipy==1.18.1")}
 # prompt-file keys of other model families (FLUX, ControlNet ...): accepted and ignored with a warning
-_OTHER_MODEL_KEYS = {"guidance_scale", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift"}
+_OTHER_MODEL_KEYS = {"controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift"}
 _TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps",
                 "ss": "sample_sampler", "g": "guidance_scale", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
                 "rcfg": "renorm_cfg", "fs": "flow_shift"}
-_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "scale", "sample_steps", "sample_sampler")
+_KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "scale", "sample_steps", "sample_sampler",
+         "guidance_scale")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +86,8 @@ def normalize_sampler(name: str) -> str:
 
 @dataclass(frozen=True)
 class SamplePrompt:
-    """One sample prompt. ``width``/``height``/``seed``/``sampler`` are None when the file does not set them."""
+    """One sample prompt. ``width``/``height``/``seed``/``sampler``/``guidance_scale`` are None when the file does
+    not set them; ``given`` names the keys the file set (families with other defaults read it)."""
 
     prompt: str
     index: int = 0
@@ -96,6 +98,8 @@ class SamplePrompt:
     scale: float = 7.5
     sample_steps: int = 30
     sampler: str | None = None
+    guidance_scale: float | None = None  # FLUX.1 dev's embedded guidance (--g)
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     def size(self, default_size: tuple[int, int]) -> tuple[int, int]:
         """(width, height), from the prompt or ``default_size``, rounded down to a multiple of 8, at least 64."""
@@ -143,7 +147,7 @@ def prompt_from_dict(entry: dict[str, Any], index: int, where: str) -> SamplePro
             fields[key] = _typed(where, key, value, int, 8, 16384)
         elif key == "seed":
             fields[key] = _typed(where, key, value, int, 0, 2**63 - 1)
-        elif key == "scale":
+        elif key in ("scale", "guidance_scale"):
             fields[key] = _typed(where, key, value, float, 0, 1000)
         elif key == "sample_steps":
             fields[key] = _typed(where, key, value, int, 1, 1000)
@@ -156,7 +160,7 @@ def prompt_from_dict(entry: dict[str, Any], index: int, where: str) -> SamplePro
             fields["sampler"] = name
     if not fields.get("prompt"):
         raise UserError(f"{where}: the prompt is empty")
-    return SamplePrompt(**fields)
+    return SamplePrompt(**fields, given=frozenset(k for k in entry if k in _KEYS))
 
 
 _OPTION_RE = re.compile(r"^([a-z]+)(?:\s+(.*))?$", re.S | re.I)
@@ -409,14 +413,20 @@ def generate_samples(
                 latents = latents * scheduler.init_noise_sigma
                 latents = _denoise(unet, scheduler, latents, cond, uncond, p.scale, generator, spec)
                 image = vae.decode(latents.to(next(vae.parameters()).dtype) / latent_scale).sample[0]
-            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-            seed_suffix = f"_{p.seed}" if p.seed is not None else ""
-            path = folder / f"{prefix}{tag}_{p.index:02d}_{stamp}{seed_suffix}.png"
-            pil = _to_pil(image)
-            atomic_save_file(path, lambda tmp, img=pil: img.save(tmp, format="PNG"))
-            logger.info("sample image %s: %s", path.name, p.prompt)
-            paths.append(path)
+            paths.append(save_sample_image(image, folder, prefix, tag, p))
     return paths
+
+
+def save_sample_image(image: torch.Tensor, folder: Path, prefix: str, tag: str, p: SamplePrompt) -> Path:
+    """Write a decoded image (``[3, H, W]`` in [-1, 1]) as sd-scripts names samples:
+    ``<name>_<tag>_<index>_<time>[_<seed>].png``, atomically."""
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+    seed_suffix = f"_{p.seed}" if p.seed is not None else ""
+    path = folder / f"{prefix}{tag}_{p.index:02d}_{stamp}{seed_suffix}.png"
+    pil = _to_pil(image)
+    atomic_save_file(path, lambda tmp: pil.save(tmp, format="PNG"))
+    logger.info("sample image %s: %s", path.name, p.prompt)
+    return path
 
 
 def prompts_for_process(prompts: Sequence[SamplePrompt], process_index: int, num_processes: int) -> list[SamplePrompt]:

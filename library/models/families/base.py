@@ -217,6 +217,13 @@ class FamilySpec(ABC):
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         """The kohya LoRA name body (without ``lora_unet_``) of the ``denoiser`` module at ``module_path``."""
 
+    def swappable_blocks(self, denoiser: torch.nn.Module, count: int) -> tuple[list[torch.nn.Module], list[int]]:
+        """``--blocks_to_swap count``: the denoiser's blocks in execution order and the indices of those that
+        live in host memory (``library.training.block_swap``); a family without blocks to swap says so."""
+        from library.errors import UserError
+
+        raise UserError(f"--blocks_to_swap is not supported for {self.name} models")
+
     def set_attention(self, models: Any, xformers: bool) -> str:
         """Choose the attention kernels of the denoiser and VAE; returns their name for the log. The default
         suits diffusers' generic ``Attention`` modules (SD UNets and VAEs): SDPA, or xformers when asked."""

@@ -64,6 +64,30 @@ def _strip(keys: Collection[str]) -> set[str]:
     return {k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in keys}
 
 
+def swap_split(count: int) -> tuple[int, int]:
+    """``--blocks_to_swap N`` as (double blocks, single blocks) swapped, as sd-scripts counts them."""
+    return count // 2, 2 * (count - count // 2)
+
+
+def swap_problems(count: int, n_double: int, n_single: int) -> list[str]:
+    """``--blocks_to_swap`` asking for more blocks than the model has (FLUX.1's 19 double and 38 single blocks
+    allow up to 38)."""
+    n, m = swap_split(count)
+    if n > n_double or m > n_single:
+        limit = max(k for k in range(count) if swap_split(k)[0] <= n_double and swap_split(k)[1] <= n_single)
+        return [f"--blocks_to_swap {count} swaps {n} double and {m} single blocks (as sd-scripts counts them), but "
+                f"this model has {n_double} double and {n_single} single blocks; use at most {limit}"]
+    return []
+
+
+def block_count(keys: Collection[str], pattern: str) -> int:
+    """How many distinct block indices ``pattern`` (one group) finds among ``keys``."""
+    import re
+
+    found = {m.group(1) for m in map(re.compile(pattern).search, keys) if m}
+    return len(found)
+
+
 class FluxSpec(FamilySpec):
     """FLUX.1 behind the family seam."""
 
@@ -82,6 +106,7 @@ class FluxSpec(FamilySpec):
 
         family = self._variant(source, keys)
         problems = component_problems(args, source) + flux_family_problems(args, family)
+        problems += swap_problems(getattr(args, "blocks_to_swap", None) or 0, *self._depths(source, keys))
         if problems:
             raise UserError.from_problems("FLUX.1 model files", problems)
         return family
@@ -102,6 +127,17 @@ class FluxSpec(FamilySpec):
             return flux_family("dev" if any(k.startswith("time_text_embed.guidance_embedder") for k in keys)
                                else "schnell")
         return flux_family("dev" if "guidance_in.in_layer.weight" in _strip(keys) else "schnell")
+
+    @staticmethod
+    def _depths(source: Path, keys: Collection[str] | None) -> tuple[int, int]:
+        """(double blocks, single blocks) from the folder's config or the file's tensor names."""
+        if source.is_dir():
+            config = json.loads((source / "transformer" / "config.json").read_text(encoding="utf-8"))
+            return int(config["num_layers"]), int(config["num_single_layers"])
+        names = _strip(keys or ())
+        double = r"double_blocks\.(\d+)\." if layout_of(names) == "bfl" else r"^transformer_blocks\.(\d+)\."
+        single = r"single_blocks\.(\d+)\." if layout_of(names) == "bfl" else r"single_transformer_blocks\.(\d+)\."
+        return block_count(names, double), block_count(names, single)
 
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         from library.models.flux.loading import load_flux_models
@@ -142,6 +178,15 @@ class FluxSpec(FamilySpec):
             guidance=cond["guidance"].to(dtype) if denoiser.config.guidance_embeds else None, **kwargs,
         ).sample
         return unpack_latents(out, h, w)
+
+    def swappable_blocks(self, denoiser: torch.nn.Module, count: int) -> tuple[list[torch.nn.Module], list[int]]:
+        """sd-scripts' split of ``--blocks_to_swap N``: the last ``N // 2`` double blocks and the last
+        ``2 * (N - N // 2)`` single blocks (a double block holds about twice the weights of a single one)."""
+        double, single = list(denoiser.transformer_blocks), list(denoiser.single_transformer_blocks)
+        n_double, n_single = swap_split(count)
+        swapped = [*range(len(double) - n_double, len(double)),
+                   *range(len(double) + len(single) - n_single, len(double) + len(single))]
+        return double + single, swapped
 
     def set_attention(self, models: Any, xformers: bool) -> str:
         """diffusers' FLUX attention already runs on SDPA; the AE gets SDPA too."""

@@ -10,8 +10,6 @@ from library.training.flow_matching import FlowDefaults, add_flow_matching_argum
 
 FLUX_FLOW_DEFAULTS = FlowDefaults(timestep_sampling="sigma", discrete_flow_shift=3.0, model_prediction_type="raw")
 DEV_GUIDANCE = 3.5
-# GPU-only memory options: accepted by the parser so that sd-scripts command lines parse, then refused
-GPU_OPTIONS = ("fp8_base", "fp8_base_unet", "blocks_to_swap", "cpu_offload_checkpointing")
 
 
 def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,12 +25,17 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance_scale", type=float, default=None,
                    help=f"guidance given to dev models while training (default {DEV_GUIDANCE}; schnell: 1.0)")
     g.add_argument("--model_type", default="flux", choices=("flux",), help="only 'flux' (Chroma is not supported)")
-    g.add_argument("--fp8_base", action="store_true", help="store the frozen base in fp8 (CUDA only; not yet)")
-    g.add_argument("--fp8_base_unet", action="store_true", help="fp8 for the transformer only (CUDA only; not yet)")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="store the frozen transformer's and text encoders' Linear weights in float8_e4m3fn, compute "
+                        "in the --mixed_precision dtype")
+    g.add_argument("--fp8_base_unet", action="store_true", help="float8 for the transformer only")
     g.add_argument("--blocks_to_swap", type=int, default=None,
-                   help="stream this many blocks between CPU and GPU (CUDA only; not yet)")
+                   help="keep this many transformer blocks in host memory and stream them to the GPU when they run "
+                        "(as sd-scripts counts them: N//2 double and 2*(N-N//2) single blocks; CUDA, needs "
+                        "--gradient_checkpointing)")
     g.add_argument("--cpu_offload_checkpointing", action="store_true",
-                   help="offload checkpointed activations to the CPU (CUDA only; not yet)")
+                   help="keep the checkpointed blocks' inputs in host memory until the backward pass (CUDA; implies "
+                        "gradient checkpointing)")
     add_flow_matching_arguments(parser, FLUX_FLOW_DEFAULTS)
 
 
@@ -56,26 +59,21 @@ def flux_family_problems(args: argparse.Namespace, family: ModelFamily) -> list[
     return []
 
 
-def flux_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
-    """Every FLUX option problem that can be found from the flags alone."""
-    problems = flow_option_problems(args)
-    for name in GPU_OPTIONS:
-        value = getattr(args, name, None)
-        if value not in (None, False, 0):
-            where = "this machine has no CUDA device" if not cuda else "it is not implemented in this toolkit yet"
-            problems.append(f"--{name} is a GPU memory option for FLUX and {where}; remove it (on CPU the model "
-                            "is kept in the --mixed_precision dtype)")
+def flux_option_problems(args: argparse.Namespace, *, cuda: bool, trains_denoiser: bool = False) -> list[str]:
+    """Every FLUX option problem that can be found from the flags alone (``trains_denoiser``: flux_train.py)."""
+    from library.training.memory import memory_option_problems
+
+    problems = flow_option_problems(args) + memory_option_problems(args, cuda=cuda, trains_denoiser=trains_denoiser)
     if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
         problems.append(f"--t5xxl_max_token_length must be positive, got {args.t5xxl_max_token_length}")
     for name, why in (("v2", "it selects Stable Diffusion 2.x"), ("clip_skip", "FLUX uses CLIP-L's pooled output"),
                       ("max_token_length", "use --t5xxl_max_token_length"),
-                      ("weighted_captions", "FLUX captions are not weighted"), ("vae", "use --ae"),
+                      ("weighted_captions", "caption weights such as (word:1.2) are not applied to CLIP-L's pooled "
+                       "output or T5, here or in sd-scripts' FLUX scripts, so they would stay in the text as "
+                       "characters"), ("vae", "use --ae"),
                       ("xformers", "FLUX uses PyTorch SDPA attention")):
         if getattr(args, name, None) not in (None, False):
             problems.append(f"--{name} does not apply to FLUX.1 ({why}); remove it")
-    if getattr(args, "sample_prompts", None):
-        problems.append("--sample_prompts: samples during FLUX training are not implemented yet; remove it and "
-                        "sample the saved LoRA with diffusers' FluxPipeline")
     module = getattr(args, "network_module", None)
     if module is not None and module != "networks.lora_flux":
         problems.append(f"--network_module {module}: FLUX LoRAs are made by networks.lora_flux (networks.lora finds "

@@ -69,7 +69,7 @@ class FluxFullWeightRecipe(FullWeightRecipe):
         from library.models.flux.arguments import flux_option_problems
         from library.training.fused_backward import blockwise_problems
 
-        problems = super().option_problems(args) + flux_option_problems(args, cuda=uses_cuda())
+        problems = super().option_problems(args) + flux_option_problems(args, cuda=uses_cuda(), trains_denoiser=True)
         problems += blockwise_problems(args)
         if args.train_text_encoder:
             problems.append("--train_text_encoder: flux_train.py trains the FLUX transformer only (as sd-scripts); "
