@@ -72,22 +72,21 @@ def test_resume_is_bit_exact_with_blockwise_fused_optimizers(lumina, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_offloaded_saved_activations_change_no_gradient():
-    from library.models.lumina.memory import offload_saved_activations
+def test_offloading_checkpoint_changes_no_gradient():
+    """--cpu_offload_checkpointing (the shared offloading checkpoint) on the Lumina transformer."""
+    from library.training.memory import offloading_checkpoint
 
     grads = []
     for offload in (False, True):
         model = build_tiny_lumina(seed=5)["transformer"]
-        model.enable_gradient_checkpointing()
-        if offload:
-            handles = offload_saved_activations(model)
+        model.enable_gradient_checkpointing(offloading_checkpoint(torch.device("cpu")) if offload else None)
         g = torch.Generator().manual_seed(0)
         out = model(hidden_states=torch.randn(2, 16, 8, 8, generator=g), timestep=torch.tensor([0.2, 0.7]),
                     encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
                     encoder_attention_mask=torch.ones(2, 8, dtype=torch.bool)).sample
         out.square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert len(handles) == 2 and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 @pytest.mark.parametrize("extra, message", [

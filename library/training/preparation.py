@@ -296,7 +296,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     from library.training.noise import NoiseSettings, make_noise_scheduler
     from library.training.optimizers import create_optimizer, uses_relative_step
     from library.training.schedulers import create_scheduler
-    from library.training.text_cache import TextConditioner, encoder_fingerprint
+    from library.training.text_cache import TOKENIZATION_VERSION, TextConditioner, encoder_fingerprint
 
     device = accelerator.device
     dtype = weight_dtype(args)
@@ -317,7 +317,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     if args.cache_text_encoder_outputs_to_disk:
         cache_dir = Path(args.output_dir) / ".cache" / "text_encoder_outputs"
         fingerprints = "|".join(encoder_fingerprint(te) for te in models.text_encoders)
-        identity = (f"{fingerprints}|clip_skip={args.clip_skip}|"
+        identity = (f"{fingerprints}|tokenization={TOKENIZATION_VERSION}|clip_skip={args.clip_skip}|"
                     f"max_tokens={args.max_token_length}|weighted={args.weighted_captions}|{dtype}")
         if getattr(encoding, "cache_settings", ""):
             identity += f"|{encoding.cache_settings}"

@@ -20,6 +20,10 @@ from tqdm import tqdm
 from library.config.params import DatasetGroupParams
 from library.io_utils import atomic_save_file
 
+# Part of every disk cache identity; raised whenever the same caption may encode differently than before.
+# 2: '!' in SD2/SDXL-TE2 captions is tokenised as OpenCLIP does, no longer as the pad id.
+TOKENIZATION_VERSION = 2
+
 
 def caption_variation_reasons(params: DatasetGroupParams) -> list[str]:
     """Why captions may differ from step to step (each reason names the subset); empty when they cannot."""

@@ -17,14 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_lumina_transformer(models: Any, args: argparse.Namespace, device: torch.device) -> None:
-    """``--use_flash_attn`` (or SDPA) on the transformer, said once; ``--cpu_offload_checkpointing``."""
+    """``--use_flash_attn`` (or SDPA) on the transformer, said once. ``--cpu_offload_checkpointing`` is the shared
+    offloading checkpoint that model preparation installs for every family."""
     from library.models.lumina.attention import set_lumina_attention
-    from library.models.lumina.memory import offload_saved_activations
 
     kernel = set_lumina_attention(models.unet, bool(args.use_flash_attn), device)
     (logger.warning if args.use_flash_attn and kernel != "flash-attn" else logger.info)("Lumina attention: %s", kernel)
-    if getattr(args, "cpu_offload_checkpointing", False):
-        offload_saved_activations(models.unet)
 
 
 class LuminaLoRARecipe(LoRARecipe):
