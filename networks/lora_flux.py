@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import LoRAModule, _listing, _split_by_module, find_target_modules, load_lora_file, standard_key
-from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork
+from networks.lora import LoRAModule, find_target_modules
+from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, network_for_file, shapes_from_file
 from networks.lora_flux_options import (
     SHAPE_ARGS, FluxLoRAOptions, parse_block_selection, parse_flux_network_kwargs,
 )
@@ -169,16 +169,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
                                 flux: nn.Module | None, weights_sd: Mapping[str, torch.Tensor] | None = None,
                                 for_inference: bool = False, **kwargs: Any) -> tuple[FluxLoRANetwork, dict]:
     """A network shaped like a FLUX LoRA file (ranks and alphas from the file); the weights are not loaded."""
-    source = str(file) if file is not None else "the given weights"
-    weights_sd = load_lora_file(file) if weights_sd is None else dict(weights_sd)
-    modules_dim: dict[str, int] = {}
-    modules_alpha: dict[str, float] = {}
-    for name, sd in _split_by_module(weights_sd).items():
-        if "lora_down.weight" in sd:
-            modules_dim[name] = int(sd["lora_down.weight"].shape[0])
-            modules_alpha[name] = float(sd["alpha"]) if "alpha" in sd else modules_dim[name]
-    if not modules_dim:
-        raise UserError(f"{source} has no lora_down weights: it is not a kohya-format LoRA file")
+    source, weights_sd, modules_dim, modules_alpha = shapes_from_file(file, weights_sd)
     rest = {k: v for k, v in kwargs.items() if k not in SHAPE_ARGS}
     parsed = parse_flux_network_kwargs(rest)
     options = FluxLoRAOptions(
@@ -188,12 +179,5 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         modules_dim=modules_dim, modules_alpha=modules_alpha,
     )
     network = FluxLoRANetwork(text_encoders, flux, options, multiplier)
-    unmatched = set(modules_dim) - {lora.lora_name for lora in network.all_loras()}
-    if unmatched:
-        raise UserError(f"{source}: {len(unmatched)} LoRA modules match nothing in this FLUX model "
-                        f"({_listing(unmatched)}); is the file for another model family, or does it train T5 "
-                        "while no T5 was given?")
-    if for_inference:
-        network.requires_grad_(False)
-        network.eval()
-    return network, {standard_key(k): v for k, v in weights_sd.items()}
+    return network_for_file(network, source, weights_sd, modules_dim, "FLUX model",
+                            "is the file for another model family, or does it train T5 while no T5 was given?", for_inference)

@@ -1,4 +1,4 @@
-"""What the kohya-format LoRAs of the transformer families (FLUX.1, SD3) share: a LoRA over fused layers that
+"""What the kohya-format LoRAs of the transformer families (FLUX.1, SD3, Lumina) share: a LoRA over fused layers that
 diffusers computes as split layers, and the network's parameter groups.
 
 sd-scripts puts its LoRAs on the original layers, where q, k and v (and, in FLUX single blocks, the MLP input)
@@ -12,6 +12,7 @@ update.
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.lora import LoRANetwork
+from library.errors import UserError
+from networks.lora import LoRANetwork, _listing, _split_by_module, load_lora_file, standard_key
 
 
 class FusedLoRAModule(nn.Module):
@@ -183,3 +185,35 @@ class FusedLoRANetwork(LoRANetwork):
         add(self.unet_loras, unet_lr if unet_lr is not None else default_lr,
             o.loraplus_unet_lr_ratio or o.loraplus_lr_ratio, "unet")
         return groups, descriptions
+
+
+def shapes_from_file(file: str | os.PathLike | None, weights_sd: Mapping[str, torch.Tensor] | None
+                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """For ``create_network_from_weights``: the source's name, its weights (read from ``file`` unless given)
+    and each module's rank and alpha (alpha defaults to the rank, as in sd-scripts)."""
+    source = str(file) if file is not None else "the given weights"
+    weights = load_lora_file(file) if weights_sd is None else dict(weights_sd)
+    modules_dim: dict[str, int] = {}
+    modules_alpha: dict[str, float] = {}
+    for name, sd in _split_by_module(weights).items():
+        if "lora_down.weight" in sd:
+            modules_dim[name] = int(sd["lora_down.weight"].shape[0])
+            modules_alpha[name] = float(sd["alpha"]) if "alpha" in sd else modules_dim[name]
+    if not modules_dim:
+        raise UserError(f"{source} has no lora_down weights: it is not a kohya-format LoRA file")
+    return source, weights, modules_dim, modules_alpha
+
+
+def network_for_file(network: FusedLoRANetwork, source: str, weights: Mapping[str, torch.Tensor],
+                     modules_dim: Mapping[str, int], model: str, hint: str, for_inference: bool
+                     ) -> tuple[FusedLoRANetwork, dict[str, torch.Tensor]]:
+    """Refuse a file with modules that ``network`` lacks (naming ``model`` and a ``hint`` on what that may mean),
+    freeze the network for inference, and return the weights under sd-scripts' names."""
+    unmatched = set(modules_dim) - {lora.lora_name for lora in network.all_loras()}
+    if unmatched:
+        raise UserError(f"{source}: {len(unmatched)} LoRA modules match nothing in this {model} "
+                        f"({_listing(unmatched)}); {hint}")
+    if for_inference:
+        network.requires_grad_(False)
+        network.eval()
+    return network, {standard_key(k): v for k, v in weights.items()}

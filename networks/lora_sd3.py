@@ -22,10 +22,10 @@ from torch import nn
 
 from library.errors import UserError
 from library.models.sd3.conversion import GLOBAL_MODULES, architecture_of_diffusers, module_pairs
-from networks.lora import LoRAModule, _listing, _split_by_module, find_target_modules, load_lora_file, standard_key
+from networks.lora import LoRAModule, find_target_modules
 from networks.lora_flux import t5_targets
 from networks.lora_flux_options import parse_block_selection
-from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork
+from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, network_for_file, shapes_from_file
 from networks.lora_sd3_options import SHAPE_ARGS, SD3LoRAOptions, parse_sd3_network_kwargs
 
 logger = logging.getLogger(__name__)
@@ -155,16 +155,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
                                 mmdit: nn.Module | None, weights_sd: Mapping[str, torch.Tensor] | None = None,
                                 for_inference: bool = False, **kwargs: Any) -> tuple[SD3LoRANetwork, dict]:
     """A network shaped like an SD3 LoRA file (ranks and alphas from the file); the weights are not loaded."""
-    source = str(file) if file is not None else "the given weights"
-    weights_sd = load_lora_file(file) if weights_sd is None else dict(weights_sd)
-    modules_dim: dict[str, int] = {}
-    modules_alpha: dict[str, float] = {}
-    for name, sd in _split_by_module(weights_sd).items():
-        if "lora_down.weight" in sd:
-            modules_dim[name] = int(sd["lora_down.weight"].shape[0])
-            modules_alpha[name] = float(sd["alpha"]) if "alpha" in sd else modules_dim[name]
-    if not modules_dim:
-        raise UserError(f"{source} has no lora_down weights: it is not a kohya-format LoRA file")
+    source, weights_sd, modules_dim, modules_alpha = shapes_from_file(file, weights_sd)
     parsed = parse_sd3_network_kwargs({k: v for k, v in kwargs.items() if k not in SHAPE_ARGS})
     options = SD3LoRAOptions(
         dropout=parsed.dropout, rank_dropout=parsed.rank_dropout, module_dropout=parsed.module_dropout,
@@ -173,12 +164,6 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         modules_dim=modules_dim, modules_alpha=modules_alpha,
     )
     network = SD3LoRANetwork(text_encoders, mmdit, options, multiplier)
-    unmatched = set(modules_dim) - {lora.lora_name for lora in network.all_loras()}
-    if unmatched:
-        raise UserError(f"{source}: {len(unmatched)} LoRA modules match nothing in this SD3 model "
-                        f"({_listing(unmatched)}); is the file for another model family or variant, or does it "
-                        "train T5 while no T5 was given?")
-    if for_inference:
-        network.requires_grad_(False)
-        network.eval()
-    return network, {standard_key(k): v for k, v in weights_sd.items()}
+    return network_for_file(network, source, weights_sd, modules_dim, "SD3 model",
+                            "is the file for another model family or variant, or does it train T5 while no T5 "
+                            "was given?", for_inference)
