@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from library.errors import UserError
 
@@ -107,6 +107,25 @@ def _probability(key: str, value: Any) -> float | None:
     return p
 
 
+def network_args_getter(kwargs: Mapping[str, Any], known: Sequence[str], module: str) -> Callable[[str], Any]:
+    """Refuse unknown ``--network_args`` of ``module`` (all at once, each with a "did you mean"); return a getter
+    that reads an empty value or ``None`` as not given."""
+    problems = []
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            problems.append(f"{key!r} is not an argument of {module} ({hint})")
+    if problems:
+        raise UserError.from_problems("--network_args", problems)
+
+    def get(key: str) -> Any:
+        value = kwargs.get(key)
+        return None if value is None or str(value).strip() in ("", "None") else value
+
+    return get
+
+
 def _flag(key: str, value: Any) -> bool:
     text = str(value).strip().lower()
     if text not in ("true", "false", "1", "0"):
@@ -145,18 +164,7 @@ def parse_flux_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | None
                               network_alpha: float | None = None,
                               neuron_dropout: float | None = None) -> FluxLoRAOptions:
     """Validate ``--network_args`` for ``networks.lora_flux``; unknown keys get a "did you mean"."""
-    problems = []
-    for key in kwargs:
-        if key not in NETWORK_ARGS:
-            close = difflib.get_close_matches(key, NETWORK_ARGS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(NETWORK_ARGS)}"
-            problems.append(f"{key!r} is not an argument of networks.lora_flux ({hint})")
-    if problems:
-        raise UserError.from_problems("--network_args", problems)
-
-    def get(key: str) -> Any:
-        value = kwargs.get(key)
-        return None if value is None or str(value).strip() in ("", "None") else value
+    get = network_args_getter(kwargs, NETWORK_ARGS, "networks.lora_flux")
 
     train_blocks = str(get("train_blocks") or "all")
     if train_blocks not in TRAIN_BLOCKS:

@@ -20,7 +20,6 @@ it matches no module and does nothing). ``split_qkv=True`` is refused.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from torch import nn
 from library.errors import UserError
 from networks.lora import LoRAModule
 from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, network_for_file, shapes_from_file
-from networks.lora_flux_options import _flag, _number, _probability
+from networks.lora_flux_options import _flag, _number, _probability, network_args_getter
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +100,7 @@ def parse_lumina_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | No
                                 network_alpha: float | None = None,
                                 neuron_dropout: float | None = None) -> LuminaLoRAOptions:
     """Validate ``--network_args`` for ``networks.lora_lumina``; unknown keys get a "did you mean"."""
-    problems = []
-    for key in kwargs:
-        if key not in NETWORK_ARGS:
-            close = difflib.get_close_matches(key, NETWORK_ARGS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(NETWORK_ARGS)}"
-            problems.append(f"{key!r} is not an argument of networks.lora_lumina ({hint})")
-    if problems:
-        raise UserError.from_problems("--network_args", problems)
-
-    def get(key: str) -> Any:
-        value = kwargs.get(key)
-        return None if value is None or str(value).strip() in ("", "None") else value
+    get = network_args_getter(kwargs, NETWORK_ARGS, "networks.lora_lumina")
 
     if get("split_qkv") is not None and _flag("split_qkv", get("split_qkv")):
         raise UserError("--network_args split_qkv=True is not supported: the fused qkv LoRA is what ComfyUI and "

@@ -3,12 +3,11 @@ selection, T5 training, LoRA+ and dropouts."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from library.errors import UserError
-from networks.lora_flux_options import _flag, _number, _probability
+from networks.lora_flux_options import _flag, _number, _probability, network_args_getter
 
 # sd-scripts' type_dims order and the name fragments that pick a module's type (all must occur in the name)
 TYPE_DIM_ARGS = ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")
@@ -80,18 +79,7 @@ def parse_sd3_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | None 
                              network_alpha: float | None = None,
                              neuron_dropout: float | None = None) -> SD3LoRAOptions:
     """Validate ``--network_args`` for ``networks.lora_sd3``; unknown keys get a "did you mean"."""
-    problems = []
-    for key in kwargs:
-        if key not in NETWORK_ARGS:
-            close = difflib.get_close_matches(key, NETWORK_ARGS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(NETWORK_ARGS)}"
-            problems.append(f"{key!r} is not an argument of networks.lora_sd3 ({hint})")
-    if problems:
-        raise UserError.from_problems("--network_args", problems)
-
-    def get(key: str) -> Any:
-        value = kwargs.get(key)
-        return None if value is None or str(value).strip() in ("", "None") else value
+    get = network_args_getter(kwargs, NETWORK_ARGS, "networks.lora_sd3")
 
     if get("split_qkv") is not None and _flag("split_qkv", get("split_qkv")):
         raise UserError("--network_args split_qkv=True is not supported: the fused qkv LoRA is what ComfyUI and "
