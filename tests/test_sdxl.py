@@ -156,11 +156,12 @@ def test_bad_inputs_are_one_message_before_any_model_loads(tiny_sdxl, tiny_sd1_d
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes installed")
 @pytest.mark.parametrize("script", ["sdxl_train_network", "sdxl_train"])
-def test_8bit_optimizers_without_bitsandbytes_are_one_message_before_any_model_loads(tiny_sdxl, tmp_path, script):
+def test_8bit_optimizers_without_bitsandbytes_are_one_message_before_any_model_loads(tiny_sdxl, tmp_path, script,
+                                                                                     hide_module):
     import importlib as imp
 
+    hide_module("bitsandbytes")
     main = imp.import_module(script).main
     argv = ["--pretrained_model_name_or_path", str(tiny_sdxl["file"]), "--output_dir", str(tmp_path / "out"),
             "--train_data_dir", str(tiny_sdxl["data"]), "--resolution", "64", "--max_train_steps", "1",
