@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from library.errors import UserError
 from library.models.flux.tiny import TinyFluxConfig, save_tiny_flux_diffusers, save_tiny_flux_files
 from library.training.flow_matching import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, FlowMatchingSettings
-from train_helpers import dataset_toml, load_lora, make_images, run_script, train_args
+from train_helpers import dataset_toml, load_lora, make_images, prepare_run, run_main, run_script, train_args
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +32,13 @@ def _argv(flux, out, *, steps=2, model=None, extra=()):
 
 
 def _main(argv):
-    import flux_train_network
-
-    torch.set_num_threads(1)
-    return flux_train_network.main(argv)
+    return run_main(argv, script="flux_train_network")
 
 
 def _prepare(argv):
-    import flux_train_network
-    from library.config.arguments import SUPPORT_TRAIN_NETWORK
-    from library.config.run_config import load_run_config
     from library.models.flux.recipe import FluxLoRARecipe
-    from library.training.loop import prepare_training
 
-    torch.set_num_threads(1)
-    args = load_run_config(flux_train_network.build_parser(), argv)
-    return prepare_training(args, FluxLoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("flux",))
+    return prepare_run(argv, script="flux_train_network", recipe=FluxLoRARecipe, families=("flux",))
 
 
 def test_trains_a_flux_lora_with_sd_scripts_names_and_metadata(flux, tmp_path):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from library.errors import UserError
 from library.models.lumina.tiny import save_tiny_lumina_diffusers, save_tiny_lumina_files
 from library.training.flow_matching import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, FlowMatchingSettings
-from train_helpers import ROOT, dataset_toml, load_lora, make_images, run_script, train_args
+from train_helpers import ROOT, dataset_toml, load_lora, make_images, prepare_run, run_main, run_script, train_args
 
 SYSTEM = "You are an assistant."
 
@@ -37,22 +37,13 @@ def _argv(lumina, out, *, steps=2, model=None, extra=()):
 
 
 def _main(argv):
-    import lumina_train_network
-
-    torch.set_num_threads(1)
-    return lumina_train_network.main(argv)
+    return run_main(argv, script="lumina_train_network")
 
 
 def _prepare(argv):
-    import lumina_train_network
-    from library.config.arguments import SUPPORT_TRAIN_NETWORK
-    from library.config.run_config import load_run_config
     from library.models.lumina.recipe import LuminaLoRARecipe
-    from library.training.loop import prepare_training
 
-    torch.set_num_threads(1)
-    args = load_run_config(lumina_train_network.build_parser(), argv)
-    return prepare_training(args, LuminaLoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("lumina",))
+    return prepare_run(argv, script="lumina_train_network", recipe=LuminaLoRARecipe, families=("lumina",))
 
 
 def test_trains_a_lumina_lora_with_sd_scripts_names_and_metadata(lumina, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from library.errors import UserError
 from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_diffusers, save_tiny_sd3_files
 from library.training.flow_matching import WEIGHTING_SCHEMES
-from train_helpers import dataset_toml, load_lora, make_images, train_args
+from train_helpers import dataset_toml, load_lora, make_images, prepare_run, run_main, train_args
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +28,13 @@ def _argv(sd3, out, *, steps=2, model=None, extra=()):
 
 
 def _main(argv):
-    import sd3_train_network
-
-    torch.set_num_threads(1)
-    return sd3_train_network.main(argv)
+    return run_main(argv, script="sd3_train_network")
 
 
 def _prepare(argv):
-    import sd3_train_network
-    from library.config.arguments import SUPPORT_TRAIN_NETWORK
-    from library.config.run_config import load_run_config
     from library.models.sd3.recipe import SD3LoRARecipe
-    from library.training.loop import prepare_training
 
-    torch.set_num_threads(1)
-    args = load_run_config(sd3_train_network.build_parser(), argv)
-    return prepare_training(args, SD3LoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("sd3",))
+    return prepare_run(argv, script="sd3_train_network", recipe=SD3LoRARecipe, families=("sd3",))
 
 
 def test_trains_an_sd3_lora_with_sd_scripts_names_and_metadata(sd3, tmp_path):

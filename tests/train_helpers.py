@@ -59,29 +59,32 @@ def train_args(model: Path, out: Path, *, data: Path | None = None, config: Path
     return argv + list(extra or [])
 
 
-def run_main(argv: list[str]) -> Path | None:
-    """``train_network.main(argv)`` in this process (one torch thread: much faster on the shared CPU)."""
-    import torch
+def run_main(argv: list[str], script: str = "train_network") -> Path | None:
+    """``<script>.main(argv)`` in this process (one torch thread: much faster on the shared CPU)."""
+    import importlib
 
-    import train_network
+    import torch
 
     torch.set_num_threads(1)
-    return train_network.main(argv)
+    return importlib.import_module(script).main(argv)
 
 
-def prepare_run(argv: list[str]) -> Any:
-    """A prepared :class:`library.training.preparation.Run` (models loaded, nothing trained yet)."""
+def prepare_run(argv: list[str], *, script: str = "train_network", recipe: Any = None,
+                families: tuple[str, ...] = ("sd",)) -> Any:
+    """A prepared :class:`library.training.preparation.Run` (models loaded, nothing trained yet) for a LoRA
+    script; ``recipe`` is its recipe class (default :class:`LoRARecipe`)."""
+    import importlib
+
     import torch
 
-    import train_network
     from library.config.arguments import SUPPORT_TRAIN_NETWORK
     from library.config.run_config import load_run_config
     from library.training.loop import prepare_training
     from library.training.recipes import LoRARecipe
 
     torch.set_num_threads(1)
-    args = load_run_config(train_network.build_parser(), argv)
-    return prepare_training(args, LoRARecipe(args), SUPPORT_TRAIN_NETWORK)
+    args = load_run_config(importlib.import_module(script).build_parser(), argv)
+    return prepare_training(args, (recipe or LoRARecipe)(args), SUPPORT_TRAIN_NETWORK, families=families)
 
 
 def run_script(argv: list[str], *, processes: int = 0, timeout: float = 300,
