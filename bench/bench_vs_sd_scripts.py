@@ -66,14 +66,16 @@ def common_args(model: Path, toml: Path, out: Path, steps: int) -> list[str]:
 
 
 def timed(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> dict:
-    """Run ``cmd`` as one process: wall seconds, peak RSS (MiB), the load average at its end, the exit status."""
+    """Run ``cmd`` as one process: wall seconds, CPU seconds (user + system: with one thread, the figure a
+    shared machine's load disturbs least), peak RSS (MiB), the load average at its end, the exit status."""
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "load_avg_1m": os.getloadavg()[0],
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "load_avg_1m": os.getloadavg()[0],
             "returncode": proc.returncode, "log": str(log)}
 
 
@@ -88,13 +90,16 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--ours_extra", default="", help="extra flags for our run only")
     parser.add_argument("--only", choices=("ours", "theirs"), default=None, help="run one side only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads for both sides (OMP_NUM_THREADS; default 1, as the tests run)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_vs_") as tmp:
         work = Path(tmp)
         model, toml, tokenizers = build(work, args.images)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        threads = str(args.threads)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         theirs_env = {**env, "PYTHONPATH": str(args.lab / "shims"), "KOHYA_COMPAT_NEW_LIBS": "1",
                       "SD_SCRIPTS": str(args.sd_scripts), "SD_SCRIPT": "train_network.py"}
         sides = [s for s in ("ours", "theirs") if args.only in (None, s)]
@@ -114,17 +119,21 @@ def main() -> int:
                     print(Path(res["log"]).read_text(encoding="utf-8")[-3000:], file=sys.stderr)
                     return 1
                 results[side].append(res)
-                print(f"round {r + 1} {side:6s}: {res['wall_s']:7.1f} s, peak {res['peak_rss_mib']:6.0f} MiB, "
-                      f"load {res['load_avg_1m']:.2f}", flush=True)
+                print(f"round {r + 1} {side:6s}: {res['wall_s']:7.1f} s wall, {res['cpu_s']:7.1f} s CPU, "
+                      f"peak {res['peak_rss_mib']:6.0f} MiB, load {res['load_avg_1m']:.2f}", flush=True)
         summary = {side: {"median_wall_s": statistics.median(x["wall_s"] for x in runs),
+                          "median_cpu_s": statistics.median(x["cpu_s"] for x in runs),
                           "median_peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in runs),
                           "runs": runs} for side, runs in results.items()}
         if len(sides) == 2:
             ours, theirs = summary["ours"], summary["theirs"]
             summary["speedup"] = theirs["median_wall_s"] / ours["median_wall_s"]
+            summary["cpu_speedup"] = theirs["median_cpu_s"] / ours["median_cpu_s"]
             summary["memory_ratio"] = ours["median_peak_rss_mib"] / theirs["median_peak_rss_mib"]
             print(f"median wall: ours {ours['median_wall_s']:.1f} s, sd-scripts {theirs['median_wall_s']:.1f} s "
-                  f"-> {summary['speedup']:.2f}x its speed; peak RSS ours {ours['median_peak_rss_mib']:.0f} MiB, "
+                  f"-> {summary['speedup']:.2f}x its speed; median CPU: ours {ours['median_cpu_s']:.1f} s, "
+                  f"sd-scripts {theirs['median_cpu_s']:.1f} s -> {summary['cpu_speedup']:.2f}x; "
+                  f"peak RSS ours {ours['median_peak_rss_mib']:.0f} MiB, "
                   f"sd-scripts {theirs['median_peak_rss_mib']:.0f} MiB -> {summary['memory_ratio']:.2f}x its "
                   "memory", flush=True)
     if args.json:

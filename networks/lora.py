@@ -190,11 +190,16 @@ class LoRAModule(nn.Module):
                 mask = mask.unsqueeze(-1).unsqueeze(-1)
             lx = lx * mask
             scale = scale / (1.0 - self.rank_dropout)
-        lx = self.lora_up(lx)
         multiplier = self.multiplier
         if isinstance(multiplier, torch.Tensor):  # one multiplier per sample
+            lx = self.lora_up(lx)
             multiplier = multiplier.to(lx.device, lx.dtype).view(-1, *([1] * (lx.dim() - 1)))
-        return out + (lx * (multiplier * scale)).to(out.dtype)
+            return out + (lx * (multiplier * scale)).to(out.dtype)
+        # the scale goes into the small up weight, not the output: one elementwise pass over the output fewer,
+        # forward and backward
+        weight = self.lora_up.weight * (multiplier * scale)
+        up = F.conv2d(lx, weight) if isinstance(self.lora_up, nn.Conv2d) else F.linear(lx, weight)
+        return out + up.to(out.dtype)
 
     @torch.no_grad()
     def merge_to(

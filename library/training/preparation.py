@@ -251,14 +251,22 @@ def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
 
 
 def _load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, accelerator: Any,
-                 dtype: torch.dtype) -> tuple[Any, str, torch.dtype, Any]:
-    """Load the models, let the recipe set up what it trains, apply the memory options and place everything on
-    the device; returns the models, the attention kernels' name, the VAE's dtype and the block swap (or None)."""
+                 dtype: torch.dtype) -> tuple[Any, str, torch.dtype, bool]:
+    """Load the models, let the recipe set up what it trains, apply ``--fp8_base`` and put the VAE and text
+    encoders on the device; returns the models, the attention kernels' name, the VAE's dtype and whether the
+    denoiser still waits to be placed (:func:`_place_denoiser`).
+
+    A recipe that needs no frozen model after caching (LoRA) loads a family's weights as stored, and the
+    denoiser is cast and placed last, once the text encoders and VAE may have been released: a float16
+    checkpoint is then never held in float32 beside the encoders."""
     from library.models.fp8 import move_keeping_fp8
-    from library.training.memory import apply_fp8_base, enable_checkpointing, place_denoiser
+    from library.training.memory import apply_fp8_base
 
     device = accelerator.device
-    models = family.spec.load(args, family, device=device if args.lowram else "cpu", dtype=torch.float32)
+    defer = family.spec.loads_stored_dtype and not recipe.needs_frozen_models and not getattr(
+        args, "base_weights", None)  # merging base weights needs the working precision
+    models = family.spec.load(args, family, device=device if args.lowram else "cpu",
+                              dtype=None if defer else torch.float32)
     attention = family.spec.set_attention(models, bool(args.xformers))
     for module in (models.unet, models.vae, *models.text_encoders):
         module.requires_grad_(False)
@@ -272,17 +280,28 @@ def _load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, 
     if vae_dtype != dtype and not args.no_half_vae and accelerator.is_main_process:
         print(f"the {family.name} VAE overflows in float16: it runs in float32 (as with --no_half_vae)", flush=True)
     move_module(models.vae, device, vae_dtype)
-    block_swap = place_denoiser(models, args, device, torch.float32 if "unet" in trained else dtype)
     for te in models.text_encoders:
         move_keeping_fp8(te, device, torch.float32 if "text_encoder" in trained else dtype)
+    if recipe.trains_text_encoder() and (args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing",
+                                                                                False)):
+        for te in models.text_encoders:
+            enable_text_encoder_checkpointing(te)
+            te.train()
+    return models, attention, vae_dtype, defer
+
+
+def _place_denoiser(models: Any, args: argparse.Namespace, recipe: Recipe, device: torch.device,
+                    dtype: torch.dtype) -> Any:
+    """Cast the denoiser to its training dtype on the device (see ``memory.place_denoiser``) and turn on its
+    gradient checkpointing; returns the block swap (or None)."""
+    from library.training.memory import enable_checkpointing, place_denoiser
+
+    block_swap = place_denoiser(models, args, device,
+                                torch.float32 if "unet" in recipe.trained_base_modules() else dtype)
     if args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False):
         enable_checkpointing(models.unet, args, device)
         models.unet.train()
-        if recipe.trains_text_encoder():
-            for te in models.text_encoders:
-                enable_text_encoder_checkpointing(te)
-                te.train()
-    return models, attention, vae_dtype, block_swap
+    return block_swap
 
 
 def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accelerator: Any, group: Any, *,
@@ -302,7 +321,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     dtype = weight_dtype(args)
     set_seed(seed)
     family = checked.family
-    models, attention, vae_dtype, block_swap = _load_models(args, recipe, family, accelerator, dtype)
+    models, attention, vae_dtype, deferred = _load_models(args, recipe, family, accelerator, dtype)
+    block_swap = None if deferred else _place_denoiser(models, args, recipe, device, dtype)
 
     vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
     if args.cache_latents or args.cache_latents_to_disk:
@@ -329,6 +349,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     release_frozen_models(models, text, recipe, sampling=bool(checked.sample_prompts),
                           latents_cached=group.latents is not None, verbose=accelerator.is_main_process,
                           text_cache_asked=asked)
+    if deferred:  # cast only now: the released encoders' memory is free again
+        block_swap = _place_denoiser(models, args, recipe, device, dtype)
     text = recipe.text_conditioning(text)
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
