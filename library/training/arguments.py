@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from library.training.compile import DYNAMO_BACKENDS, compile_problems
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 LOG_WITH_CHOICES = ("tensorboard", "wandb", "all")
@@ -43,6 +44,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
     add("--xformers", action="store_true", help="use xformers memory-efficient attention")
     add("--mem_eff_attn", action="store_true", help="memory-efficient attention (SDPA here)")
+    add("--torch_compile", action="store_true",
+        help="compile the denoiser with torch.compile (the first steps pay the compile time)")
+    add("--dynamo_backend", type=str, default="inductor", choices=DYNAMO_BACKENDS,
+        help="torch.compile backend with --torch_compile (default inductor)")
     add("--cache_latents", action="store_true", help="encode every image once before training")
     add("--cache_latents_to_disk", action="store_true", help="also keep the latents in .npz files beside images")
     add("--vae_batch_size", type=int, default=1, help="batch size when encoding latents")
@@ -122,6 +127,7 @@ def training_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[st
         except ImportError:
             problems.append("--xformers was given but the xformers package is not installed: install it, or "
                             "drop the flag (PyTorch SDPA attention is used by default and is as fast)")
+    problems += compile_problems(args, cuda=cuda)
     if args.vae_batch_size is not None and args.vae_batch_size < 1:
         problems.append(f"--vae_batch_size must be >= 1 (got {args.vae_batch_size})")
     return problems

@@ -291,9 +291,10 @@ def _load_models(args: argparse.Namespace, recipe: Recipe, family: ModelFamily, 
 
 
 def _place_denoiser(models: Any, args: argparse.Namespace, recipe: Recipe, device: torch.device,
-                    dtype: torch.dtype) -> Any:
-    """Cast the denoiser to its training dtype on the device (see ``memory.place_denoiser``) and turn on its
-    gradient checkpointing; returns the block swap (or None)."""
+                    dtype: torch.dtype, *, verbose: bool) -> Any:
+    """Cast the denoiser to its training dtype on the device (see ``memory.place_denoiser``), turn on its
+    gradient checkpointing and ``--torch_compile``; returns the block swap (or None)."""
+    from library.training.compile import compile_denoiser
     from library.training.memory import enable_checkpointing, place_denoiser
 
     block_swap = place_denoiser(models, args, device,
@@ -301,6 +302,7 @@ def _place_denoiser(models: Any, args: argparse.Namespace, recipe: Recipe, devic
     if args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False):
         enable_checkpointing(models.unet, args, device)
         models.unet.train()
+    compile_denoiser(models.unet, args, verbose=verbose)
     return block_swap
 
 
@@ -322,7 +324,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     set_seed(seed)
     family = checked.family
     models, attention, vae_dtype, deferred = _load_models(args, recipe, family, accelerator, dtype)
-    block_swap = None if deferred else _place_denoiser(models, args, recipe, device, dtype)
+    verbose = accelerator.is_main_process
+    block_swap = None if deferred else _place_denoiser(models, args, recipe, device, dtype, verbose=verbose)
 
     vae_encode = make_vae_encoder(models.vae, device, vae_dtype)
     if args.cache_latents or args.cache_latents_to_disk:
@@ -350,7 +353,7 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                           latents_cached=group.latents is not None, verbose=accelerator.is_main_process,
                           text_cache_asked=asked)
     if deferred:  # cast only now: the released encoders' memory is free again
-        block_swap = _place_denoiser(models, args, recipe, device, dtype)
+        block_swap = _place_denoiser(models, args, recipe, device, dtype, verbose=verbose)
     text = recipe.text_conditioning(text)
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
