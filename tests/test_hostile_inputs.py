@@ -188,6 +188,11 @@ ROWS = [
          "--ratios nan", "must be a finite number"),
     Case("merge_lora_lbws_wrong_length", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws [1,0,1]", "must have 17 or 26 values for SD1.x LoRAs"),
+    Case("merge_lora_clip_l_without_sd_model", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {W}/clip_l.safetensors", "text encoder files are merged beside a model"),
+    Case("merge_lora_clip_l_into_sd1", "networks/merge_lora.py --sd_model {M} --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {OUT}/l.safetensors --clip_l_save_to {W}/c.safetensors",
+         "models take no separate text encoder file"),
     Case("svd_merge_lora_lbws_not_json", "networks/svd_merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws 1,0,1", "give a JSON list of numbers"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
