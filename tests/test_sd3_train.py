@@ -88,7 +88,9 @@ def test_diffusers_folder_out_loads_in_the_pipeline(sd3, tmp_path):
     (["--train_t5xxl"], "--train_t5xxl needs --train_text_encoder"),
     (["--learning_rate_te3", "1e-4", "--train_text_encoder"], "--learning_rate_te3 is given but that text encoder"),
     (["--blockwise_fused_optimizers"], "use --fused_backward_pass"),
-    (["--fp8_base"], "--fp8_base is a GPU memory option for SD3 and this machine has no CUDA device"),
+    (["--fp8_base"], "--fp8_base / --fp8_base_unet store frozen weights in float8, but this script trains the "
+                     "transformer itself"),
+    (["--blocks_to_swap", "1", "--gradient_checkpointing"], "needs --fused_backward_pass or --blockwise_fused"),
     (["--save_model_as", "ckpt"], "SD3 models are saved as safetensors"),
 ])
 def test_bad_options_are_one_message(sd3, tmp_path, extra, message):

@@ -66,7 +66,7 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         from library.training.preparation import uses_cuda
 
         problems = super().option_problems(args)
-        problems += [p for p in sd3_option_problems(args, cuda=uses_cuda())
+        problems += [p for p in sd3_option_problems(args, cuda=uses_cuda(), trains_denoiser=True)
                      if not p.startswith(("--save_clip ", "--save_t5xxl "))]
         problems += [f"--{name}: {why}" for name, why in _REFUSED.items() if getattr(args, name, None)]
         if args.train_t5xxl and not self.train_te:
