@@ -77,6 +77,7 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
         problems += recipe.family_problems(family)
     if params is None:
         raise UserError.from_problems("cannot start training", problems)
+    problems += recipe.dataset_problems(params)
 
     if args.cache_latents or args.cache_latents_to_disk:
         for ds in params.datasets:

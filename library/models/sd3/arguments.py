@@ -87,11 +87,30 @@ def sd3_family_problems(args: argparse.Namespace, family: ModelFamily, depth: in
             else:
                 problems.append(f"--{name} is not implemented in this toolkit yet; remove it")
     problems += last_blocks_problems(getattr(args, "blocks_to_swap", None) or 0, depth, "joint blocks")
+    rates, _ = parse_block_lr(getattr(args, "block_lr", None))
+    if rates is not None and len(rates) not in (depth, depth + 2):
+        problems.append(f"--block_lr has {len(rates)} values; this {VARIANTS[variant]} model has {depth} joint blocks: "
+                        f"give {depth} (one per joint block; the embedders and the final layer use --learning_rate) "
+                        f"or {depth + 2} (the embedders, each joint block, the final layer)")
     freeze = getattr(args, "num_last_block_to_freeze", None)
     if freeze is not None and freeze > depth:
         problems.append(f"--num_last_block_to_freeze {freeze}: this {VARIANTS[variant]} model has only {depth} joint "
                         f"blocks; give at most {depth}")
     return problems
+
+
+def parse_block_lr(text: str | None) -> tuple[list[float] | None, str | None]:
+    """``(rates, problem)`` of ``sd3_train.py``'s ``--block_lr`` (comma-separated learning rates; the count is
+    checked against the depth by :func:`sd3_family_problems`)."""
+    if text is None:
+        return None, None
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        return None, f"--block_lr {text!r}: give comma-separated numbers, one learning rate per block"
+    if any(not 0 <= r < float("inf") for r in rates):
+        return None, f"--block_lr {text!r}: learning rates must be finite and not negative"
+    return rates, None
 
 
 def sd3_ss_metadata(args: argparse.Namespace) -> dict[str, str]:
