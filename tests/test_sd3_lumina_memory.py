@@ -28,14 +28,14 @@ def _lumina_model(layers: int = 4):
     return build_tiny_lumina(TinyLuminaConfig(layers=layers), seed=3)["transformer"]
 
 
-def _sd3_forward(model, grad=True):
+def _sd3_forward(model, grad=True, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
     cond = {"l_out": torch.randn(2, 77, 16, generator=g), "g_out": torch.randn(2, 77, 24, generator=g),
             "l_pooled": torch.randn(2, 16, generator=g), "g_pooled": torch.randn(2, 24, generator=g),
             "t5_out": torch.randn(2, 8, 48, generator=g)}
     noisy = torch.randn(2, 16, 8, 8, generator=g)
     with torch.set_grad_enabled(grad):
-        return SD3Spec().forward(model, noisy, torch.tensor([300.0, 800.0]), cond, torch.float32)
+        return SD3Spec().forward(model, noisy, torch.tensor([300.0, 800.0]), cond, dtype)
 
 
 def _lumina_forward(model, grad=True):
@@ -218,3 +218,24 @@ def test_swap_limits_are_read_from_the_model_files(tmp_path):
     args = argparse.Namespace(gemma2=None, ae=None, blocks_to_swap=1)
     with pytest.raises(UserError, match="this model has 2 main layers, and at most 0"):
         LuminaSpec().family(args, folder, None)
+
+
+def test_a_cast_after_the_swap_hooks_reaches_the_host_copies():
+    """--full_bf16 with --blocks_to_swap: the trained weights are cast after the blocks were parked in host memory;
+    the swapped blocks must then come back in bfloat16 too (not as their old float32 host copies)."""
+    from library.models.weights import move_module
+    from library.training.block_swap import BlockSwap
+
+    model = _sd3_model()
+    reference = move_module(copy.deepcopy(model), dtype=torch.bfloat16)
+    swap = BlockSwap(*SD3Spec().swappable_blocks(model, 2), "cpu", checkpointing=False, poison=True)
+    move_module(model, dtype=torch.bfloat16)
+    swap.adopt_casts()
+    assert all(host.dtype == torch.bfloat16 for i in swap.swapped for _, host, _ in swap.host[i])
+    seen = []
+    model.transformer_blocks[3].register_forward_pre_hook(
+        lambda module, args: seen.append(module.attn.to_q.weight.dtype))
+    with torch.no_grad():
+        out = _sd3_forward(model, grad=False, dtype=torch.bfloat16)
+        expected = _sd3_forward(reference, grad=False, dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16] and torch.equal(out, expected)
