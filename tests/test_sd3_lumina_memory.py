@@ -239,3 +239,25 @@ def test_a_cast_after_the_swap_hooks_reaches_the_host_copies():
         out = _sd3_forward(model, grad=False, dtype=torch.bfloat16)
         expected = _sd3_forward(reference, grad=False, dtype=torch.bfloat16)
     assert seen == [torch.bfloat16] and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_place_denoiser_swaps_the_blocks_the_family_names(family):
+    """The wiring training uses (``memory.place_denoiser`` through ``FamilySpec.swappable_blocks``)."""
+    from types import SimpleNamespace
+
+    from library.models.families.lumina import lumina_family
+    from library.models.families.sd3 import sd3_family
+    from library.training.memory import place_denoiser
+
+    build, forward, _, _ = FAMILIES[family]
+    model = build()
+    reference = copy.deepcopy(model)
+    models = SimpleNamespace(unet=model, family=sd3_family("5-medium") if family == "sd3" else lumina_family())
+    args = argparse.Namespace(blocks_to_swap=2, gradient_checkpointing=True)
+    swap = place_denoiser(models, args, torch.device("cpu"), torch.float32)
+    blocks = model.transformer_blocks if family == "sd3" else model.layers
+    assert swap.swapped == [2, 3] and swap.blocks == list(blocks) and swap.owns(next(blocks[3].parameters()))
+    assert not swap.owns(next(blocks[1].parameters()))
+    assert torch.equal(forward(model, grad=False), forward(reference, grad=False))
+    swap.remove()
