@@ -359,3 +359,26 @@ def test_flux_lbws_use_the_61_block_layout(tmp_path, capsys):
                                                                           f * m.delta(), atol=1e-6), name
     full = [1.0] * 61  # FLUX.1's own 61 blocks are accepted too (this tiny file fits in them)
     merge_lora.main(["--save_to", str(tmp_path / "full.safetensors"), "--models", str(a), "--lbws", str(full)])
+
+
+def test_lumina_merge_matches_diffusers_fuse_lora(lumina, tmp_path):
+    """diffusers applies our Lumina LoRA in its own format (``convert_lumina_lora_to_diffusers.py``'s conversion)."""
+    from diffusers import Lumina2Pipeline
+
+    from library.models.lumina.conversion import nextdit_to_diffusers
+    from library.models.lumina.diffusers_lora import to_diffusers_lora
+    from library.models.lumina.tiny import save_tiny_lumina_diffusers
+
+    a = lumina_lora(tmp_path / "a.safetensors", embedder_dims="[2,2,2]")
+    out = tmp_path / "merged.safetensors"
+    merge_lora.main(["--sd_model", str(lumina["lumina"]), "--save_to", str(out), "--models", str(a), "--ratios", "0.8"])
+    converted, left_out = to_diffusers_lora(load_file(str(a)))
+    assert not left_out
+    pipe = Lumina2Pipeline.from_pretrained(str(save_tiny_lumina_diffusers(tmp_path / "model", seed=6)))
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(converted)
+    pipe.fuse_lora(lora_scale=0.8)
+    pipe.unload_lora_weights()
+    theirs = pipe.transformer.state_dict()
+    assert max_diff(nextdit_to_diffusers(load_file(str(out))), theirs) < 1e-5
+    assert max_diff(theirs, before) > 1e-3
