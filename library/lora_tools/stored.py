@@ -112,7 +112,7 @@ def read_stored(path: str | Path, part: StoredPart, dtype: torch.dtype | None, w
     """A ``.safetensors`` file as a :class:`StoredCheckpoint` (``what`` names it in messages)."""
     from library.models.weights import read_weights
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         raise UserError(f"{what} {path}: expected a .safetensors file")
     tensors, metadata = read_weights(path)
