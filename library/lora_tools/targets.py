@@ -157,11 +157,12 @@ def family_label(name: str | None) -> str:
 
 
 def same_family(lora_name: str | None, model: ModelFamily) -> bool:
-    """Whether a LoRA of family ``lora_name`` is for checkpoints of ``model`` (SD1/SD2 by name, others by spec)."""
+    """Whether a LoRA of family ``lora_name`` is for checkpoints of ``model``: the same spec, and for a row whose
+    files are told apart by ``refine`` (SD1/SD2) the same family name too."""
     row = lora_family_row(lora_name)
-    if row is None:
+    if row is None or row.spec != model.spec_name:
         return False
-    return lora_name == model.name if row.spec == "sd" else row.spec == model.spec_name
+    return row.refine is None or lora_name == model.name
 
 
 def models_supported(name: str | None) -> bool:
