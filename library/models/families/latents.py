@@ -65,6 +65,9 @@ def latent_family(args: argparse.Namespace, source: Path) -> ModelFamily:
                             f"remove {flagged[1].option}, which names a {flagged[1].title} VAE given alone")
         return family
     channels = latent_channels(source)
+    if channels is None and source.is_file() and source.suffix.lower() == ".safetensors":
+        raise UserError(f"{source}: no VAE weights found (expected encoder.*/decoder.* or first_stage_model.*); give a "
+                        "whole model, or the VAE / AE file its training uses")
     if flagged is not None:
         spec, flag = flagged
         if channels not in (None, spec.latent_channels):
