@@ -151,3 +151,29 @@ def test_prepare_buckets_latents_writes_lumina_latents_that_lumina_train_reads(l
     assert out is not None and out.is_file()
     assert sorted(folder.glob("*.npz")) == npz
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in npz} == before
+
+
+def test_prepare_buckets_latents_recognises_a_diffusers_lumina2_folder(tmp_path):
+    """A Lumina2Pipeline folder needs no --lumina: its vae/ makes *_lumina.npz keyed like the AE lumina training
+    loads from that folder."""
+    import json
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from library.models.lumina.tiny import save_tiny_lumina_diffusers
+    from library.tools.prepare_latents import main as prepare
+    from library.training.preparation import vae_cache_key
+
+    model = save_tiny_lumina_diffusers(tmp_path / "lumina2")
+    folder = make_images(tmp_path / "train", count=1)
+    in_json, out_json = tmp_path / "meta.json", tmp_path / "meta_lat.json"
+    in_json.write_text(json.dumps({"img0": {"caption": "sks"}}), encoding="utf-8")
+    assert prepare([str(folder), str(in_json), str(out_json), str(model), "--max_resolution", "64,64",
+                    "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16"]) == 0
+    [npz] = folder.glob("*.npz")
+    assert npz.name == "img0_0064x0064_lumina.npz"
+    training_key = vae_cache_key(AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32), torch.float32)
+    with np.load(npz) as f:
+        assert f["latents"].shape == (16, 8, 8)
+        assert json.loads(str(f["cache_meta"]))["key"]["vae"] == training_key
