@@ -72,7 +72,8 @@ def latent_family(args: argparse.Namespace, source: Path) -> ModelFamily:
         spec, flag = flagged
         if channels not in (None, spec.latent_channels):
             raise UserError(f"{flag.option}: {source} is a VAE with {channels} latent channels, not the "
-                            f"{spec.latent_channels}-channel one of {flag.title}; give the VAE {flag.title} training uses")
+                            f"{spec.latent_channels}-channel one of {flag.title}; give the VAE {flag.title} "
+                            "training uses")
         return spec.latent_family(source, args, recognised=False)
     default = FAMILY_SPECS[DEFAULT_LATENT_SPEC]
     if channels is not None and channels != default.latent_channels:
