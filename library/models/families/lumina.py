@@ -48,7 +48,8 @@ class LuminaSpec(FamilySpec):
         return index.is_file() and "Lumina2" in index.read_text(encoding="utf-8", errors="replace")
 
     def family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
-        from library.models.lumina.loading import component_problems, describe_file
+        from library.models.lumina.loading import component_problems, describe_file, main_layer_count
+        from library.training.memory import last_blocks_problems
 
         if not source.is_dir():
             if keys is None:
@@ -58,6 +59,9 @@ class LuminaSpec(FamilySpec):
                                 "--pretrained_model_name_or_path the Lumina model (lumina_2_model_bf16.safetensors "
                                 "or a diffusers Lumina2 folder)")
         problems = component_problems(args, source)
+        swap = getattr(args, "blocks_to_swap", None) or 0
+        if swap:
+            problems += last_blocks_problems(swap, main_layer_count(source, keys), "main layers")
         if problems:
             raise UserError.from_problems("Lumina model files", problems)
         return lumina_family()
@@ -97,6 +101,12 @@ class LuminaSpec(FamilySpec):
                        encoder_hidden_states=cond["gemma2_hidden"].to(dtype),
                        encoder_attention_mask=cond["gemma2_mask"].bool()).sample
         return -out
+
+    def swappable_blocks(self, denoiser: torch.nn.Module, count: int) -> tuple[list[torch.nn.Module], list[int]]:
+        """sd-scripts' ``--blocks_to_swap N``: the last ``N`` main layers (the refiners, which run first, stay on the
+        device; checked against the file header, at most the number of layers minus 2)."""
+        layers = list(denoiser.layers)
+        return layers, list(range(len(layers) - count, len(layers)))
 
     def set_attention(self, models: Any, xformers: bool) -> str:
         """SDPA (the Lumina processors already use it) for the transformer and the AE; ``--use_flash_attn`` is

@@ -126,6 +126,12 @@ class SD3Spec(FamilySpec):
         return denoiser(hidden_states=noisy.to(dtype), encoder_hidden_states=context.to(dtype),
                         pooled_projections=pooled.to(dtype), timestep=timesteps.to(dtype)).sample
 
+    def swappable_blocks(self, denoiser: torch.nn.Module, count: int) -> tuple[list[torch.nn.Module], list[int]]:
+        """sd-scripts' ``--blocks_to_swap N`` on the MMDiT: the last ``N`` joint blocks (checked against the depth
+        from the file header, at most ``depth - 2``)."""
+        blocks = list(denoiser.transformer_blocks)
+        return blocks, list(range(len(blocks) - count, len(blocks)))
+
     def set_attention(self, models: Any, xformers: bool) -> str:
         """diffusers' SD3 attention already runs on SDPA; the VAE gets SDPA too."""
         from diffusers.models.attention_processor import AttnProcessor2_0
