@@ -31,9 +31,11 @@ def add_sd3_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}", type=float, default=0.0,
                        help=f"probability that a sample's {label} output is replaced by zeros (default 0.0)")
     g.add_argument("--pos_emb_random_crop_rate", type=float, default=0.0,
-                   help="SD3.5 Medium: random crop of the position embedding (not implemented; refused)")
+                   help="SD3.5 Medium: probability that a training step takes the position embedding at a random "
+                        "place of its table instead of the centre (default 0.0)")
     g.add_argument("--enable_scaled_pos_embed", action="store_true",
-                   help="SD3.5 Medium: per-resolution position embedding (not implemented; refused)")
+                   help="SD3.5 Medium: position embeddings scaled for each dataset resolution (multi-resolution "
+                        "training)")
     g.add_argument("--fp8_base", action="store_true", help="store the frozen base in fp8 (CUDA only; not yet)")
     g.add_argument("--fp8_base_unet", action="store_true", help="fp8 for the MMDiT only (CUDA only; not yet)")
     g.add_argument("--blocks_to_swap", type=int, default=None,
@@ -86,12 +88,8 @@ def sd3_family_problems(args: argparse.Namespace, family: ModelFamily, depth: in
     variant = family.base_model_version
     problems = []
     for name in MEDIUM_ONLY:
-        if getattr(args, name, None) not in (None, False, 0, 0.0):
-            if variant != "5-medium":
-                problems.append(f"--{name} is an SD3.5 Medium option, and this model is {VARIANTS[variant]}; "
-                                "remove it")
-            else:
-                problems.append(f"--{name} is not implemented in this toolkit yet; remove it")
+        if getattr(args, name, None) not in (None, False, 0, 0.0) and variant != "5-medium":
+            problems.append(f"--{name} is an SD3.5 Medium option, and this model is {VARIANTS[variant]}; remove it")
     freeze = getattr(args, "num_last_block_to_freeze", None)
     if freeze is not None and freeze > depth:
         problems.append(f"--num_last_block_to_freeze {freeze}: this {VARIANTS[variant]} model has only {depth} joint "

@@ -60,6 +60,13 @@ class SD3FullWeightRecipe(FullWeightRecipe):
                                            ("clip_g", self.train_te or args.save_clip),
                                            ("t5xxl", self.train_t5 or args.save_t5xxl)) if on}
         self.text: Any = None
+        self.resolutions: list[tuple[int, int]] = []
+        self.position: Any = None  # the SD3.5 Medium position-embedding options, when given
+
+    def prepare_dataset(self, group: Any) -> None:
+        from library.models.sd3.pos_embed import dataset_resolutions
+
+        self.resolutions = dataset_resolutions(group)
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
         from library.models.sd3.arguments import sd3_option_problems
@@ -83,7 +90,10 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         return problems
 
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
+        from library.models.sd3.pos_embed import apply_position_options
+
         super().setup(models, args, device)
+        self.position = apply_position_options(models.unet, args, self.resolutions)
         models.text_encoders[2].requires_grad_(self.train_t5)
         blocks = models.unet.transformer_blocks
         for block in list(blocks)[len(blocks) - self.freeze_last:] if self.freeze_last else []:
@@ -106,8 +116,9 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         self.models.unet.train(training)
         for i, te in enumerate(self.models.text_encoders):
             te.train(training and self.train_te and (i < 2 or self.train_t5))
-        if hasattr(self.text, "training"):
-            self.text.training = training
+        for part in (self.text, self.position):
+            if hasattr(part, "training"):
+                part.training = training
 
     def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         groups = [{"params": [p for p in self.models.unet.parameters() if p.requires_grad], "lr": args.learning_rate}]
