@@ -138,6 +138,9 @@ class FamilySpec(ABC):
     #: the block numbering of ``block_dims`` / ``down_lr_weight`` style network args (as the family's
     #: ``ModelFamily.lora_blocks``; here for networks, which see only the loaded denoiser)
     lora_blocks: LoRABlockLayout = SD_LORA_BLOCKS
+    #: family-specific sample prompt keys its sampler reads (``sampling.FAMILY_SAMPLE_KEYS``); the others are
+    #: named as ignored when the prompt file sets them
+    sample_prompt_keys: frozenset[str] = frozenset()
 
     @abstractmethod
     def recognises_file(self, keys: Collection[str]) -> bool:

@@ -35,6 +35,7 @@ class LuminaSpec(FamilySpec):
 
     name = "lumina"
     scripts = ("lumina_train_network.py", "lumina_train.py")
+    sample_prompt_keys = frozenset({"cfg_trunc_ratio", "renorm_cfg"})
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
