@@ -133,13 +133,13 @@ def apply_position_options(transformer: torch.nn.Module, args: argparse.Namespac
                            resolutions: Sequence[tuple[int, int]]) -> PositionEmbedding | None:
     """``--pos_emb_random_crop_rate`` / ``--enable_scaled_pos_embed`` on the loaded MMDiT (None when neither is
     given). ``resolutions`` are the datasets' ``(width, height)`` settings, as sd-scripts takes them."""
+    from accelerate import PartialState
+
     rate = float(getattr(args, "pos_emb_random_crop_rate", 0.0) or 0.0)
     scaled = bool(getattr(args, "enable_scaled_pos_embed", False))
     if not rate and not scaled:
         return None
     sides = latent_patch_sides(resolutions, patch_size=transformer.config.patch_size) if scaled else []
-    from accelerate import PartialState
-
     if PartialState().is_main_process:
         what = [f"random crop rate {rate:g}"] if rate else []
         what += [f"scaled tables for {', '.join(f'{s}x{s}' for s in sides)} patches"] if scaled else []
