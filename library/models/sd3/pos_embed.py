@@ -53,7 +53,8 @@ def scaled_table(dim: int, patch_side: int) -> torch.Tensor:
     return sincos_2d(dim, coords, coords).float().unsqueeze(0)
 
 
-def latent_patch_sides(resolutions: Sequence[tuple[int, int]], *, vae_factor: int = 8, patch_size: int = 2) -> list[int]:
+def latent_patch_sides(resolutions: Sequence[tuple[int, int]], *, vae_factor: int = 8,
+                       patch_size: int = 2) -> list[int]:
     """sd-scripts' patch sides of the dataset resolutions ``(width, height)``: ``round(sqrt(w*h)) // 8 // patch``,
     without duplicates, ascending."""
     return sorted({round(math.sqrt(w * h)) // vae_factor // patch_size for w, h in resolutions})
