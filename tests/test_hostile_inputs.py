@@ -198,6 +198,11 @@ ROWS = [
          "--ratios nan", "must be a finite number"),
     Case("merge_lora_lbws_wrong_length", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws [1,0,1]", "must have 17 or 26 values for SD1.x LoRAs"),
+    Case("merge_lora_clip_l_without_sd_model", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {W}/clip_l.safetensors", "text encoder files are merged beside a model"),
+    Case("merge_lora_clip_l_into_sd1", "networks/merge_lora.py --sd_model {M} --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {OUT}/l.safetensors --clip_l_save_to {W}/c.safetensors",
+         "models take no separate text encoder file"),
     Case("svd_merge_lora_lbws_not_json", "networks/svd_merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws 1,0,1", "give a JSON list of numbers"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
@@ -229,6 +234,17 @@ ROWS = [
     Case("sd3_train_freezes_more_blocks_than_the_model_has", "sd3_train.py --pretrained_model_name_or_path "
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --num_last_block_to_freeze 30",
          "has only 2 joint blocks", setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd3_swaps_more_blocks_than_the_model_allows", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --blocks_to_swap 5 "
+         "--gradient_checkpointing", "this model has 2 joint blocks, and at most 0 of them can be swapped",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd3_train_block_lr_for_another_depth", "sd3_train.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --block_lr 1e-5,1e-5,1e-5",
+         "--block_lr has 3 values; this SD3 Medium model has 2 joint blocks",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd3_train_t5_cache_only_with_frozen_clips", "sd3_train.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --use_t5xxl_cache_only",
+         "--use_t5xxl_cache_only caches T5's outputs so that CLIP-L and CLIP-G can train"),
     Case("sd1_model_to_flux_train", "flux_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --ae {M}", "use train_network.py"),
     Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "
@@ -257,6 +273,10 @@ ROWS = [
     Case("lumina_train_blockwise_with_accumulation", "lumina_train.py --pretrained_model_name_or_path "
          "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blockwise_fused_optimizers "
          "--gradient_accumulation_steps 2", "--gradient_accumulation_steps > 1", setup=_lumina_and_t5_headers),
+    Case("lumina_swaps_more_layers_than_the_model_allows", "lumina_train_network.py --pretrained_model_name_or_path "
+         "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blocks_to_swap 2 "
+         "--gradient_checkpointing", "this model has 1 main layers, and at most 0 of them can be swapped",
+         setup=_lumina_and_t5_headers),
     Case("lumina_lora_converter_given_an_sd_lora", "networks/convert_lumina_lora_to_diffusers.py {OUT}/l.safetensors "
          "{W}/x.safetensors", "not a Lumina 2 LoRA"),
     Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",

@@ -78,6 +78,7 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
         warn_unread_prompt_keys(sample_prompts, family.spec.sample_prompt_keys, family.name)
     if params is None:
         raise UserError.from_problems("cannot start training", problems)
+    problems += recipe.dataset_problems(params)
 
     if args.cache_latents or args.cache_latents_to_disk:
         for ds in params.datasets:
@@ -346,6 +347,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                                     adafactor_relative_step=uses_relative_step(optimizer))
     if args.full_fp16 or args.full_bf16:
         recipe.cast_trained(torch.float16 if args.full_fp16 else torch.bfloat16)
+        if block_swap is not None:
+            block_swap.adopt_casts()
     optimizer = accelerator.prepare(optimizer)
     if args.full_fp16 and accelerator.scaler is not None:
         allow_fp16_gradients(accelerator.scaler)

@@ -14,6 +14,8 @@ DEV_GUIDANCE = 3.5
 
 def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     """Model files, text, guidance, flow matching and memory options of the FLUX scripts."""
+    from library.training.memory import add_memory_arguments
+
     g = parser.add_argument_group("FLUX.1")
     g.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder file (clip_l.safetensors)")
     g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL text encoder file (t5xxl_fp16.safetensors)")
@@ -25,17 +27,7 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance_scale", type=float, default=None,
                    help=f"guidance given to dev models while training (default {DEV_GUIDANCE}; schnell: 1.0)")
     g.add_argument("--model_type", default="flux", choices=("flux",), help="only 'flux' (Chroma is not supported)")
-    g.add_argument("--fp8_base", action="store_true",
-                   help="store the frozen transformer's and text encoders' Linear weights in float8_e4m3fn, compute "
-                        "in the --mixed_precision dtype")
-    g.add_argument("--fp8_base_unet", action="store_true", help="float8 for the transformer only")
-    g.add_argument("--blocks_to_swap", type=int, default=None,
-                   help="keep this many transformer blocks in host memory and stream them to the GPU when they run "
-                        "(as sd-scripts counts them: N//2 double and 2*(N-N//2) single blocks; CUDA, needs "
-                        "--gradient_checkpointing)")
-    g.add_argument("--cpu_offload_checkpointing", action="store_true",
-                   help="keep the checkpointed blocks' inputs in host memory until the backward pass (CUDA; implies "
-                        "gradient checkpointing)")
+    add_memory_arguments(g, swap_help="as sd-scripts counts them: N//2 double and 2*(N-N//2) single blocks")
     add_flow_matching_arguments(parser, FLUX_FLOW_DEFAULTS)
 
 
