@@ -69,6 +69,16 @@ def _tiny_sd3(folder: Path, variant: str) -> None:
     save_tiny_sd3_files(folder, TinySD3Config(variant=variant))
 
 
+def _tiny_sd3_with_clip_g(work: Path) -> None:
+    """A tiny SD3 and a file with the header of a full-size CLIP-G (1280 wide)."""
+    import torch
+    from safetensors.torch import save_file
+
+    _tiny_sd3(work / "sd3", "medium")
+    save_file({"text_model.embeddings.position_embedding.weight": torch.zeros(77, 1280, dtype=torch.float16)},
+              str(work / "clip_g.safetensors"))
+
+
 def _caption_folder(work: Path, s: Setup) -> None:
     import shutil
 
@@ -178,6 +188,9 @@ ROWS = [
     Case("prepare_latents_max_resolution_64", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
          "{W}/out.json {M} --max_resolution 64,64", "lower min_bucket_reso (256) to at most 64",
          setup=_latents_metadata, forbid=("raise max_bucket_reso",)),
+    Case("prepare_latents_two_family_flags", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
+         "{W}/out.json {M} --flux --lumina", "--flux and --lumina name different model families",
+         setup=_latents_metadata),
     # LoRA utilities (issue 17): the same classes
     Case("merge_lora_save_to_is_a_folder", "networks/merge_lora.py --save_to {W}/dir.safetensors --models "
          "{OUT}/l.safetensors --overwrite", "is a folder; give a LoRA file name",
@@ -213,6 +226,14 @@ ROWS = [
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --enable_scaled_pos_embed",
          "--enable_scaled_pos_embed is an SD3.5 Medium option, and this model is SD3.5 Large",
          setup=lambda work, s: _tiny_sd3(work / "sd3", "5-large")),
+    Case("sd3_clip_g_file_given_as_clip_l", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --clip_l {W}/clip_g.safetensors",
+         "clip_g.safetensors: this file is a CLIP-G text encoder (1280 wide), not a CLIP-L text encoder; it belongs "
+         "to --clip_g", setup=lambda work, s: _tiny_sd3_with_clip_g(work)),
+    Case("sd3_t5_file_given_as_clip_g", "sd3_train.py --pretrained_model_name_or_path {W}/sd3/sd3.safetensors "
+         "--dataset_config {DS} --output_dir {W}/o --clip_g {W}/sd3/t5xxl.safetensors",
+         "t5xxl.safetensors: this file is a T5 text encoder, not a CLIP-G text encoder; it belongs to --t5xxl",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
     Case("sd3_train_freezes_more_blocks_than_the_model_has", "sd3_train.py --pretrained_model_name_or_path "
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --num_last_block_to_freeze 30",
          "has only 2 joint blocks", setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
