@@ -69,6 +69,16 @@ def _tiny_sd3(folder: Path, variant: str) -> None:
     save_tiny_sd3_files(folder, TinySD3Config(variant=variant))
 
 
+def _tiny_sd3_with_clip_g(work: Path) -> None:
+    """A tiny SD3 and a file with the header of a full-size CLIP-G (1280 wide)."""
+    import torch
+    from safetensors.torch import save_file
+
+    _tiny_sd3(work / "sd3", "medium")
+    save_file({"text_model.embeddings.position_embedding.weight": torch.zeros(77, 1280, dtype=torch.float16)},
+              str(work / "clip_g.safetensors"))
+
+
 def _caption_folder(work: Path, s: Setup) -> None:
     import shutil
 
@@ -188,6 +198,11 @@ ROWS = [
          "--ratios nan", "must be a finite number"),
     Case("merge_lora_lbws_wrong_length", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws [1,0,1]", "must have 17 or 26 values for SD1.x LoRAs"),
+    Case("merge_lora_clip_l_without_sd_model", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {W}/clip_l.safetensors", "text encoder files are merged beside a model"),
+    Case("merge_lora_clip_l_into_sd1", "networks/merge_lora.py --sd_model {M} --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {OUT}/l.safetensors --clip_l_save_to {W}/c.safetensors",
+         "models take no separate text encoder file"),
     Case("svd_merge_lora_lbws_not_json", "networks/svd_merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws 1,0,1", "give a JSON list of numbers"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
@@ -208,6 +223,14 @@ ROWS = [
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --enable_scaled_pos_embed",
          "--enable_scaled_pos_embed is an SD3.5 Medium option, and this model is SD3.5 Large",
          setup=lambda work, s: _tiny_sd3(work / "sd3", "5-large")),
+    Case("sd3_clip_g_file_given_as_clip_l", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --clip_l {W}/clip_g.safetensors",
+         "clip_g.safetensors: this file is a CLIP-G text encoder (1280 wide), not a CLIP-L text encoder; it belongs "
+         "to --clip_g", setup=lambda work, s: _tiny_sd3_with_clip_g(work)),
+    Case("sd3_t5_file_given_as_clip_g", "sd3_train.py --pretrained_model_name_or_path {W}/sd3/sd3.safetensors "
+         "--dataset_config {DS} --output_dir {W}/o --clip_g {W}/sd3/t5xxl.safetensors",
+         "t5xxl.safetensors: this file is a T5 text encoder, not a CLIP-G text encoder; it belongs to --t5xxl",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
     Case("sd3_train_freezes_more_blocks_than_the_model_has", "sd3_train.py --pretrained_model_name_or_path "
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --num_last_block_to_freeze 30",
          "has only 2 joint blocks", setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),

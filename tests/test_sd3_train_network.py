@@ -126,7 +126,8 @@ def test_separate_parts_diffusers_folder_and_text_options(sd3, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("flux", "this is a model of the FLUX family, which this script does not train; use flux_train_network.py"),
     ("sdxl", "this is a model of the SDXL family, which this script does not train; use sdxl_train_network.py"),
-    ("t5_as_clip_g", "--clip_g .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP text encoder"),
+    ("t5_as_clip_g", "--clip_g .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP-G text encoder; "
+                    "it belongs to --t5xxl"),
     ("medium_only", "--pos_emb_random_crop_rate is an SD3.5 Medium option, and this model is SD3 Medium"),
     ("swap", "--blocks_to_swap moves weights or activations between the GPU and host memory, and this machine has "
              "no CUDA device"),

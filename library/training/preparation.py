@@ -52,7 +52,7 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
     named in ``families``) from the checkpoint and the flags; one UserError for all problems found."""
     from library.training.losses import validate_noise_loss_args
     from library.training.optimizers import validate_optimizer_args
-    from library.training.sampling import validate_sampling_args
+    from library.training.sampling import validate_sampling_args, warn_unread_prompt_keys
     from library.training.schedulers import validate_scheduler_args
 
     problems: list[str] = []
@@ -75,6 +75,7 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
     problems += recipe.option_problems(args)
     if family is not None:
         problems += recipe.family_problems(family)
+        warn_unread_prompt_keys(sample_prompts, family.spec.sample_prompt_keys, family.name)
     if params is None:
         raise UserError.from_problems("cannot start training", problems)
     problems += recipe.dataset_problems(params)

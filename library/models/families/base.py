@@ -119,6 +119,14 @@ class ModelFamily:
 
         return family_spec(self.spec_name)
 
+    def plan_line(self) -> str:
+        """How the dataset plan names this family: name, objective, default resolution, bucket step, VAE factor."""
+        objective = ("flow matching" if self.objective.is_flow_matching
+                     else f"{self.objective.modelspec_prediction_type} prediction")
+        r = self.default_resolution
+        return (f"model family: {self.name} ({objective}; default resolution {r}x{r}, bucket step {self.bucket_step} "
+                f"px, latents 1/{self.vae_factor} of the image size)")
+
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's scale: ``(latents - shift) * scale``."""
         if self.latent_shift:
@@ -138,6 +146,9 @@ class FamilySpec(ABC):
     #: the block numbering of ``block_dims`` / ``down_lr_weight`` style network args (as the family's
     #: ``ModelFamily.lora_blocks``; here for networks, which see only the loaded denoiser)
     lora_blocks: LoRABlockLayout = SD_LORA_BLOCKS
+    #: family-specific sample prompt keys its sampler reads (``sampling.FAMILY_SAMPLE_KEYS``); the others are
+    #: named as ignored when the prompt file sets them
+    sample_prompt_keys: frozenset[str] = frozenset()
 
     @abstractmethod
     def recognises_file(self, keys: Collection[str]) -> bool:

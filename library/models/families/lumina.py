@@ -35,6 +35,7 @@ class LuminaSpec(FamilySpec):
 
     name = "lumina"
     scripts = ("lumina_train_network.py", "lumina_train.py")
+    sample_prompt_keys = frozenset({"cfg_trunc_ratio", "renorm_cfg"})
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
@@ -108,3 +109,24 @@ class LuminaSpec(FamilySpec):
 
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")  # networks.lora_lumina names the Next-DiT modules itself
+
+    # ---- the LoRA tools: the single file's tensors as stored (library/models/lumina/lora_checkpoint.py)
+    lora_save_formats = ("safetensors",)
+
+    def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        from library.models.lumina.lora_checkpoint import lumina_lora_family
+
+        return lumina_lora_family(source, keys)
+
+    def load_for_lora(self, args: argparse.Namespace, family: ModelFamily, *, dtype: torch.dtype) -> Any:
+        from library.models.lumina.lora_checkpoint import read_lumina_for_lora
+
+        return read_lumina_for_lora(args.pretrained_model_name_or_path, dtype)
+
+    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
+                      metadata: dict[str, str] | None) -> Path:
+        models.save(path, dtype, metadata)
+        return path
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        return models.targets()

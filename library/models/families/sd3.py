@@ -132,3 +132,24 @@ class SD3Spec(FamilySpec):
 
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")  # networks.lora_sd3 names the SAI modules itself
+
+    # ---- the LoRA tools: the single file's tensors as stored (library/models/sd3/lora_checkpoint.py)
+    lora_save_formats = ("safetensors",)
+
+    def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        from library.models.sd3.lora_checkpoint import sd3_lora_family
+
+        return sd3_lora_family(source, keys)
+
+    def load_for_lora(self, args: argparse.Namespace, family: ModelFamily, *, dtype: torch.dtype) -> Any:
+        from library.models.sd3.lora_checkpoint import read_sd3_for_lora
+
+        return read_sd3_for_lora(args.pretrained_model_name_or_path, dtype)
+
+    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
+                      metadata: dict[str, str] | None) -> Path:
+        models.save(path, dtype, metadata)
+        return path
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        return models.targets()

@@ -31,9 +31,11 @@ def add_sd3_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}", type=float, default=0.0,
                        help=f"probability that a sample's {label} output is replaced by zeros (default 0.0)")
     g.add_argument("--pos_emb_random_crop_rate", type=float, default=0.0,
-                   help="SD3.5 Medium: random crop of the position embedding (not implemented; refused)")
+                   help="SD3.5 Medium: probability that a training step takes the position embedding at a random "
+                        "place of its table instead of the centre (default 0.0)")
     g.add_argument("--enable_scaled_pos_embed", action="store_true",
-                   help="SD3.5 Medium: per-resolution position embedding (not implemented; refused)")
+                   help="SD3.5 Medium: position embeddings scaled for each dataset resolution (multi-resolution "
+                        "training)")
     add_memory_arguments(g, swap_help="the last N joint blocks, at most the depth minus 2, as sd-scripts")
     add_sd3_flow_arguments(parser)
 
@@ -80,12 +82,8 @@ def sd3_family_problems(args: argparse.Namespace, family: ModelFamily, depth: in
     variant = family.base_model_version
     problems = []
     for name in MEDIUM_ONLY:
-        if getattr(args, name, None) not in (None, False, 0, 0.0):
-            if variant != "5-medium":
-                problems.append(f"--{name} is an SD3.5 Medium option, and this model is {VARIANTS[variant]}; "
-                                "remove it")
-            else:
-                problems.append(f"--{name} is not implemented in this toolkit yet; remove it")
+        if getattr(args, name, None) not in (None, False, 0, 0.0) and variant != "5-medium":
+            problems.append(f"--{name} is an SD3.5 Medium option, and this model is {VARIANTS[variant]}; remove it")
     problems += last_blocks_problems(getattr(args, "blocks_to_swap", None) or 0, depth, "joint blocks")
     rates, _ = parse_block_lr(getattr(args, "block_lr", None))
     if rates is not None and len(rates) not in (depth, depth + 2):

@@ -92,6 +92,8 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         self.sample_texts: list[str] = []  # the sample prompts' texts, cached with the captions
         self.device: torch.device | None = None
         self.group: Any = None
+        self.resolutions: list[tuple[int, int]] = []
+        self.position: Any = None  # the SD3.5 Medium position-embedding options, when given
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
         from library.models.sd3.arguments import parse_block_lr, sd3_option_problems
@@ -145,10 +147,16 @@ class SD3FullWeightRecipe(FullWeightRecipe):
                 for reason in caption_variation_reasons(params)]
 
     def prepare_dataset(self, group: Any) -> None:
+        from library.models.sd3.pos_embed import dataset_resolutions
+
         self.group = group  # --use_t5xxl_cache_only caches T5's outputs of every caption
+        self.resolutions = dataset_resolutions(group)  # the position-embedding options' sizes
 
     def setup(self, models: Any, args: argparse.Namespace, device: torch.device) -> None:
+        from library.models.sd3.pos_embed import apply_position_options
+
         super().setup(models, args, device)
+        self.position = apply_position_options(models.unet, args, self.resolutions)
         self.device = device
         if self.t5_cache_only:
             from library.training.sampling import validate_sampling_args
@@ -176,8 +184,9 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         self.models.unet.train(training)
         for i, te in enumerate(self.models.text_encoders):
             te.train(training and self.train_te and (i < 2 or self.train_t5))
-        if hasattr(self.text, "training"):
-            self.text.training = training
+        for part in (self.text, self.position):
+            if hasattr(part, "training"):
+                part.training = training
 
     def param_groups(self, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         """The MMDiT as one group, or one per block (embedders, each joint block, final layer) with
