@@ -188,6 +188,9 @@ ROWS = [
     Case("prepare_latents_max_resolution_64", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
          "{W}/out.json {M} --max_resolution 64,64", "lower min_bucket_reso (256) to at most 64",
          setup=_latents_metadata, forbid=("raise max_bucket_reso",)),
+    Case("prepare_latents_two_family_flags", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
+         "{W}/out.json {M} --flux --lumina", "--flux and --lumina name different model families",
+         setup=_latents_metadata),
     # LoRA utilities (issue 17): the same classes
     Case("merge_lora_save_to_is_a_folder", "networks/merge_lora.py --save_to {W}/dir.safetensors --models "
          "{OUT}/l.safetensors --overwrite", "is a folder; give a LoRA file name",

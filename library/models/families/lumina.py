@@ -16,8 +16,8 @@ from typing import Any, Collection, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, ModelFamily
-from library.models.families.flux import FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT
+from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, LatentFlag, ModelFamily
+from library.models.families.flux import FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT, load_latent_ae
 from library.models.lumina.conversion import layout_of
 
 
@@ -35,6 +35,10 @@ class LuminaSpec(FamilySpec):
 
     name = "lumina"
     scripts = ("lumina_train_network.py", "lumina_train.py")
+    latent_channels = 16
+    latent_flag = LatentFlag("--lumina", "Lumina 2", "the model is the FLUX AE (ae.safetensors) that Lumina 2 "
+                             "uses: name the latent files for Lumina training (a diffusers Lumina2 folder is "
+                             "recognised without it)")
     sample_prompt_keys = frozenset({"cfg_trunc_ratio", "renorm_cfg"})
 
     def recognises_file(self, keys: Collection[str]) -> bool:
@@ -62,6 +66,15 @@ class LuminaSpec(FamilySpec):
         if problems:
             raise UserError.from_problems("Lumina model files", problems)
         return lumina_family()
+
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        if recognised and source.is_file():
+            raise UserError(f"{source}: this is the Lumina 2 transformer; the latents are made by the FLUX AE: give "
+                            "the AE file (ae.safetensors, lumina_train.py's --ae) and --lumina")
+        return lumina_family()
+
+    def load_latent_vae(self, source: Path, family: ModelFamily) -> torch.nn.Module:
+        return load_latent_ae(source, family)
 
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         from library.models.lumina.loading import load_lumina_models

@@ -58,6 +58,7 @@ class SD3Spec(FamilySpec):
 
     name = "sd3"
     scripts = ("sd3_train_network.py", "sd3_train.py")
+    latent_channels = 16
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
@@ -83,6 +84,17 @@ class SD3Spec(FamilySpec):
         if problems:
             raise UserError.from_problems("SD3 model files", problems)
         return family
+
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        """The variant read from the transformer's shapes (its VAE is inside the single file or folder)."""
+        from library.models.sd3.loading import transformer_architecture
+
+        return sd3_family(transformer_architecture(source).variant)
+
+    def load_latent_vae(self, source: Path, family: ModelFamily) -> torch.nn.Module:
+        from library.models.sd3.loading import load_sd3_vae
+
+        return load_sd3_vae(source)
 
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         from library.models.sd3.loading import load_sd3_models

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from library.models.families.base import ModelFamily
+from library.models.families.flux import is_dev
 from library.training.flow_matching import FlowDefaults, add_flow_matching_arguments, flow_option_problems
 
 FLUX_FLOW_DEFAULTS = FlowDefaults(timestep_sampling="sigma", discrete_flow_shift=3.0, model_prediction_type="raw")
@@ -34,18 +35,18 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
 def resolved_guidance(args: argparse.Namespace, family: ModelFamily) -> float:
     if args.guidance_scale is not None:
         return float(args.guidance_scale)
-    return DEV_GUIDANCE if family.name == "flux1-dev" else 1.0
+    return DEV_GUIDANCE if is_dev(family) else 1.0
 
 
 def resolved_t5_length(args: argparse.Namespace, family: ModelFamily) -> int:
     if args.t5xxl_max_token_length is not None:
         return int(args.t5xxl_max_token_length)
-    return 512 if family.name == "flux1-dev" else 256
+    return 512 if is_dev(family) else 256
 
 
 def flux_family_problems(args: argparse.Namespace, family: ModelFamily) -> list[str]:
     """Checks that need to know dev from schnell."""
-    if family.name == "flux1-schnell" and args.guidance_scale is not None and args.guidance_scale != 1.0:
+    if not is_dev(family) and args.guidance_scale is not None and args.guidance_scale != 1.0:
         return [f"--guidance_scale {args.guidance_scale}: FLUX.1 schnell has no guidance embedding, so training "
                 "guidance means nothing; remove --guidance_scale or set it to 1.0"]
     return []
