@@ -278,7 +278,7 @@ ROWS = [
          "--gradient_accumulation_steps 2", "--gradient_accumulation_steps > 1", setup=_lumina_and_t5_headers),
     Case("lumina_swaps_more_layers_than_the_model_allows", "lumina_train_network.py --pretrained_model_name_or_path "
          "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blocks_to_swap 2 "
-         "--gradient_checkpointing", "this model has 1 main layers, and at most 0 of them can be swapped",
+         "--gradient_checkpointing", "this model has 1 main layer, and at most 0 of them can be swapped",
          setup=_lumina_and_t5_headers),
     Case("lumina_lora_converter_given_an_sd_lora", "networks/convert_lumina_lora_to_diffusers.py {OUT}/l.safetensors "
          "{W}/x.safetensors", "not a Lumina 2 LoRA"),

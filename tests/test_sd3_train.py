@@ -181,3 +181,17 @@ def test_use_t5xxl_cache_only_refuses_captions_that_change(sd3, tmp_path):
     with pytest.raises(UserError, match=r"--use_t5xxl_cache_only: T5's outputs are computed once per caption, but "
                                         r"captions change every step \(datasets\[0\].subsets\[0\]: shuffle_caption\)"):
         _main(argv)
+
+
+def test_use_t5xxl_cache_only_caches_the_sample_prompts_too(sd3, tmp_path):
+    """As sd-scripts: the sample prompts' T5 outputs are cached with the captions, so T5 is freed and samples
+    are still made (with their negative prompt)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat --n blurry --w 64 --h 64 --d 7 --s 2 --l 4.0\n", encoding="utf-8")
+    extra = ["--train_text_encoder", "--use_t5xxl_cache_only", "--cache_latents", "--sample_prompts", str(prompts),
+             "--sample_every_n_steps", "1"]
+    run = _prepare(_argv(sd3, tmp_path / "p", extra=extra))
+    assert next(run.models.text_encoders[2].parameters()).device.type == "meta"
+    assert run.text.t5.encoded == 4  # two captions, the prompt and its negative prompt
+    _main(_argv(sd3, tmp_path / "out", extra=extra))
+    assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 2

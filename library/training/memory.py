@@ -34,7 +34,8 @@ def last_blocks_problems(count: int, depth: int, what: str) -> list[str]:
     """sd-scripts' limit for families that swap the last ``count`` of ``depth`` blocks (SD3's joint blocks,
     Lumina's main layers): at most ``depth - 2``."""
     if count > max(depth - 2, 0):
-        return [f"--blocks_to_swap {count}: this model has {depth} {what}, and at most {max(depth - 2, 0)} of them "
+        noun = what if depth != 1 else what.removesuffix("s")
+        return [f"--blocks_to_swap {count}: this model has {depth} {noun}, and at most {max(depth - 2, 0)} of them "
                 "can be swapped (two stay on the GPU, as in sd-scripts); give a smaller number"]
     return []
 

@@ -87,8 +87,9 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         self.text: Any = None
         self.block_lr: list[float] | None = None
         self.t5_cache_only = bool(args.use_t5xxl_cache_only)
-        # T5 is freed once its outputs are cached unless something later runs or saves it
-        self.keeps_t5 = bool(args.sample_prompts) or "t5xxl" in self.save_roles or self.save_format != "safetensors"
+        # T5 is freed once its outputs are cached unless a later save writes it
+        self.keeps_t5 = "t5xxl" in self.save_roles or self.save_format != "safetensors"
+        self.sample_texts: list[str] = []  # the sample prompts' texts, cached with the captions
         self.device: torch.device | None = None
         self.group: Any = None
         self.resolutions: list[tuple[int, int]] = []
@@ -157,6 +158,10 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         super().setup(models, args, device)
         self.position = apply_position_options(models.unet, args, self.resolutions)
         self.device = device
+        if self.t5_cache_only:
+            from library.training.sampling import validate_sampling_args
+
+            self.sample_texts = [t for p in validate_sampling_args(args) for t in (p.prompt, p.negative_prompt)]
         models.text_encoders[2].requires_grad_(self.train_t5)
         blocks = models.unet.transformer_blocks
         for block in list(blocks)[len(blocks) - self.freeze_last:] if self.freeze_last else []:
@@ -210,8 +215,8 @@ class SD3FullWeightRecipe(FullWeightRecipe):
         from library.models.sd3.text import t5_cached_text
 
         if self.t5_cache_only:
-            text = t5_cached_text(text, self.models, self.group.fixed_captions(), self.device,
-                                  release=not self.keeps_t5)
+            captions = list(dict.fromkeys(self.group.fixed_captions() + self.sample_texts))
+            text = t5_cached_text(text, self.models, captions, self.device, release=not self.keeps_t5)
         self.text = wrap_text_dropout(text, self.dropout_rates)
         return self.text
 

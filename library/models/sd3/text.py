@@ -145,9 +145,9 @@ def joint_context(cond: Mapping[str, torch.Tensor], width: int) -> tuple[torch.T
 
 
 def t5_cached_text(text: Any, models: Any, captions: list[str], device: torch.device, *, release: bool) -> T5CachedText:
-    """``--use_t5xxl_cache_only``: T5's outputs of every caption of the run computed now (and stored in ``text``'s
-    disk cache folder with ``--cache_text_encoder_outputs_to_disk``), then T5 freed when ``release`` (nothing
-    later samples with it or saves it); ``text`` is the loop's ``TextConditioner``."""
+    """``--use_t5xxl_cache_only``: T5's outputs of every caption of the run and every sample prompt computed now
+    (and stored in ``text``'s disk cache folder with ``--cache_text_encoder_outputs_to_disk``), then T5 freed when
+    ``release`` (no later save writes it); ``text`` is the loop's ``TextConditioner``."""
     import logging
 
     from library.models.weights import move_module
@@ -164,7 +164,7 @@ def t5_cached_text(text: Any, models: Any, captions: list[str], device: torch.de
     if release:
         move_module(t5_model, "meta")
         t5.encoders_released = True
-    logging.getLogger(__name__).info("T5 outputs of %d captions cached (--use_t5xxl_cache_only)%s", len(captions),
-                                     "; T5 freed" if release else "; T5 kept for samples / saves")
+    logging.getLogger(__name__).info("T5 outputs of %d texts cached (--use_t5xxl_cache_only)%s", len(captions),
+                                     "; T5 freed" if release else "; T5 kept for the saved model")
     clip = TextConditioner(text.encoding.only(("l", "g")), weighted=False, cache=False)
     return T5CachedText(clip, t5)
