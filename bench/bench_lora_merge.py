@@ -9,6 +9,9 @@ Models (random weights, fp16 single files in the original LDM layout, written fi
   sd2   SD2.1's full architecture (linear projections, 1024-wide OpenCLIP text encoder, 23 layers)
   sdxl  SDXL base 1.0's full architecture in the ``sd_xl_base_1.0`` layout (UNet 2.57 G, both text encoders, VAE:
         3.47 G parameters, 6.9 GB in fp16), written by ``library.models.tiny_sdxl.save_sdxl_base_random_single_file``
+  sd3   SD3 Medium's MMDiT (24 joint blocks, hidden 1536: 2.03 G parameters, 4.1 GB in fp16) as the SAI single file
+        without text encoders or VAE (``model.diffusion_model.*``), written one tensor at a time; its LoRA is
+        sd-scripts' ``networks.lora_sd3`` (every joint-block layer, fused qkv) at ``--rank``
 The LoRA covers every module sd-scripts targets (text encoders and UNet, plus LoCon 3x3 convs) at ``--rank``
 (``--conv_rank``). The merge runs as the user would run it, in its own process: ``--precision`` (default float,
 sd-scripts' default; ``fp16`` holds the model in fp16 and still adds each delta in float32: for an fp16 checkpoint
@@ -34,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-CASES = ("sd15", "sd2", "sdxl")
+CASES = ("sd15", "sd2", "sdxl", "sd3")
 
 
 def _random_fp16(build):
@@ -59,6 +62,8 @@ def build_checkpoint(name: str, path: Path) -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if name == "sd3":
+        return _write_sd3_mmdit(path)
     if name == "sdxl":
         from safetensors import safe_open
 
@@ -82,6 +87,47 @@ def build_checkpoint(name: str, path: Path) -> int:
     return sum(p.numel() for m in (unet, text_encoder, vae) for p in m.parameters())
 
 
+def _sd3_meta_transformer():
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from library.models.sd3.tiny import full_size_architecture
+
+    with torch.device("meta"):
+        return SD3Transformer2DModel(**full_size_architecture("medium").diffusers_config())
+
+
+def _write_sd3_mmdit(path: Path) -> int:
+    """SD3 Medium's MMDiT in the SAI layout with random fp16 values, one tensor at a time (no model in memory)."""
+    import torch
+
+    from library.models.safetensors_stream import save_safetensors_streaming
+    from library.models.sd3.conversion import SAI_PREFIX, diffusers_to_sai
+    from library.models.sd3.tiny import full_size_architecture
+
+    meta = diffusers_to_sai(_sd3_meta_transformer().state_dict(), full_size_architecture("medium"), prefix=SAI_PREFIX)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {k: (v.shape, torch.float16) for k, v in meta.items()}
+    producers = {k: (lambda k=k: torch.randn(meta[k].shape, generator=gen).mul_(0.02).half()) for k in meta}
+    save_safetensors_streaming(path, producers, shapes)
+    return sum(v.numel() for v in meta.values())
+
+
+def _sd3_lora(path: Path, rank: int) -> int:
+    import torch
+
+    from networks import lora_sd3
+
+    network = lora_sd3.create_network(1.0, rank, float(rank), None, None, _sd3_meta_transformer())
+    gen = torch.Generator().manual_seed(1)
+    state = {k: (torch.randn(v.shape, generator=gen) * 0.01).half() if k.endswith("weight") else v.half()
+             for k, v in network.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), {"ss_network_module": "networks.lora_sd3"})
+    return len(network.all_loras())
+
+
 def _numel(shape) -> int:
     count = 1
     for n in shape:
@@ -100,6 +146,8 @@ def build_lora(name: str, path: Path, rank: int, conv_rank: int) -> int:
     from library.lora_tools.targets import fused_shape
     from library.models.families import family_spec
 
+    if name == "sd3":
+        return _sd3_lora(path, rank)
     if name == "sdxl":
         text_encoders, unet = references.sdxl_reference()
     else:

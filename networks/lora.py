@@ -40,7 +40,8 @@ TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttentio
 PREFIX_UNET = "lora_unet"
 PREFIX_TEXT_ENCODER = "lora_te"
 
-_RE_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?_)(?!text_model_)")  # CLIP only: FLUX's T5 is lora_te3_
+# CLIP only (FLUX's T5 is lora_te3_; Lumina's Gemma2 is lora_te_layers_, which has no text_model_ in any spelling)
+_RE_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?_)(?=encoder_layers_)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

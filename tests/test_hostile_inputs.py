@@ -69,6 +69,16 @@ def _tiny_sd3(folder: Path, variant: str) -> None:
     save_tiny_sd3_files(folder, TinySD3Config(variant=variant))
 
 
+def _tiny_sd3_with_clip_g(work: Path) -> None:
+    """A tiny SD3 and a file with the header of a full-size CLIP-G (1280 wide)."""
+    import torch
+    from safetensors.torch import save_file
+
+    _tiny_sd3(work / "sd3", "medium")
+    save_file({"text_model.embeddings.position_embedding.weight": torch.zeros(77, 1280, dtype=torch.float16)},
+              str(work / "clip_g.safetensors"))
+
+
 def _caption_folder(work: Path, s: Setup) -> None:
     import shutil
 
@@ -178,6 +188,9 @@ ROWS = [
     Case("prepare_latents_max_resolution_64", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
          "{W}/out.json {M} --max_resolution 64,64", "lower min_bucket_reso (256) to at most 64",
          setup=_latents_metadata, forbid=("raise max_bucket_reso",)),
+    Case("prepare_latents_two_family_flags", "finetune/prepare_buckets_latents.py {IMG} {W}/meta.json "
+         "{W}/out.json {M} --flux --lumina", "--flux and --lumina name different model families",
+         setup=_latents_metadata),
     # LoRA utilities (issue 17): the same classes
     Case("merge_lora_save_to_is_a_folder", "networks/merge_lora.py --save_to {W}/dir.safetensors --models "
          "{OUT}/l.safetensors --overwrite", "is a folder; give a LoRA file name",
@@ -188,6 +201,11 @@ ROWS = [
          "--ratios nan", "must be a finite number"),
     Case("merge_lora_lbws_wrong_length", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws [1,0,1]", "must have 17 or 26 values for SD1.x LoRAs"),
+    Case("merge_lora_clip_l_without_sd_model", "networks/merge_lora.py --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {W}/clip_l.safetensors", "text encoder files are merged beside a model"),
+    Case("merge_lora_clip_l_into_sd1", "networks/merge_lora.py --sd_model {M} --save_to {W}/x.safetensors --models "
+         "{OUT}/l.safetensors --clip_l {OUT}/l.safetensors --clip_l_save_to {W}/c.safetensors",
+         "models take no separate text encoder file"),
     Case("svd_merge_lora_lbws_not_json", "networks/svd_merge_lora.py --save_to {W}/x.safetensors --models "
          "{OUT}/l.safetensors --lbws 1,0,1", "give a JSON list of numbers"),
     Case("lora_state_to_train_db", "train_db.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
@@ -208,9 +226,28 @@ ROWS = [
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --enable_scaled_pos_embed",
          "--enable_scaled_pos_embed is an SD3.5 Medium option, and this model is SD3.5 Large",
          setup=lambda work, s: _tiny_sd3(work / "sd3", "5-large")),
+    Case("sd3_clip_g_file_given_as_clip_l", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --clip_l {W}/clip_g.safetensors",
+         "clip_g.safetensors: this file is a CLIP-G text encoder (1280 wide), not a CLIP-L text encoder; it belongs "
+         "to --clip_g", setup=lambda work, s: _tiny_sd3_with_clip_g(work)),
+    Case("sd3_t5_file_given_as_clip_g", "sd3_train.py --pretrained_model_name_or_path {W}/sd3/sd3.safetensors "
+         "--dataset_config {DS} --output_dir {W}/o --clip_g {W}/sd3/t5xxl.safetensors",
+         "t5xxl.safetensors: this file is a T5 text encoder, not a CLIP-G text encoder; it belongs to --t5xxl",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
     Case("sd3_train_freezes_more_blocks_than_the_model_has", "sd3_train.py --pretrained_model_name_or_path "
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --num_last_block_to_freeze 30",
          "has only 2 joint blocks", setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd3_swaps_more_blocks_than_the_model_allows", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --blocks_to_swap 5 "
+         "--gradient_checkpointing", "this model has 2 joint blocks, and at most 0 of them can be swapped",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd3_train_block_lr_for_another_depth", "sd3_train.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --block_lr 1e-5,1e-5,1e-5",
+         "--block_lr has 3 values; this SD3 Medium model has 2 joint blocks",
+         setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd3_train_t5_cache_only_with_frozen_clips", "sd3_train.py --pretrained_model_name_or_path {M} "
+         "--dataset_config {DS} --output_dir {W}/o --use_t5xxl_cache_only",
+         "--use_t5xxl_cache_only caches T5's outputs so that CLIP-L and CLIP-G can train"),
     Case("sd1_model_to_flux_train", "flux_train.py --pretrained_model_name_or_path {M} --dataset_config {DS} "
          "--output_dir {W}/o --ae {M}", "use train_network.py"),
     Case("sd1_model_to_sdxl_textual_inversion", "sdxl_train_textual_inversion.py --pretrained_model_name_or_path {M} "
@@ -239,6 +276,10 @@ ROWS = [
     Case("lumina_train_blockwise_with_accumulation", "lumina_train.py --pretrained_model_name_or_path "
          "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blockwise_fused_optimizers "
          "--gradient_accumulation_steps 2", "--gradient_accumulation_steps > 1", setup=_lumina_and_t5_headers),
+    Case("lumina_swaps_more_layers_than_the_model_allows", "lumina_train_network.py --pretrained_model_name_or_path "
+         "{W}/lumina.safetensors --dataset_config {DS} --output_dir {W}/o --blocks_to_swap 2 "
+         "--gradient_checkpointing", "this model has 1 main layer, and at most 0 of them can be swapped",
+         setup=_lumina_and_t5_headers),
     Case("lumina_lora_converter_given_an_sd_lora", "networks/convert_lumina_lora_to_diffusers.py {OUT}/l.safetensors "
          "{W}/x.safetensors", "not a Lumina 2 LoRA"),
     Case("blip_training_model_not_found", "train_blip_network.py {IMG} {W}/o --model_id {W}/missing",

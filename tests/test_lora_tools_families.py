@@ -181,7 +181,7 @@ def test_check_reports_sdxl_counts_and_loaders(tmp_path, capsys):
 
 
 def test_lbws_weigh_the_blocks_like_sd_scripts(sdxl, tmp_path, capsys):
-    from library.lora_tools.block_weights import block_index
+    from library.lora_tools.block_weights import BLOCKS, sdxl_block
 
     a = sdxl_lora(sdxl["file"], tmp_path / "a.safetensors")
     weights = [0.5, 0, 0, 2, 2, 1, 0, 0, 0, 0, 0, 3]  # BASE IN04 IN05 IN07 IN08 MID OUT00..OUT05
@@ -192,8 +192,9 @@ def test_lbws_weigh_the_blocks_like_sd_scripts(sdxl, tmp_path, capsys):
     source, result = read_lora(a), read_lora(out)
     seen = set()
     for name, m in source.modules.items():
-        factor = 0.5 * per_block.get(block_index(name, sdxl=True), 1.0)
-        seen.add(block_index(name, sdxl=True))
+        block = BLOCKS.index(sdxl_block(name))
+        factor = 0.5 * per_block.get(block, 1.0)
+        seen.add(block)
         if factor == 0:
             assert name not in result.modules
         else:
@@ -209,7 +210,7 @@ def test_lbws_weigh_the_blocks_like_sd_scripts(sdxl, tmp_path, capsys):
 
 
 def test_block_index_of_sd1_names():
-    from library.lora_tools.block_weights import BLOCKS, block_index
+    from library.lora_tools.block_weights import sd_block
 
     cases = {"lora_te_text_model_encoder_layers_0_mlp_fc1": "BASE",
              "lora_unet_down_blocks_0_attentions_1_proj_in": "IN02",
@@ -217,7 +218,7 @@ def test_block_index_of_sd1_names():
              "lora_unet_mid_block_attentions_0_proj_out": "MID",
              "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q": "OUT11",
              "lora_unet_up_blocks_1_upsamplers_0_conv": "OUT05"}
-    assert {n: BLOCKS[block_index(n, sdxl=False)] for n in cases} == cases
+    assert {n: sd_block(n) for n in cases} == cases
 
 
 # ------------------------------------------------------------------------------------------- FLUX
@@ -321,7 +322,7 @@ def test_flux_extract_check_and_refusals(flux, tmp_path, capsys):
     with pytest.raises(UserError, match="a FLUX.1 checkpoint is written as .safetensors file"):
         merge_lora.main(["--sd_model", str(flux["flux"]), "--save_to", str(tmp_path / "folder"), "--models",
                          str(known)])
-    with pytest.raises(UserError, match="block weights are defined for SD1.x/2.x and SDXL"):
+    with pytest.raises(UserError, match="8 or 61 values for FLUX.1"):  # this tiny model's blocks, or FLUX.1's
         merge_lora.main(["--save_to", str(tmp_path / "x.safetensors"), "--models", str(known), "--lbws", "[1]"])
     te_lora = tmp_path / "with_clip.safetensors"
     sd = load_file(str(known))

@@ -93,7 +93,8 @@ def test_offloading_checkpoint_changes_no_gradient():
     (["--train_text_encoder"], "trains the transformer only"),
     (["--save_model_as", "diffusers"], "saves the single-file"),
     (["--fused_optimizer_groups", "4"], "--fused_optimizer_groups does not work in sd-scripts"),
-    (["--blocks_to_swap", "4"], "--blocks_to_swap is a GPU memory option for Lumina"),
+    (["--blocks_to_swap", "4"], "--blocks_to_swap 4: this model has 2 main layers, and at most 0"),
+    (["--fp8_base_unet"], "this script trains the transformer itself"),
     (["--cpu_offload_checkpointing", "--gradient_checkpointing"], "this machine has no CUDA device"),
     (["--blockwise_fused_optimizers", "--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps > 1"),
     (["--blockwise_fused_optimizers", "--fused_backward_pass", "--optimizer_type", "AdaFactor"], "use one of them"),
@@ -107,3 +108,73 @@ def test_bad_input_is_one_message_before_any_model_loads(lumina, tmp_path, monke
     monkeypatch.setattr(loading, "load_lumina_models", no_loading)
     with pytest.raises(UserError, match=message):
         _main(_argv(lumina, tmp_path / "out", extra=extra))
+
+
+def test_prepare_buckets_latents_writes_lumina_latents_that_lumina_train_reads(lumina, tmp_path):
+    """finetune/prepare_buckets_latents.py --lumina with the FLUX AE writes 16-channel *_lumina.npz entries keyed by
+    the AE as lumina_train.py loads it (--ae); training with --in_json --cache_latents_to_disk finds every entry
+    valid and rewrites none (an entry with another key would be re-encoded and rewritten)."""
+    import json
+
+    import numpy as np
+
+    from library.models.flux.loading import load_ae
+    from library.tools.prepare_latents import main as prepare
+    from library.training.preparation import vae_cache_key
+
+    folder = make_images(tmp_path / "train", count=2)
+    in_json, out_json = tmp_path / "meta.json", tmp_path / "meta_lat.json"
+    in_json.write_text(json.dumps({f"img{i}": {"caption": f"sks {i}"} for i in range(2)}), encoding="utf-8")
+    buckets = ["--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16"]
+    base = [str(folder), str(in_json), str(out_json)]
+    for model, extra, message in ((lumina["lumina"], ["--lumina"], "this is the Lumina 2 transformer"),
+                                  (lumina["ae"], [], "16-channel autoencoder given alone; add --flux .* or --lumina"),
+                                  (lumina["ae"], ["--flux", "--lumina"], "--flux and --lumina name different"),
+                                  (lumina["gemma2"], ["--lumina"], "no VAE weights found")):
+        with pytest.raises(UserError, match=message):
+            prepare([*base, str(model), *extra, "--max_resolution", "64,64", *buckets])
+    assert not list(folder.glob("*.npz")) and not out_json.exists()
+    assert prepare([*base, str(lumina["ae"]), "--lumina", "--max_resolution", "64,64", *buckets]) == 0
+    npz = sorted(folder.glob("*.npz"))
+    assert [p.name for p in npz] == ["img0_0064x0064_lumina.npz", "img1_0064x0064_lumina.npz"]
+    training_key = vae_cache_key(load_ae(str(lumina["ae"]), torch.float32), torch.float32)
+    for path in npz:
+        with np.load(path) as f:
+            assert f["latents"].shape == (16, 8, 8) and np.isfinite(f["latents"]).all()
+            assert json.loads(str(f["cache_meta"]))["key"]["vae"] == training_key
+    assert json.loads(out_json.read_text(encoding="utf-8"))["img0"]["train_resolution"] == [64, 64]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in npz}
+    argv = _argv(lumina, tmp_path / "out", steps=1)
+    argv = argv[: argv.index("--dataset_config")] + argv[argv.index("--dataset_config") + 2:]
+    argv[argv.index("--cache_latents")] = "--cache_latents_to_disk"
+    out = _main(argv + ["--in_json", str(out_json), "--train_data_dir", str(folder), "--resolution", "64",
+                        "--enable_bucket", *buckets, "--train_batch_size", "2"])
+    assert out is not None and out.is_file()
+    assert sorted(folder.glob("*.npz")) == npz
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in npz} == before
+
+
+def test_prepare_buckets_latents_recognises_a_diffusers_lumina2_folder(tmp_path):
+    """A Lumina2Pipeline folder needs no --lumina: its vae/ makes *_lumina.npz keyed like the AE lumina training
+    loads from that folder."""
+    import json
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from library.models.lumina.tiny import save_tiny_lumina_diffusers
+    from library.tools.prepare_latents import main as prepare
+    from library.training.preparation import vae_cache_key
+
+    model = save_tiny_lumina_diffusers(tmp_path / "lumina2")
+    folder = make_images(tmp_path / "train", count=1)
+    in_json, out_json = tmp_path / "meta.json", tmp_path / "meta_lat.json"
+    in_json.write_text(json.dumps({"img0": {"caption": "sks"}}), encoding="utf-8")
+    assert prepare([str(folder), str(in_json), str(out_json), str(model), "--max_resolution", "64,64",
+                    "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16"]) == 0
+    [npz] = folder.glob("*.npz")
+    assert npz.name == "img0_0064x0064_lumina.npz"
+    training_key = vae_cache_key(AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float32), torch.float32)
+    with np.load(npz) as f:
+        assert f["latents"].shape == (16, 8, 8)
+        assert json.loads(str(f["cache_meta"]))["key"]["vae"] == training_key

@@ -148,8 +148,10 @@ def _flux_like_file(path):
     ("flux", "this is a model of the FLUX family, which this script does not train; use flux_train_network.py"),
     ("t5_as_gemma", "--gemma2 .*t5.safetensors: this file is a T5 text encoder, not a Gemma2 text encoder"),
     ("no_ae", "--ae is missing"),
-    ("fp8", "--fp8_base is a GPU memory option for Lumina and this machine has no CUDA device"),
-    ("swap", "--blocks_to_swap is a GPU memory option"),
+    ("swap", "--blocks_to_swap moves weights or activations between the GPU and host memory, and this machine has "
+             "no CUDA device"),
+    ("swap_limit", "--blocks_to_swap 8: this model has 2 main layers, and at most 0 of them can be swapped"),
+    ("offload", "--cpu_offload_checkpointing moves weights or activations"),
     ("sd_flags", "--clip_skip does not apply to Lumina"),
     ("flow", "--min_snr_gamma does not apply to flow-matching training"),
     ("network", "use --network_module networks.lora_lumina"),
@@ -171,8 +173,9 @@ def test_bad_input_is_one_message_before_any_model_loads(lumina, tmp_path, monke
         "flux": lambda a: a[:1] + [str(_flux_like_file(tmp_path / "flux.safetensors"))] + a[2:],
         "t5_as_gemma": lambda a: [str(t5) if x == str(lumina["gemma2"]) else x for x in a],
         "no_ae": lambda a: a[: a.index("--ae")] + a[a.index("--ae") + 2:],
-        "fp8": lambda a: a + ["--fp8_base"],
         "swap": lambda a: a + ["--blocks_to_swap", "8"],
+        "swap_limit": lambda a: a + ["--blocks_to_swap", "8", "--gradient_checkpointing"],
+        "offload": lambda a: a + ["--cpu_offload_checkpointing"],
         "sd_flags": lambda a: a + ["--clip_skip", "2"],
         "flow": lambda a: a + ["--min_snr_gamma", "5"],
         "network": lambda a: a + ["--network_module", "networks.lora"],
@@ -304,3 +307,21 @@ def test_two_processes(lumina, tmp_path):
     assert "2 per process with 2 process(es)" in result.stdout
     sd, _ = load_lora(tmp_path / "out" / "lora.safetensors")
     assert len(sd) == 3 * 39 and any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+
+
+def test_fp8_base_trains_a_lora_close_to_the_bf16_run(lumina, tmp_path):
+    """--fp8_base on CPU: the transformer and the frozen Gemma2 in float8, a LoRA that points the same way as the
+    bf16 run's."""
+    extra = ["--cache_latents", "--network_train_unet_only", "--mixed_precision", "bf16", "--max_grad_norm", "0"]
+    plain, _ = load_lora(_main(_argv(lumina, tmp_path / "bf16", extra=extra)))
+    run = _prepare(_argv(lumina, tmp_path / "fp8", extra=extra + ["--fp8_base"]))
+    assert run.models.unet.layers[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert run.models.text_encoders[0].layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    fp8, meta = load_lora(_main(_argv(lumina, tmp_path / "fp8b", extra=extra + ["--fp8_base"])))
+    assert meta["ss_fp8_base"] == "True" and plain.keys() == fp8.keys()
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert all(fp8[k].abs().sum() > 0 for k in ups)
+    a = torch.cat([plain[k].float().flatten() for k in ups])
+    b = torch.cat([fp8[k].float().flatten() for k in ups])
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    assert not torch.equal(a, b) and cosine > 0.9

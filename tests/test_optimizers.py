@@ -63,7 +63,12 @@ INSTALLED = [
     *(pytest.param(name, prefix, marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                                           reason="bitsandbytes is not installed"))
       for name, prefix in [("AdamW8bit", "bitsandbytes.optim.adamw.AdamW8bit"),
-                           ("Lion8bit", "bitsandbytes.optim.lion.Lion8bit")]),
+                           ("Lion8bit", "bitsandbytes.optim.lion.Lion8bit"),
+                           ("PagedAdamW8bit", "bitsandbytes.optim.adamw.PagedAdamW8bit"),
+                           ("PagedLion8bit", "bitsandbytes.optim.lion.PagedLion8bit"),
+                           ("SGDNesterov8bit", "bitsandbytes.optim.sgd.SGD8bit(nesterov=True,momentum=0.9)"),
+                           ("PagedAdamW", "bitsandbytes.optim.adamw.PagedAdamW"),
+                           ("PagedAdamW32bit", "bitsandbytes.optim.adamw.PagedAdamW32bit")]),
 ]
 
 

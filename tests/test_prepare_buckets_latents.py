@@ -246,3 +246,37 @@ def test_sd3_training_uses_prepared_latents(data, tmp_path):
         "--min_bucket_reso", "64", "--max_bucket_reso", "256", "--cache_latents_to_disk", "--train_batch_size", "1"])
     assert final is not None and Path(final).is_file()
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in npzs] == before
+
+
+@pytest.mark.parametrize("keys, flags, expected", [
+    ({"encoder.conv_out.weight": (8, 4, 3, 3)}, [], "sd1"),  # a 4-channel VAE alone: SD1.x/2.x
+    ({"encoder.conv_out.weight": (8, 4, 3, 3)}, ["--sdxl"], "sdxl"),
+    ({"first_stage_model.encoder.conv_out.weight": (32, 4, 3, 3)}, ["--flux"], "flux1-dev"),
+    ({"encoder.conv_out.weight": (32, 4, 3, 3)}, ["--lumina"], "lumina2"),
+    ({"conditioner.embedders.0.transformer.x": (1,), "first_stage_model.encoder.conv_out.weight": (8, 4, 3, 3)}, [],
+     "sdxl"),
+    ({"encoder.conv_out.weight": (32, 4, 3, 3)}, [], "16-channel autoencoder given alone; add --flux (FLUX.1 "
+                                                     "training) or --lumina (Lumina 2 training)"),
+    ({"encoder.conv_out.weight": (32, 4, 3, 3)}, ["--sdxl"], "--sdxl: .* is a VAE with 16 latent channels"),
+    ({"encoder.conv_out.weight": (8, 4, 3, 3)}, ["--flux"], "--flux: .* is a VAE with 4 latent channels"),
+    ({"encoder.conv_out.weight": (12, 4, 3, 3)}, [], "6 latent channels, which no model family here uses"),
+    ({"encoder.conv_out.weight": (8, 4, 3, 3)}, ["--sdxl", "--lumina"], "--sdxl and --lumina name different"),
+    ({"conditioner.embedders.0.transformer.x": (1,)}, ["--flux"], "model of the SDXL family .* remove --flux"),
+    ({"model.layers.0.weight": (1,)}, ["--flux"], "no VAE weights found"),
+])
+def test_the_family_of_the_latents_comes_from_the_file_and_the_flags(tmp_path, keys, flags, expected):
+    """The family seam's choice (header only, nothing loads): recognised checkpoints, a VAE alone with or without
+    a family flag, and every disagreement refused with the flag to change."""
+    from safetensors.torch import save_file
+
+    from library.models.families.latents import latent_family
+    from library.tools.prepare_latents import build_parser
+
+    model = tmp_path / "model.safetensors"
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(model))
+    args = build_parser().parse_args(["data", "in.json", "out.json", str(model), *flags])
+    if " " not in expected:
+        assert latent_family(args, model).name == expected
+    else:
+        with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            latent_family(args, model)

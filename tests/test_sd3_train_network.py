@@ -126,10 +126,13 @@ def test_separate_parts_diffusers_folder_and_text_options(sd3, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("flux", "this is a model of the FLUX family, which this script does not train; use flux_train_network.py"),
     ("sdxl", "this is a model of the SDXL family, which this script does not train; use sdxl_train_network.py"),
-    ("t5_as_clip_g", "--clip_g .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP text encoder"),
+    ("t5_as_clip_g", "--clip_g .*t5xxl.safetensors: this file is a T5 text encoder, not a CLIP-G text encoder; "
+                    "it belongs to --t5xxl"),
     ("medium_only", "--pos_emb_random_crop_rate is an SD3.5 Medium option, and this model is SD3 Medium"),
-    ("fp8", "--fp8_base is a GPU memory option for SD3 and this machine has no CUDA device"),
-    ("swap", "--blocks_to_swap is a GPU memory option"),
+    ("swap", "--blocks_to_swap moves weights or activations between the GPU and host memory, and this machine has "
+             "no CUDA device"),
+    ("swap_limit", "--blocks_to_swap 8: this model has 2 joint blocks, and at most 0 of them can be swapped"),
+    ("offload", "--cpu_offload_checkpointing moves weights or activations"),
     ("sd_flags", "--clip_skip does not apply to SD3"),
     ("flow", "--min_snr_gamma does not apply to flow-matching training"),
     ("timesteps", "--min_timestep 800 / --max_timestep 200"),
@@ -151,8 +154,9 @@ def test_bad_input_is_one_message_before_any_model_loads(sd3, tmp_path, case, me
         "t5_as_clip_g": lambda a: a + ["--clip_g", str(parts["t5xxl"])],
         "medium_only": lambda a: a[:1] + [str(parts["sd3"])] + a[2:] + with_parts + ["--pos_emb_random_crop_rate",
                                                                                      "0.2"],
-        "fp8": lambda a: a + ["--fp8_base"],
         "swap": lambda a: a + ["--blocks_to_swap", "8"],
+        "swap_limit": lambda a: a + ["--blocks_to_swap", "8", "--gradient_checkpointing"],
+        "offload": lambda a: a + ["--cpu_offload_checkpointing"],
         "sd_flags": lambda a: a + ["--clip_skip", "2"],
         "flow": lambda a: a + ["--min_snr_gamma", "5"],
         "timesteps": lambda a: a + ["--min_timestep", "800", "--max_timestep", "200"],
@@ -231,3 +235,19 @@ def test_plan_names_the_family_and_post_hoc_ema_of_sd3_loras(sd3, tmp_path, caps
     ema, meta = load_lora(tmp_path / "ema.safetensors")
     last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
     assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+
+
+def test_fp8_base_trains_a_lora_close_to_the_bf16_run(sd3, tmp_path):
+    """--fp8_base on CPU: the MMDiT and the three frozen text encoders in float8, a LoRA that points the same way
+    as the bf16 run's."""
+    extra = ["--cache_latents", "--mixed_precision", "bf16", "--max_grad_norm", "0"]
+    plain, _ = load_lora(_main(_argv(sd3, tmp_path / "bf16", extra=extra)))
+    fp8, meta = load_lora(_main(_argv(sd3, tmp_path / "fp8", extra=extra + ["--fp8_base"])))
+    assert meta["ss_fp8_base"] == "True" and plain.keys() == fp8.keys()
+    assert any(k.startswith("lora_te2_") for k in fp8)  # CLIP LoRAs train on float8 layers too
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert all(fp8[k].abs().sum() > 0 for k in ups)
+    a = torch.cat([plain[k].float().flatten() for k in ups])
+    b = torch.cat([fp8[k].float().flatten() for k in ups])
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    assert not torch.equal(a, b) and cosine > 0.9

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from library.dataset.group import DatasetGroup
@@ -10,10 +10,12 @@ if TYPE_CHECKING:
 
 
 def debug_dataset(group: "DatasetGroup", loader: "EpochLoader", max_batches: int | None = None,
-                  write: Callable[[str], None] = print, *, epochs: int | None = None, steps: int | None = None) -> int:
+                  write: Callable[[str], None] = print, *, epochs: int | None = None, steps: int | None = None,
+                  family: Any = None) -> int:
     """Print the plan (with the run's totals when ``epochs``/``steps`` are given), then per batch its bucket,
     image paths and processed captions; returns batches shown."""
-    write(group.plan(num_processes=loader.num_processes, grad_accum=loader.grad_accum, epochs=epochs, steps=steps))
+    write(group.plan(num_processes=loader.num_processes, grad_accum=loader.grad_accum, epochs=epochs, steps=steps,
+                     family=family))
     shown = 0
     for batch in loader:
         if max_batches is not None and shown >= max_batches:

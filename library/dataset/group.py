@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -170,9 +170,11 @@ class DatasetGroup:
         self.latents = store
 
     def plan(self, num_processes: int = 1, grad_accum: int = 1, epochs: int | None = None,
-             steps: int | None = None) -> str:
-        """A human-readable summary of images, repeats, buckets and steps (see :mod:`library.dataset.plan`)."""
-        return format_plan(self, num_processes=num_processes, grad_accum=grad_accum, epochs=epochs, steps=steps)
+             steps: int | None = None, family: Any = None) -> str:
+        """A human-readable summary of the model family (a ``ModelFamily``, when given), images, repeats, buckets
+        and steps (see :mod:`library.dataset.plan`)."""
+        return format_plan(self, num_processes=num_processes, grad_accum=grad_accum, epochs=epochs, steps=steps,
+                           family=family)
 
 
 def _split_validation(records: list[ImageRecord], split: float, seed: int, dataset_index: int,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
 from library.dataset.items import DatasetGroupView, ImageDataset
 
 
@@ -53,9 +55,10 @@ def _dataset_lines(ds: ImageDataset) -> list[str]:
 
 
 def format_plan(group: DatasetGroupView, *, num_processes: int = 1, grad_accum: int = 1, epochs: int | None = None,
-                steps: int | None = None) -> str:
-    """Per dataset and subset: images, repeats, regularization balance, buckets; then steps and skips."""
-    lines: list[str] = []
+                steps: int | None = None, family: Any = None) -> str:
+    """The model family (a ``ModelFamily``: its ``plan_line``), then per dataset and subset: images, repeats,
+    regularization balance, buckets; then steps and skips."""
+    lines: list[str] = [family.plan_line()] if family is not None else []
     for ds in group.train + group.validation:
         lines += _dataset_lines(ds)
     total = group.total_batches()

@@ -13,7 +13,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -106,7 +106,13 @@ def inspect(lora: LoRAFile) -> CheckReport:
     )
 
 
-def _our_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denoiser) -> str:
+def _layers(lora: Any) -> int:
+    """How many of the model's layers a network module covers (a fused module: its split parts)."""
+    return len(getattr(lora, "org_modules", None) or [lora])
+
+
+def _our_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denoiser) -> tuple[str, dict[str, int]]:
+    """Our network module's verdict, and the model layers its modules cover per part (``unet``, ``text encoder``)."""
     import importlib
 
     network_module = importlib.import_module(row.network_module)
@@ -115,27 +121,23 @@ def _our_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denoiser) ->
         network, _ = network_module.create_network_from_weights(1.0, None, None, text_encoders, denoiser,
                                                                 weights_sd=state)
     except UserError as err:
-        return f"no: {err.message}"
+        return f"no: {err.message}", {}
     own = network.state_dict()
     wrong = [n for n, m in lora.modules.items()
              if tuple(own[f"{n}.lora_down.weight"].shape) != tuple(m.down.shape)
              or tuple(own[f"{n}.lora_up.weight"].shape) != tuple(m.up.shape)]
+    covered = {"unet": sum(_layers(m) for m in network.unet_loras),
+               "text encoder": sum(_layers(m) for m in network.text_encoder_loras)}
     if wrong:
-        return f"no: {len(wrong)} modules have other shapes than the model, e.g. {wrong[0]}"
-    return f"yes: all {len(network.all_loras())} modules match ({row.network_module})"
+        return f"no: {len(wrong)} modules have other shapes than the model, e.g. {wrong[0]}", covered
+    return f"yes: all {len(network.all_loras())} modules match ({row.network_module})", covered
 
 
-def _diffusers_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denoiser, spec_name: str) -> str:
-    """Ask diffusers to inject the file; count the layers it wrapped against the layers the modules cover (a
-    fused FLUX module covers its split layers)."""
-    from types import SimpleNamespace
-
+def _diffusers_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denoiser, expected: dict[str, int]) -> str:
+    """Ask diffusers to inject the file; count the layers it wrapped against the layers our network's modules
+    cover (``expected``; a fused FLUX/SD3/Lumina module covers its split layers)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from library.models.families import family_spec
-
-    targets = family_spec(spec_name).lora_targets(SimpleNamespace(text_encoders=text_encoders, denoiser=denoiser),
-                                                  conv_blocks=True)
     pipe = row.pipeline(text_encoders, denoiser)
     state = lora_state_dict(lora.modules)
     quiet = logging.getLogger("diffusers")
@@ -152,13 +154,10 @@ def _diffusers_loader(lora: LoRAFile, row: fam.LoRAFamily, text_encoders, denois
         "unet": sum(isinstance(m, BaseTunerLayer) for m in denoiser.modules()),
         "text encoder": sum(isinstance(m, BaseTunerLayer) for te in present for m in te.modules()),
     }
-    expected = {
-        "unet": sum(len(targets.get(n, ())) for n in lora.modules if n.startswith("lora_unet_")),
-        "text encoder": sum(len(targets.get(n, ())) for n in lora.modules if n.startswith("lora_te")),
-    }
     counts = ", ".join(f"{part} {injected[part]}/{expected[part]}" for part in expected if expected[part])
-    complete = all(injected[p] == expected[p] for p in expected)
-    return ("yes" if complete else "partly") + f": layers applied: {counts}"
+    verdict = ("yes" if all(injected[p] == expected[p] for p in expected)
+               else "no" if not any(injected.values()) else "partly")
+    return f"{verdict}: layers applied: {counts}"
 
 
 def check_loaders(lora: LoRAFile, family: str | None) -> dict[str, str]:
@@ -168,9 +167,13 @@ def check_loaders(lora: LoRAFile, family: str | None) -> dict[str, str]:
         why = f"not checked: no full-size {fam.family_label(family)} reference model in the LoRA tools yet"
         return {"networks.lora": why, "diffusers": why}
     text_encoders, denoiser = row.reference(family)
-    verdicts = {"networks.lora": _our_loader(lora, row, text_encoders, denoiser)}
+    ours, covered = _our_loader(lora, row, text_encoders, denoiser)
+    verdicts = {"networks.lora": ours}
+    if not covered:  # our loader refused the file: one layer per module
+        covered = {"unet": sum(n.startswith("lora_unet_") for n in lora.modules),
+                   "text encoder": sum(n.startswith("lora_te") for n in lora.modules)}
     # our check leaves the models unchanged
-    verdicts["diffusers"] = _diffusers_loader(lora, row, text_encoders, denoiser, row.spec)
+    verdicts["diffusers"] = _diffusers_loader(lora, row, text_encoders, denoiser, covered)
     return verdicts
 
 

@@ -121,12 +121,13 @@ def unmatched_modules(model: ModelForLoRA, files: Sequence[LoRAFile]) -> list[st
     problems = []
     for f in files:
         missing = [n for n in f.modules if n not in targets]
-        if missing and not any(n.startswith("lora_te") for n in targets) and any(n.startswith("lora_te") for n in
-                                                                               missing):
-            te = [n for n in missing if n.startswith("lora_te")]
-            problems.append(f"{f.path}: {len(te)} text encoder modules, but {model.source} holds no text encoder "
-                            "(a FLUX.1 model file is the transformer alone); merge a LoRA without text encoder "
-                            "modules (e.g. trained with --network_train_unet_only)")
+        te = [n for n in missing if n.startswith("lora_te")]
+        held = {n.split("_")[1] for n in targets if n.startswith("lora_te")}
+        if te and not any(n.split("_")[1] in held for n in te):
+            problems.append(f"{f.path}: {len(te)} text encoder modules ({_listing(te, 2)}), but {model.source} "
+                            "holds no text encoder (the model file is the transformer alone); give the text encoder "
+                            "files with their outputs (FLUX.1: --clip_l/--clip_l_save_to, --t5xxl/--t5xxl_save_to), "
+                            "or merge a LoRA without text encoder modules (trained with --network_train_unet_only)")
             missing = [n for n in missing if not n.startswith("lora_te")]
         if missing:
             problems.append(f"{f.path}: {len(missing)} modules match nothing in the model: {_listing(missing)}")

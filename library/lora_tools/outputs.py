@@ -14,7 +14,7 @@ import torch
 from library.errors import UserError
 from library.io_utils import output_dir_problem
 from library.lora_tools.lora_file import LORA_SUFFIXES, LoRAFile, LoRAModuleWeights, dims_metadata
-from library.models.families import ModelFamily, sd_family, sdxl_family
+from library.models.families import ModelFamily
 from library.models.metadata import IMPL_DIFFUSERS, modelspec
 from library.precision import dtype_of
 
@@ -66,20 +66,12 @@ def check_ratios(models: list[str], ratios: list[float] | None) -> list[float]:
 
 def lora_model_family(family_name: str | None, metadata: Mapping[str, str],
                       modules: Mapping[str, LoRAModuleWeights] | None = None) -> ModelFamily | None:
-    """The model family of a LoRA (v-prediction from its metadata; FLUX dev or schnell from a guidance embedder
-    module or the metadata, dev when neither says), None for families without models here."""
-    v = metadata.get("modelspec.prediction_type") == "v" or metadata.get("ss_base_model_version", "").endswith("_v")
-    if family_name in ("sd1", "sd2"):
-        return sd_family(family_name == "sd2", v)
-    if family_name == "sdxl":
-        return sdxl_family(v)
-    if family_name == "flux":
-        from library.models.families.flux import flux_family
+    """The model family of a LoRA (its ``LORA_FAMILIES`` row reads it from the modules and metadata: SD2,
+    v-prediction, FLUX dev or schnell, the SD3 variant), None for a file of no known family."""
+    from library.lora_tools.targets import lora_family_row
 
-        schnell = "schnell" in metadata.get("modelspec.architecture", "") and not any(
-            "guidance_in" in n for n in modules or {})
-        return flux_family("schnell" if schnell else "dev")
-    return None
+    row = lora_family_row(family_name)
+    return row.model(modules or {}, metadata) if row is not None else None
 
 
 def network_module_of(family_name: str | None) -> str:

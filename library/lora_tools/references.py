@@ -55,15 +55,48 @@ def flux_reference(family_name: str = "flux") -> tuple[list[nn.Module], nn.Modul
     lacks the guidance embedder)."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     with init_empty_weights():
         transformer = FluxTransformer2DModel(guidance_embeds=True)
         clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
-        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                     num_heads=64, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+        t5 = _t5_xxl()
     return [clip, t5], transformer
+
+
+def sd3_reference(family_name: str = "sd3") -> tuple[list[nn.Module], nn.Module]:
+    """SD3 Medium: ``([CLIP-L, CLIP-G, T5-XXL encoder], MMDiT)`` on ``meta`` (the LoRA's own variant is not known
+    here; an SD3.5 file shows up as modules that match nothing)."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    from library.models.sd3.tiny import full_size_architecture, full_size_text_configs
+
+    clip_l, clip_g = full_size_text_configs()
+    with init_empty_weights():
+        transformer = SD3Transformer2DModel(**full_size_architecture("medium").diffusers_config())
+        tes = [CLIPTextModelWithProjection(clip_l), CLIPTextModelWithProjection(clip_g), _t5_xxl()]
+    return tes, transformer
+
+
+def lumina_reference(family_name: str = "lumina") -> tuple[list[nn.Module], nn.Module]:
+    """Lumina Image 2.0 (2B): ``([Gemma2 2B], Next-DiT)`` on ``meta`` (diffusers' and transformers' defaults are
+    these sizes)."""
+    from accelerate import init_empty_weights
+    from diffusers import Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    with init_empty_weights():
+        return [Gemma2Model(Gemma2Config())], Lumina2Transformer2DModel()
+
+
+def _t5_xxl() -> nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                   feed_forward_proj="gated-gelu", is_encoder_decoder=False))
 
 
 def sd_pipeline(text_encoders: list[nn.Module], unet: nn.Module) -> Any:
@@ -87,3 +120,19 @@ def flux_pipeline(text_encoders: list[nn.Module], transformer: nn.Module) -> Any
 
     return FluxPipeline(scheduler=None, vae=None, text_encoder=text_encoders[0], tokenizer=None,
                         text_encoder_2=text_encoders[1], tokenizer_2=None, transformer=transformer)
+
+
+def sd3_pipeline(text_encoders: list[nn.Module], transformer: nn.Module) -> Any:
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        scheduler=None, vae=None, text_encoder=text_encoders[0], tokenizer=None, text_encoder_2=text_encoders[1],
+        tokenizer_2=None, text_encoder_3=text_encoders[2], tokenizer_3=None, transformer=transformer,
+    )
+
+
+def lumina_pipeline(text_encoders: list[nn.Module], transformer: nn.Module) -> Any:
+    from diffusers import Lumina2Pipeline
+
+    return Lumina2Pipeline(scheduler=None, vae=None, text_encoder=text_encoders[0], tokenizer=None,
+                           transformer=transformer)

@@ -24,6 +24,7 @@ from library.dataset.records import resolve_image_key
 from library.cli import ArgumentParser, non_negative_int
 from library.errors import UserError
 from library.io_utils import check_output_file
+from library.models.families.latents import add_latent_flags, latent_family
 from library.precision import dtype_of
 from library.tools.metadata_files import image_keys, load_metadata, save_metadata
 
@@ -42,16 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_name_or_path", help="model whose VAE encodes the images: a diffusers folder, a "
                    ".safetensors/.ckpt checkpoint, a VAE file or folder, or a cached Hugging Face id")
     p.add_argument("--v2", action="store_true", help="the model is Stable Diffusion 2.x")
-    p.add_argument("--sdxl", action="store_true", help="a VAE given alone is SDXL's: name the latent files for "
-                   "SDXL training (a whole SDXL checkpoint or folder is recognised without it)")
-    p.add_argument("--flux", action="store_true", help="the model is FLUX.1's 16-channel AE (ae.safetensors): name "
-                   "the latent files for FLUX training (a diffusers FLUX folder is recognised without it)")
+    add_latent_flags(p)
     p.add_argument("--batch_size", type=int, default=1, help="images per VAE batch (default 1)")
     p.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=None,
                    help="threads reading image headers (default: automatic)")
     p.add_argument("--max_resolution", default=None,
-                   help='training resolution "width,height" (or one number for a square; default "512,512", '
-                        '"1024,1024" for SDXL)')
+                   help='training resolution "width,height" (or one number for a square; default the family\'s: '
+                        '"512,512" for SD1.x/2.x, "1024,1024" for SDXL, SD3, FLUX.1 and Lumina)')
     p.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side (default 256)")
     p.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side (default 1024)")
     p.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket side step (default 64)")
@@ -156,17 +154,7 @@ def load_latent_vae(path: Path, family: Any, *, device: torch.device, dtype: tor
     """Only the VAE in ``path``, loaded as training loads it (float32, then cast to ``dtype``)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from library.models.flux.loading import load_ae
-    from library.models.loading import load_vae
-
-    if family.spec_name == "flux" and path.is_file():
-        vae = load_ae(str(path), torch.float32)  # as flux_train*.py load --ae
-    elif family.spec_name == "sd3":
-        from library.models.sd3.loading import load_sd3_vae
-
-        vae = load_sd3_vae(path)
-    else:
-        vae = load_vae(str(path), family, dtype=torch.float32, device="cpu")
+    vae = family.spec.load_latent_vae(path, family)
     vae.set_attn_processor(AttnProcessor2_0())
     vae.requires_grad_(False)
     vae.eval()
@@ -213,50 +201,6 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     if args.max_resolution is not None:
         parse_max_resolution(args.max_resolution)
     return root, in_json, out_json
-
-
-def _latent_channels(model: Path) -> int | None:
-    """The latent channels of a VAE/AE file, from its header (None when not a safetensors VAE)."""
-    if not model.is_file() or model.suffix.lower() != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(model), "pt") as f:
-        for name in ("encoder.conv_out.weight", "first_stage_model.encoder.conv_out.weight"):
-            if name in f.keys():
-                return int(f.get_slice(name).get_shape()[0]) // 2
-    return None
-
-
-def latent_family(args: argparse.Namespace, model: Path) -> Any:
-    """The family whose training reads these latents: recognised from a whole checkpoint or model folder
-    (SD1.x/2.x, SDXL, SD3 with its VAE inside, a FLUX folder); for a VAE alone, ``--sdxl`` / ``--flux`` (else
-    SD1.x/2.x)."""
-    from library.models.families import sd_family, sdxl_family
-    from library.models.families.flux import flux_family
-    from library.models.families.registry import recognised_spec
-
-    spec = recognised_spec(model) if model.exists() else None
-    if spec is not None and spec.name == "flux" and model.is_file():
-        raise UserError(f"{model}: this is the FLUX.1 transformer; the latents are made by the AE: give the AE file "
-                        "(ae.safetensors) and --flux")
-    if spec is not None and spec.name == "sd3":
-        from library.models.families.sd3 import sd3_family
-        from library.models.sd3.loading import transformer_architecture
-
-        return sd3_family(transformer_architecture(model).variant)
-    channels = _latent_channels(model)
-    if args.flux or (spec is not None and spec.name == "flux"):
-        if channels not in (None, 16):
-            raise UserError(f"--flux: {model} is a VAE with {channels} latent channels, not FLUX.1's 16-channel AE; "
-                            "give ae.safetensors")
-        return flux_family("dev")
-    if channels == 16:
-        raise UserError(f"{model} is a 16-channel autoencoder (FLUX.1's ae.safetensors?): add --flux so that the "
-                        "latents are named for FLUX training")
-    if args.sdxl or (spec is not None and spec.name == "sdxl"):
-        return sdxl_family()
-    return sd_family(args.v2, False)
 
 
 def prepare_buckets_latents(args: argparse.Namespace) -> PrepareResult:

@@ -161,6 +161,20 @@ class BlockSwap:
                 fresh.append(self._park(t))
             self.host[i] = fresh
 
+    def adopt_casts(self) -> None:
+        """Give the host copies the dtype a later cast gave the swapped tensors (``--full_bf16`` / ``--full_fp16``
+        cast the trained weights after the hooks are set; the host copies would otherwise bring the old dtype
+        back at the first fetch). Call while no swapped block is on the device."""
+        for i, entries in self.host.items():
+            fresh = []
+            for t, host, parked in entries:
+                if t.dtype != host.dtype:
+                    t.data = host.to(t.dtype)
+                    fresh.append(self._park(t))
+                else:
+                    fresh.append((t, host, parked))
+            self.host[i] = fresh
+
     def release_all(self) -> None:
         """Send every swapped block back to the host (after a step whose backward pass stopped early)."""
         for i in list(self.resident):

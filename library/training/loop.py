@@ -67,11 +67,13 @@ def prepare_training(args: argparse.Namespace, recipe: Recipe, support: DatasetS
                   "uninterrupted run", flush=True)
     if args.debug_dataset:
         debug_dataset(group, make_train_loader(group, seed=seed, num_workers=0, persistent_workers=False,
-                                               grad_accum=ga), epochs=num_epochs, steps=max_train_steps)
+                                               grad_accum=ga), epochs=num_epochs, steps=max_train_steps,
+                      family=checked.family)
         return None
     if accelerator.is_main_process:
-        print(f"model family: {checked.family.name} ({args.pretrained_model_name_or_path})", flush=True)
-        print(group.plan(num_processes=n, grad_accum=ga, epochs=num_epochs, steps=max_train_steps), flush=True)
+        print(f"model: {args.pretrained_model_name_or_path}", flush=True)
+        print(group.plan(num_processes=n, grad_accum=ga, epochs=num_epochs, steps=max_train_steps,
+                         family=checked.family), flush=True)
     run = build_run(args, recipe, checked, accelerator, group, seed=seed, max_train_steps=max_train_steps,
                     num_epochs=num_epochs)
     if metadata is not None:

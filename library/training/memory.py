@@ -15,6 +15,31 @@ from library.training.block_swap import BlockSwap
 GPU_ONLY = ("blocks_to_swap", "cpu_offload_checkpointing")
 
 
+def add_memory_arguments(group: Any, *, swap_help: str) -> None:
+    """``--fp8_base``, ``--fp8_base_unet``, ``--blocks_to_swap`` (``swap_help`` says which blocks the family
+    swaps) and ``--cpu_offload_checkpointing``, for the transformer families."""
+    group.add_argument("--fp8_base", action="store_true",
+                       help="store the frozen transformer's and text encoders' Linear weights in float8_e4m3fn, "
+                            "compute in the --mixed_precision dtype")
+    group.add_argument("--fp8_base_unet", action="store_true", help="float8 for the transformer only")
+    group.add_argument("--blocks_to_swap", type=int, default=None,
+                       help=f"keep this many transformer blocks in host memory and stream them to the GPU when they "
+                            f"run ({swap_help}; CUDA, needs --gradient_checkpointing)")
+    group.add_argument("--cpu_offload_checkpointing", action="store_true",
+                       help="keep the checkpointed blocks' inputs in host memory until the backward pass (CUDA; "
+                            "implies gradient checkpointing)")
+
+
+def last_blocks_problems(count: int, depth: int, what: str) -> list[str]:
+    """sd-scripts' limit for families that swap the last ``count`` of ``depth`` blocks (SD3's joint blocks,
+    Lumina's main layers): at most ``depth - 2``."""
+    if count > max(depth - 2, 0):
+        noun = what if depth != 1 else what.removesuffix("s")
+        return [f"--blocks_to_swap {count}: this model has {depth} {noun}, and at most {max(depth - 2, 0)} of them "
+                "can be swapped (two stay on the GPU, as in sd-scripts); give a smaller number"]
+    return []
+
+
 def memory_option_problems(args: argparse.Namespace, *, cuda: bool, trains_denoiser: bool) -> list[str]:
     """Problems with the memory options, from the flags alone."""
     problems = []

@@ -52,7 +52,7 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
     named in ``families``) from the checkpoint and the flags; one UserError for all problems found."""
     from library.training.losses import validate_noise_loss_args
     from library.training.optimizers import validate_optimizer_args
-    from library.training.sampling import validate_sampling_args
+    from library.training.sampling import validate_sampling_args, warn_unread_prompt_keys
     from library.training.schedulers import validate_scheduler_args
 
     problems: list[str] = []
@@ -75,8 +75,10 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
     problems += recipe.option_problems(args)
     if family is not None:
         problems += recipe.family_problems(family)
+        warn_unread_prompt_keys(sample_prompts, family.spec.sample_prompt_keys, family.name)
     if params is None:
         raise UserError.from_problems("cannot start training", problems)
+    problems += recipe.dataset_problems(params)
 
     if args.cache_latents or args.cache_latents_to_disk:
         for ds in params.datasets:
@@ -370,6 +372,8 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
                                     adafactor_relative_step=uses_relative_step(optimizer))
     if args.full_fp16 or args.full_bf16:
         recipe.cast_trained(torch.float16 if args.full_fp16 else torch.bfloat16)
+        if block_swap is not None:
+            block_swap.adopt_casts()
     optimizer = accelerator.prepare(optimizer)
     if args.full_fp16 and accelerator.scaler is not None:
         allow_fp16_gradients(accelerator.scaler)

@@ -111,6 +111,11 @@ class Recipe(LoopRecipe):
         """Problems of the options with the model family (a ``ModelFamily``), found before any model loads."""
         return []
 
+    def dataset_problems(self, params: Any) -> list[str]:
+        """Problems of the options with the dataset configuration (a ``DatasetGroupParams``), found before any
+        model loads."""
+        return []
+
     def text_encoder_trains_at(self, global_step: int) -> bool:
         """Whether the text encoder gets gradients at this step (DreamBooth may stop training it)."""
         return self.trains_text_encoder()

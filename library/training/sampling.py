@@ -35,7 +35,7 @@ import tomllib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,13 +57,15 @@ _SCHEDULER_CLASSES = {
     "dpmsingle": "DPMSolverSinglestepScheduler",
 }
 _NEEDS = {"lms": ("scipy", "scipy==1.18.1")}
-# prompt-file keys of other model families (FLUX, ControlNet ...): accepted and ignored with a warning
-_OTHER_MODEL_KEYS = {"controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift"}
+# prompt-file keys of other model families (ControlNet ...): accepted and ignored with a warning
+_OTHER_MODEL_KEYS = {"controlnet_image", "flow_shift"}
+# keys that only some families' samplers read (FamilySpec.sample_prompt_keys); the others say they ignore them
+FAMILY_SAMPLE_KEYS = ("cfg_trunc_ratio", "renorm_cfg")
 _TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps",
                 "ss": "sample_sampler", "g": "guidance_scale", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
                 "rcfg": "renorm_cfg", "fs": "flow_shift"}
 _KEYS = ("prompt", "negative_prompt", "width", "height", "seed", "scale", "sample_steps", "sample_sampler",
-         "guidance_scale")
+         "guidance_scale", *FAMILY_SAMPLE_KEYS)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +101,8 @@ class SamplePrompt:
     sample_steps: int = 30
     sampler: str | None = None
     guidance_scale: float | None = None  # FLUX.1 dev's embedded guidance (--g)
+    cfg_trunc_ratio: float | None = None  # Lumina (--ctr): guidance only while 1 - sigma < this
+    renorm_cfg: float | None = None  # Lumina (--rcfg): cap of the guided velocity's norm, times the conditional's
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
     def size(self, default_size: tuple[int, int]) -> tuple[int, int]:
@@ -133,7 +137,7 @@ def prompt_from_dict(entry: dict[str, Any], index: int, where: str) -> SamplePro
     fields: dict[str, Any] = {"index": index}
     for key, value in entry.items():
         if key in _OTHER_MODEL_KEYS:
-            logger.warning("%s: %s is not used for SD1/SD2 sample images; ignored", where, key)
+            logger.warning("%s: %s is not used for sample images here; ignored", where, key)
             continue
         if key not in _KEYS:
             close = difflib.get_close_matches(key, _KEYS + tuple(_OTHER_MODEL_KEYS), n=1)
@@ -148,6 +152,10 @@ def prompt_from_dict(entry: dict[str, Any], index: int, where: str) -> SamplePro
         elif key == "seed":
             fields[key] = _typed(where, key, value, int, 0, 2**63 - 1)
         elif key in ("scale", "guidance_scale"):
+            fields[key] = _typed(where, key, value, float, 0, 1000)
+        elif key == "cfg_trunc_ratio":
+            fields[key] = _typed(where, key, value, float, 0, 1)
+        elif key == "renorm_cfg":
             fields[key] = _typed(where, key, value, float, 0, 1000)
         elif key == "sample_steps":
             fields[key] = _typed(where, key, value, int, 1, 1000)
@@ -246,6 +254,16 @@ def validate_sampling_args(args: Any) -> list[SamplePrompt]:
     for name in {getattr(args, "sample_sampler", "ddim")} | {p.sampler for p in prompts if p.sampler}:
         check_sampler_available(name)
     return prompts
+
+
+def warn_unread_prompt_keys(prompts: Sequence[SamplePrompt], read: Collection[str], family_name: str) -> list[str]:
+    """Warn once about family-specific prompt keys (``FAMILY_SAMPLE_KEYS``) that this family's sampler does not
+    read (``FamilySpec.sample_prompt_keys``); returns them."""
+    unread = [k for k in FAMILY_SAMPLE_KEYS if k not in read and any(k in p.given for p in prompts)]
+    if unread:
+        logger.warning("--sample_prompts: %s %s not used by %s samples; ignored", ", ".join(unread),
+                       "is" if len(unread) == 1 else "are", family_name)
+    return unread
 
 
 def sampling_due(args: Any, *, step: int, epoch: int | None = None) -> bool:

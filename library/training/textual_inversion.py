@@ -84,18 +84,12 @@ def _early_tokenizers(args: argparse.Namespace, families: Sequence[str]) -> list
     """The model's tokenizers when they can be read without loading the model (else none: the model loader
     then reports what is missing)."""
     from library.models.families import resolve_family
-    from library.models.tokenizers import load_tokenizer
 
     source = Path(args.pretrained_model_name_or_path or "")
     model_dir = source if source.is_dir() else None
     try:
         family = resolve_family(args, families)
-        if family.name == "sdxl":
-            from library.models.tokenizers import SDXL_TOKENIZERS, load_clip_tokenizer
-
-            return [load_clip_tokenizer(spec, model_dir=model_dir, cache_dir=args.tokenizer_cache_dir)
-                    for spec in SDXL_TOKENIZERS]
-        return [load_tokenizer(family, model_dir=model_dir, cache_dir=args.tokenizer_cache_dir)]
+        return family.spec.load_tokenizers(family, model_dir=model_dir, cache_dir=args.tokenizer_cache_dir)
     except UserError:
         return []
 

@@ -85,6 +85,22 @@ SDXL_LORA_BLOCKS = LoRABlockLayout(9, mid_blocks=3, ends=True, sgm_names=True, n
 
 
 @dataclass(frozen=True)
+class LatentFlag:
+    """``finetune/prepare_buckets_latents.py``'s flag that names a family for a VAE file given alone (whose
+    header cannot tell, e.g. FLUX.1 and Lumina share one AE): the option, what the family is called in
+    messages, and the option's help."""
+
+    option: str
+    title: str
+    help: str
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute of :attr:`option`."""
+        return self.option.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """The frozen facts of one architecture trained with one objective (see the module docstring)."""
 
@@ -119,6 +135,14 @@ class ModelFamily:
 
         return family_spec(self.spec_name)
 
+    def plan_line(self) -> str:
+        """How the dataset plan names this family: name, objective, default resolution, bucket step, VAE factor."""
+        objective = ("flow matching" if self.objective.is_flow_matching
+                     else f"{self.objective.modelspec_prediction_type} prediction")
+        r = self.default_resolution
+        return (f"model family: {self.name} ({objective}; default resolution {r}x{r}, bucket step {self.bucket_step} "
+                f"px, latents 1/{self.vae_factor} of the image size)")
+
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's scale: ``(latents - shift) * scale``."""
         if self.latent_shift:
@@ -138,6 +162,14 @@ class FamilySpec(ABC):
     #: the block numbering of ``block_dims`` / ``down_lr_weight`` style network args (as the family's
     #: ``ModelFamily.lora_blocks``; here for networks, which see only the loaded denoiser)
     lora_blocks: LoRABlockLayout = SD_LORA_BLOCKS
+    #: the flag of ``prepare_buckets_latents.py`` naming this family for a VAE file given alone (None: its
+    #: latents are made only from its own checkpoints or folders, or it is the default family of a VAE)
+    latent_flag: LatentFlag | None = None
+    #: the latent channels of the family's VAE (a VAE file given with :attr:`latent_flag` is checked against it)
+    latent_channels: int = 4
+    #: family-specific sample prompt keys its sampler reads (``sampling.FAMILY_SAMPLE_KEYS``); the others are
+    #: named as ignored when the prompt file sets them
+    sample_prompt_keys: frozenset[str] = frozenset()
 
     @abstractmethod
     def recognises_file(self, keys: Collection[str]) -> bool:
@@ -195,6 +227,29 @@ class FamilySpec(ABC):
 
         found = find_target_modules(models.text_encoders, models.denoiser, scan_conv_blocks=conv_blocks)
         return {t.lora_name: (t.module,) for t in found}
+
+    # ---- the latent cache made ahead of training (finetune/prepare_buckets_latents.py)
+
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        """The family whose training reads latents made from ``source``: a checkpoint or model folder this spec
+        recognises (``recognised``), else a VAE given alone with :attr:`latent_flag` (or, for the default family,
+        without one); a :class:`library.errors.UserError` when ``source`` holds no VAE of this family."""
+        from library.errors import UserError
+
+        raise UserError(f"{source}: prepare_buckets_latents.py does not make latents for {self.name} models")
+
+    def load_latent_vae(self, source: Path, family: ModelFamily) -> torch.nn.Module:
+        """The VAE in ``source`` that makes the latent cache, float32 on the CPU, loaded as training loads it
+        (so that its cache key is training's). By default ``--vae``'s loader: a VAE file or folder, a single
+        file with ``first_stage_model.*``, or a model folder with ``vae/``."""
+        from library.models.loading import load_vae
+
+        return load_vae(str(source), family, dtype=torch.float32, device="cpu")
+
+    def load_tokenizers(self, family: ModelFamily, *, model_dir: Path | None, cache_dir: str | None) -> list[Any]:
+        """The tokenizers of the text encoders, found without loading the model (textual inversion checks new
+        tokens against them before any model loads); empty when they are found only while the model loads."""
+        return []
 
     @abstractmethod
     def text_encoding(self, models: Any, args: argparse.Namespace) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Collection, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, ModelFamily
+from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, LatentFlag, ModelFamily
 from library.models.flux.conversion import COMFY_PREFIX, layout_of, read_architecture
 
 FLUX_LATENT_SCALE = 0.3611
@@ -88,11 +88,26 @@ def block_count(keys: Collection[str], pattern: str) -> int:
     return len(found)
 
 
+def load_latent_ae(source: Path, family: ModelFamily) -> torch.nn.Module:
+    """The 16-channel AE that makes FLUX.1's and Lumina's latents: ``ae.safetensors`` as ``--ae`` loads it, or a
+    diffusers folder's ``vae/`` (float32, on the CPU)."""
+    if source.is_dir():
+        from library.models.loading import load_vae
+
+        return load_vae(str(source), family, dtype=torch.float32, device="cpu")
+    from library.models.flux.loading import load_ae
+
+    return load_ae(str(source), torch.float32)
+
+
 class FluxSpec(FamilySpec):
     """FLUX.1 behind the family seam."""
 
     name = "flux"
     scripts = ("flux_train_network.py", "flux_train.py")
+    latent_channels = 16
+    latent_flag = LatentFlag("--flux", "FLUX.1", "the model is FLUX.1's 16-channel AE (ae.safetensors): name the "
+                             "latent files for FLUX training (a diffusers FLUX folder is recognised without it)")
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
@@ -138,6 +153,15 @@ class FluxSpec(FamilySpec):
         double = r"double_blocks\.(\d+)\." if layout_of(names) == "bfl" else r"^transformer_blocks\.(\d+)\."
         single = r"single_blocks\.(\d+)\." if layout_of(names) == "bfl" else r"single_transformer_blocks\.(\d+)\."
         return block_count(names, double), block_count(names, single)
+
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        if recognised and source.is_file():
+            raise UserError(f"{source}: this is the FLUX.1 transformer; the latents are made by the AE: give the AE "
+                            "file (ae.safetensors) and --flux")
+        return flux_family("dev")
+
+    def load_latent_vae(self, source: Path, family: ModelFamily) -> torch.nn.Module:
+        return load_latent_ae(source, family)
 
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         from library.models.flux.loading import load_flux_models

@@ -16,8 +16,8 @@ from typing import Any, Collection, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, ModelFamily
-from library.models.families.flux import FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT
+from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, LatentFlag, ModelFamily
+from library.models.families.flux import FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT, load_latent_ae
 from library.models.lumina.conversion import layout_of
 
 
@@ -35,6 +35,11 @@ class LuminaSpec(FamilySpec):
 
     name = "lumina"
     scripts = ("lumina_train_network.py", "lumina_train.py")
+    latent_channels = 16
+    latent_flag = LatentFlag("--lumina", "Lumina 2", "the model is the FLUX AE (ae.safetensors) that Lumina 2 "
+                             "uses: name the latent files for Lumina training (a diffusers Lumina2 folder is "
+                             "recognised without it)")
+    sample_prompt_keys = frozenset({"cfg_trunc_ratio", "renorm_cfg"})
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
@@ -44,7 +49,8 @@ class LuminaSpec(FamilySpec):
         return index.is_file() and "Lumina2" in index.read_text(encoding="utf-8", errors="replace")
 
     def family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
-        from library.models.lumina.loading import component_problems, describe_file
+        from library.models.lumina.loading import component_problems, describe_file, main_layer_count
+        from library.training.memory import last_blocks_problems
 
         if not source.is_dir():
             if keys is None:
@@ -54,9 +60,21 @@ class LuminaSpec(FamilySpec):
                                 "--pretrained_model_name_or_path the Lumina model (lumina_2_model_bf16.safetensors "
                                 "or a diffusers Lumina2 folder)")
         problems = component_problems(args, source)
+        swap = getattr(args, "blocks_to_swap", None) or 0
+        if swap:
+            problems += last_blocks_problems(swap, main_layer_count(source, keys), "main layers")
         if problems:
             raise UserError.from_problems("Lumina model files", problems)
         return lumina_family()
+
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        if recognised and source.is_file():
+            raise UserError(f"{source}: this is the Lumina 2 transformer; the latents are made by the FLUX AE: give "
+                            "the AE file (ae.safetensors, lumina_train.py's --ae) and --lumina")
+        return lumina_family()
+
+    def load_latent_vae(self, source: Path, family: ModelFamily) -> torch.nn.Module:
+        return load_latent_ae(source, family)
 
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         from library.models.lumina.loading import load_lumina_models
@@ -85,6 +103,12 @@ class LuminaSpec(FamilySpec):
                        encoder_attention_mask=cond["gemma2_mask"].bool()).sample
         return -out
 
+    def swappable_blocks(self, denoiser: torch.nn.Module, count: int) -> tuple[list[torch.nn.Module], list[int]]:
+        """sd-scripts' ``--blocks_to_swap N``: the last ``N`` main layers (the refiners, which run first, stay on the
+        device; checked against the file header, at most the number of layers minus 2)."""
+        layers = list(denoiser.layers)
+        return layers, list(range(len(layers) - count, len(layers)))
+
     def set_attention(self, models: Any, xformers: bool) -> str:
         """SDPA (the Lumina processors already use it) for the transformer and the AE; ``--use_flash_attn`` is
         applied by the recipe (it needs the option)."""
@@ -98,3 +122,24 @@ class LuminaSpec(FamilySpec):
 
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")  # networks.lora_lumina names the Next-DiT modules itself
+
+    # ---- the LoRA tools: the single file's tensors as stored (library/models/lumina/lora_checkpoint.py)
+    lora_save_formats = ("safetensors",)
+
+    def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        from library.models.lumina.lora_checkpoint import lumina_lora_family
+
+        return lumina_lora_family(source, keys)
+
+    def load_for_lora(self, args: argparse.Namespace, family: ModelFamily, *, dtype: torch.dtype) -> Any:
+        from library.models.lumina.lora_checkpoint import read_lumina_for_lora
+
+        return read_lumina_for_lora(args.pretrained_model_name_or_path, dtype)
+
+    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
+                      metadata: dict[str, str] | None) -> Path:
+        models.save(path, dtype, metadata)
+        return path
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        return models.targets()

@@ -82,6 +82,15 @@ class SDSpec(FamilySpec):
         check_sd_family(family, source, keys)
         return family
 
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        """SD1.x/2.x is the family of a 4-channel VAE given without a family flag (``--v2`` as given)."""
+        return sd_family(bool(getattr(args, "v2", False)), False)
+
+    def load_tokenizers(self, family: ModelFamily, *, model_dir: Path | None, cache_dir: str | None) -> list[Any]:
+        from library.models.tokenizers import load_tokenizer
+
+        return [load_tokenizer(family, model_dir=model_dir, cache_dir=cache_dir)]
+
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         from library.models.loading import load_sd_models
 

@@ -58,6 +58,7 @@ class SD3Spec(FamilySpec):
 
     name = "sd3"
     scripts = ("sd3_train_network.py", "sd3_train.py")
+    latent_channels = 16
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return layout_of(keys) is not None
@@ -83,6 +84,17 @@ class SD3Spec(FamilySpec):
         if problems:
             raise UserError.from_problems("SD3 model files", problems)
         return family
+
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        """The variant read from the transformer's shapes (its VAE is inside the single file or folder)."""
+        from library.models.sd3.loading import transformer_architecture
+
+        return sd3_family(transformer_architecture(source).variant)
+
+    def load_latent_vae(self, source: Path, family: ModelFamily) -> torch.nn.Module:
+        from library.models.sd3.loading import load_sd3_vae
+
+        return load_sd3_vae(source)
 
     def load(self, args: argparse.Namespace, family: ModelFamily, *, device: Any, dtype: torch.dtype) -> Any:
         from library.models.sd3.loading import load_sd3_models
@@ -114,6 +126,12 @@ class SD3Spec(FamilySpec):
         return denoiser(hidden_states=noisy.to(dtype), encoder_hidden_states=context.to(dtype),
                         pooled_projections=pooled.to(dtype), timestep=timesteps.to(dtype)).sample
 
+    def swappable_blocks(self, denoiser: torch.nn.Module, count: int) -> tuple[list[torch.nn.Module], list[int]]:
+        """sd-scripts' ``--blocks_to_swap N`` on the MMDiT: the last ``N`` joint blocks (checked against the depth
+        from the file header, at most ``depth - 2``)."""
+        blocks = list(denoiser.transformer_blocks)
+        return blocks, list(range(len(blocks) - count, len(blocks)))
+
     def set_attention(self, models: Any, xformers: bool) -> str:
         """diffusers' SD3 attention already runs on SDPA; the VAE gets SDPA too."""
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -126,3 +144,24 @@ class SD3Spec(FamilySpec):
 
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         return module_path.replace(".", "_")  # networks.lora_sd3 names the SAI modules itself
+
+    # ---- the LoRA tools: the single file's tensors as stored (library/models/sd3/lora_checkpoint.py)
+    lora_save_formats = ("safetensors",)
+
+    def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
+        from library.models.sd3.lora_checkpoint import sd3_lora_family
+
+        return sd3_lora_family(source, keys)
+
+    def load_for_lora(self, args: argparse.Namespace, family: ModelFamily, *, dtype: torch.dtype) -> Any:
+        from library.models.sd3.lora_checkpoint import read_sd3_for_lora
+
+        return read_sd3_for_lora(args.pretrained_model_name_or_path, dtype)
+
+    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
+                      metadata: dict[str, str] | None) -> Path:
+        models.save(path, dtype, metadata)
+        return path
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        return models.targets()

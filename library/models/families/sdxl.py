@@ -16,7 +16,9 @@ from typing import Any, Collection, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.families.base import SDXL_LORA_BLOCKS, Conditioning, FamilySpec, ModelFamily, objective_for
+from library.models.families.base import (
+    SDXL_LORA_BLOCKS, Conditioning, FamilySpec, LatentFlag, ModelFamily, objective_for,
+)
 from library.models.families.sd import SD_SCHEDULE
 
 logger = logging.getLogger(__name__)
@@ -71,9 +73,19 @@ class SDXLSpec(FamilySpec):
     loads_stored_dtype = True
     lora_blocks = SDXL_LORA_BLOCKS
     lora_save_formats = ("safetensors", "ckpt", "diffusers_safetensors")
+    latent_flag = LatentFlag("--sdxl", "SDXL", "a VAE given alone is SDXL's: name the latent files for SDXL "
+                             "training (a whole SDXL checkpoint or folder is recognised without it)")
 
     def recognises_file(self, keys: Collection[str]) -> bool:
         return any(k.startswith("conditioner.embedders.") for k in keys)
+
+    def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
+        return sdxl_family()
+
+    def load_tokenizers(self, family: ModelFamily, *, model_dir: Path | None, cache_dir: str | None) -> list[Any]:
+        from library.models.tokenizers import SDXL_TOKENIZERS, load_clip_tokenizer
+
+        return [load_clip_tokenizer(spec, model_dir=model_dir, cache_dir=cache_dir) for spec in SDXL_TOKENIZERS]
 
     def recognises_folder(self, folder: Path) -> bool:
         index, unet_config = folder / "model_index.json", folder / "unet" / "config.json"

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from library.models.families.base import ModelFamily
+from library.models.families.flux import is_dev
 from library.training.flow_matching import FlowDefaults, add_flow_matching_arguments, flow_option_problems
 
 FLUX_FLOW_DEFAULTS = FlowDefaults(timestep_sampling="sigma", discrete_flow_shift=3.0, model_prediction_type="raw")
@@ -14,6 +15,8 @@ DEV_GUIDANCE = 3.5
 
 def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     """Model files, text, guidance, flow matching and memory options of the FLUX scripts."""
+    from library.training.memory import add_memory_arguments
+
     g = parser.add_argument_group("FLUX.1")
     g.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder file (clip_l.safetensors)")
     g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL text encoder file (t5xxl_fp16.safetensors)")
@@ -25,35 +28,25 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance_scale", type=float, default=None,
                    help=f"guidance given to dev models while training (default {DEV_GUIDANCE}; schnell: 1.0)")
     g.add_argument("--model_type", default="flux", choices=("flux",), help="only 'flux' (Chroma is not supported)")
-    g.add_argument("--fp8_base", action="store_true",
-                   help="store the frozen transformer's and text encoders' Linear weights in float8_e4m3fn, compute "
-                        "in the --mixed_precision dtype")
-    g.add_argument("--fp8_base_unet", action="store_true", help="float8 for the transformer only")
-    g.add_argument("--blocks_to_swap", type=int, default=None,
-                   help="keep this many transformer blocks in host memory and stream them to the GPU when they run "
-                        "(as sd-scripts counts them: N//2 double and 2*(N-N//2) single blocks; CUDA, needs "
-                        "--gradient_checkpointing)")
-    g.add_argument("--cpu_offload_checkpointing", action="store_true",
-                   help="keep the checkpointed blocks' inputs in host memory until the backward pass (CUDA; implies "
-                        "gradient checkpointing)")
+    add_memory_arguments(g, swap_help="as sd-scripts counts them: N//2 double and 2*(N-N//2) single blocks")
     add_flow_matching_arguments(parser, FLUX_FLOW_DEFAULTS)
 
 
 def resolved_guidance(args: argparse.Namespace, family: ModelFamily) -> float:
     if args.guidance_scale is not None:
         return float(args.guidance_scale)
-    return DEV_GUIDANCE if family.name == "flux1-dev" else 1.0
+    return DEV_GUIDANCE if is_dev(family) else 1.0
 
 
 def resolved_t5_length(args: argparse.Namespace, family: ModelFamily) -> int:
     if args.t5xxl_max_token_length is not None:
         return int(args.t5xxl_max_token_length)
-    return 512 if family.name == "flux1-dev" else 256
+    return 512 if is_dev(family) else 256
 
 
 def flux_family_problems(args: argparse.Namespace, family: ModelFamily) -> list[str]:
     """Checks that need to know dev from schnell."""
-    if family.name == "flux1-schnell" and args.guidance_scale is not None and args.guidance_scale != 1.0:
+    if not is_dev(family) and args.guidance_scale is not None and args.guidance_scale != 1.0:
         return [f"--guidance_scale {args.guidance_scale}: FLUX.1 schnell has no guidance embedding, so training "
                 "guidance means nothing; remove --guidance_scale or set it to 1.0"]
     return []

@@ -8,12 +8,12 @@ from typing import Any
 from library.training.flow_matching import FlowDefaults, add_flow_matching_arguments, flow_option_problems
 
 LUMINA_FLOW_DEFAULTS = FlowDefaults(timestep_sampling="shift", discrete_flow_shift=6.0, model_prediction_type="raw")
-# GPU-only memory options not implemented yet: accepted so that sd-scripts command lines parse, then refused
-GPU_OPTIONS = ("fp8_base", "fp8_base_unet", "blocks_to_swap")
 
 
 def add_lumina_arguments(parser: argparse.ArgumentParser) -> None:
     """Model files, text, attention, flow matching, sampling and memory options of the Lumina scripts."""
+    from library.training.memory import add_memory_arguments
+
     g = parser.add_argument_group("Lumina Image 2.0")
     g.add_argument("--gemma2", type=str, default=None,
                    help="Gemma2 text encoder: gemma_2_2b_fp16.safetensors or a transformers folder")
@@ -27,30 +27,15 @@ def add_lumina_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_sage_attn", action="store_true", help="(inference only in sd-scripts; refused here)")
     g.add_argument("--sample_batch_size", type=int, default=None,
                    help="prompts sampled together during training (default --train_batch_size)")
-    g.add_argument("--fp8_base", action="store_true", help="store the frozen base in fp8 (CUDA only; not yet)")
-    g.add_argument("--fp8_base_unet", action="store_true", help="fp8 for the transformer only (CUDA only; not yet)")
-    g.add_argument("--blocks_to_swap", type=int, default=None,
-                   help="stream this many blocks between CPU and GPU (CUDA only; not yet)")
-    g.add_argument("--cpu_offload_checkpointing", action="store_true",
-                   help="keep the activations saved by --gradient_checkpointing in CPU memory (CUDA only)")
+    add_memory_arguments(g, swap_help="the last N of the main layers, at most their number minus 2, as sd-scripts")
     add_flow_matching_arguments(parser, LUMINA_FLOW_DEFAULTS)
 
 
-def lumina_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
-    """Every Lumina option problem that can be found from the flags alone."""
-    problems = flow_option_problems(args)
-    if getattr(args, "cpu_offload_checkpointing", False):
-        if not cuda:
-            problems.append("--cpu_offload_checkpointing moves GPU activations to CPU memory and this machine has no "
-                            "CUDA device; remove it")
-        elif not args.gradient_checkpointing:
-            problems.append("--cpu_offload_checkpointing offloads what --gradient_checkpointing keeps; add "
-                            "--gradient_checkpointing")
-    for name in GPU_OPTIONS:
-        if getattr(args, name, None) not in (None, False, 0):
-            where = "this machine has no CUDA device" if not cuda else "it is not implemented in this toolkit yet"
-            problems.append(f"--{name} is a GPU memory option for Lumina and {where}; remove it (on CPU the model "
-                            "is kept in the --mixed_precision dtype)")
+def lumina_option_problems(args: argparse.Namespace, *, cuda: bool, trains_denoiser: bool = False) -> list[str]:
+    """Every Lumina option problem that can be found from the flags alone (``trains_denoiser``: lumina_train.py)."""
+    from library.training.memory import memory_option_problems
+
+    problems = flow_option_problems(args) + memory_option_problems(args, cuda=cuda, trains_denoiser=trains_denoiser)
     for name in ("gemma2_max_token_length", "sample_batch_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

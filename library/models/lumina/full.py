@@ -62,7 +62,8 @@ class LuminaFullWeightRecipe(FullWeightRecipe):
         from library.training.fused_backward import blockwise_problems
         from library.training.preparation import uses_cuda
 
-        problems = super().option_problems(args) + lumina_option_problems(args, cuda=uses_cuda())
+        problems = super().option_problems(args)
+        problems += lumina_option_problems(args, cuda=uses_cuda(), trains_denoiser=True)
         if self.train_te:
             problems.append("--train_text_encoder: lumina_train.py trains the transformer only (Gemma2 stays frozen, "
                             "as in sd-scripts); remove it")

@@ -9,13 +9,14 @@ weight dtype.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Collection
 
 import torch
 
 from library.errors import UserError
-from library.models.lumina.conversion import layout_of, nextdit_to_diffusers, read_architecture
+from library.models.lumina.conversion import layout_of, nextdit_to_diffusers, read_architecture, strip_prefix
 from library.models.lumina.gemma import is_gemma2, load_gemma2, load_gemma_tokenizer
 from library.models.weights import build_with_weights, read_weights, safetensors_keys
 
@@ -70,6 +71,13 @@ def component_problems(args: argparse.Namespace, source: Path) -> list[str]:
         if problem:
             problems.append(problem)
     return problems
+
+
+def main_layer_count(source: Path, keys: Collection[str] | None) -> int:
+    """How many main ``layers`` the transformer has, from the folder's config or the file's tensor names."""
+    if source.is_dir():
+        return int(json.loads((source / "transformer" / "config.json").read_text(encoding="utf-8"))["num_layers"])
+    return len({k.split(".")[1] for k in strip_prefix(keys or ()) if k.startswith("layers.")})
 
 
 def load_transformer(source: Path, dtype: torch.dtype) -> Any:

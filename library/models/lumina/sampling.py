@@ -4,10 +4,11 @@ prompts at a time.
 
 Per prompt (the shared prompt files of ``library.training.sampling``): ``--s`` steps, ``--l`` guidance scale with
 ``--n`` as the negative prompt (encoded without the system prompt, as sd-scripts does), ``--d`` seed, ``--w/--h``
-size (multiples of the 16 px bucket step). sd-scripts' defaults apply when the file does not set them: 36 steps,
-scale 3.5. Guidance runs while ``1 - sigma < 0.25`` (sd-scripts' ``cfg_trunc_ratio``) and the guided velocity's
-norm is capped at the conditional one's (``renorm_cfg`` 1.0). Prompts that share size, steps and scale are
-denoised together, each from its own seed's noise.
+size (multiples of the 16 px bucket step), and sd-scripts' Lumina keys ``--ctr`` (``cfg_trunc_ratio``: guidance runs
+only while ``1 - sigma`` is below it, i.e. on the noisiest steps) and ``--rcfg`` (``renorm_cfg``: each guided
+velocity's norm is capped at this many times the conditional one's; 0 turns the cap off). sd-scripts' defaults
+apply when the file does not set them: 36 steps, scale 3.5, ``cfg_trunc_ratio`` 0.25, ``renorm_cfg`` 1.0. Prompts
+that share size and these settings are denoised together, each from its own seed's noise.
 """
 
 from __future__ import annotations
@@ -55,15 +56,19 @@ def euler_sample(predict: Callable[[torch.Tensor, float], torch.Tensor], noise: 
     return x
 
 
-def _settings(p: Any) -> tuple[int, float]:
-    given = getattr(p, "given", None)  # prompt files that say which keys they set
-    steps = p.sample_steps if given is not None and "sample_steps" in given else SAMPLE_STEPS
-    scale = p.scale if given is not None and "scale" in given else CFG_SCALE
-    return steps, scale
+def _settings(p: Any) -> tuple[int, float, float, float]:
+    """(steps, scale, cfg_trunc_ratio, renorm_cfg) of a prompt, with sd-scripts' Lumina defaults."""
+    given = getattr(p, "given", frozenset())  # the keys the prompt file set
+    steps = p.sample_steps if "sample_steps" in given else SAMPLE_STEPS
+    scale = p.scale if "scale" in given else CFG_SCALE
+    trunc = p.cfg_trunc_ratio if getattr(p, "cfg_trunc_ratio", None) is not None else CFG_TRUNC_RATIO
+    renorm = p.renorm_cfg if getattr(p, "renorm_cfg", None) is not None else RENORM_CFG
+    return steps, scale, trunc, renorm
 
 
 def batches(prompts: Sequence[Any], size: int, default_size: tuple[int, int], step: int) -> list[list[Any]]:
-    """Consecutive prompts with the same (width, height, steps, scale), at most ``size`` per batch."""
+    """Consecutive prompts with the same size and settings (steps, scale, truncation, renorm), at most ``size`` per
+    batch."""
     out: list[list[Any]] = []
     key_of = lambda p: (*(max(step, v - v % step) for v in p.size(default_size)), *_settings(p))  # noqa: E731
     for p in prompts:
@@ -78,7 +83,7 @@ def _denoise_batch(run: Any, group: list[Any], default_size: tuple[int, int]) ->
     models, device = run.models, run.accelerator.device
     family, spec, encoding = models.family, models.family.spec, run.text.encoding
     width, height = (max(family.bucket_step, v - v % family.bucket_step) for v in group[0].size(default_size))
-    steps, scale = _settings(group[0])
+    steps, scale, trunc, renorm = _settings(group[0])
     seeds = [p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item()) for p in group]
     shape = (1, models.vae.config.latent_channels, height // family.vae_factor, width // family.vae_factor)
     noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]).to(device)
@@ -92,9 +97,9 @@ def _denoise_batch(run: Any, group: list[Any], default_size: tuple[int, int]) ->
     def predict(x: torch.Tensor, sigma: float) -> torch.Tensor:
         t = torch.full((x.shape[0],), sigma * 1000, device=device)
         v = spec.forward(models.unet, x, t, cond, dtype).float()
-        if uncond is None or 1 - sigma >= CFG_TRUNC_RATIO:
+        if uncond is None or 1 - sigma >= trunc:
             return v
-        return guided(v, spec.forward(models.unet, x, t, uncond, dtype).float(), scale, RENORM_CFG)
+        return guided(v, spec.forward(models.unet, x, t, uncond, dtype).float(), scale, renorm)
 
     latents = euler_sample(predict, noise, flow_sigmas(steps, family.scheduler_config["shift"]))
     latents = latents / family.latent_scale + family.latent_shift

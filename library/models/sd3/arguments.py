@@ -8,14 +8,14 @@ from typing import Any
 from library.models.families.base import ModelFamily
 from library.training.flow_matching import add_sd3_flow_arguments, flow_option_problems
 
-# GPU-only memory options: accepted by the parser so that sd-scripts command lines parse, then refused
-GPU_OPTIONS = ("fp8_base", "fp8_base_unet", "blocks_to_swap", "cpu_offload_checkpointing")
 DROPOUT_OPTIONS = ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate")
 MEDIUM_ONLY = ("pos_emb_random_crop_rate", "enable_scaled_pos_embed")
 
 
 def add_sd3_arguments(parser: argparse.ArgumentParser) -> None:
     """Model files, text, objective and memory options of the SD3 scripts."""
+    from library.training.memory import add_memory_arguments
+
     g = parser.add_argument_group("SD3 / SD3.5")
     g.add_argument("--clip_l", type=str, default=None, help="CLIP-L file (default: the one inside the model file)")
     g.add_argument("--clip_g", type=str, default=None, help="CLIP-G file (default: the one inside the model file)")
@@ -31,15 +31,12 @@ def add_sd3_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}", type=float, default=0.0,
                        help=f"probability that a sample's {label} output is replaced by zeros (default 0.0)")
     g.add_argument("--pos_emb_random_crop_rate", type=float, default=0.0,
-                   help="SD3.5 Medium: random crop of the position embedding (not implemented; refused)")
+                   help="SD3.5 Medium: probability that a training step takes the position embedding at a random "
+                        "place of its table instead of the centre (default 0.0)")
     g.add_argument("--enable_scaled_pos_embed", action="store_true",
-                   help="SD3.5 Medium: per-resolution position embedding (not implemented; refused)")
-    g.add_argument("--fp8_base", action="store_true", help="store the frozen base in fp8 (CUDA only; not yet)")
-    g.add_argument("--fp8_base_unet", action="store_true", help="fp8 for the MMDiT only (CUDA only; not yet)")
-    g.add_argument("--blocks_to_swap", type=int, default=None,
-                   help="stream this many blocks between CPU and GPU (CUDA only; not yet)")
-    g.add_argument("--cpu_offload_checkpointing", action="store_true",
-                   help="offload checkpointed activations to the CPU (CUDA only; not yet)")
+                   help="SD3.5 Medium: position embeddings scaled for each dataset resolution (multi-resolution "
+                        "training)")
+    add_memory_arguments(g, swap_help="the last N joint blocks, at most the depth minus 2, as sd-scripts")
     add_sd3_flow_arguments(parser)
 
 
@@ -50,14 +47,11 @@ def add_sd3_lora_arguments(parser: argparse.ArgumentParser) -> None:
                              "StableDiffusion3Pipeline.load_lora_weights reads (states and --resume are unchanged)")
 
 
-def sd3_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
-    """Every SD3 option problem that can be found from the flags alone."""
-    problems = flow_option_problems(args)
-    for name in GPU_OPTIONS:
-        if getattr(args, name, None) not in (None, False, 0):
-            where = "this machine has no CUDA device" if not cuda else "it is not implemented in this toolkit yet"
-            problems.append(f"--{name} is a GPU memory option for SD3 and {where}; remove it (the model is kept in "
-                            "the --mixed_precision dtype)")
+def sd3_option_problems(args: argparse.Namespace, *, cuda: bool, trains_denoiser: bool = False) -> list[str]:
+    """Every SD3 option problem that can be found from the flags alone (``trains_denoiser``: sd3_train.py)."""
+    from library.training.memory import memory_option_problems
+
+    problems = flow_option_problems(args) + memory_option_problems(args, cuda=cuda, trains_denoiser=trains_denoiser)
     for name, why in (("save_clip", "sd-scripts marks it 'DOES NOT WORK'"), ("save_t5xxl", "idem"),
                       ("t5xxl_device", "T5 runs on the training device"),
                       ("t5xxl_dtype", "T5 runs in the --mixed_precision dtype")):
@@ -80,23 +74,41 @@ def sd3_option_problems(args: argparse.Namespace, *, cuda: bool) -> list[str]:
 
 
 def sd3_family_problems(args: argparse.Namespace, family: ModelFamily, depth: int) -> list[str]:
-    """Checks that need the variant (SD3.5 Medium-only options) or the depth (``--num_last_block_to_freeze``)."""
+    """Checks that need the variant (SD3.5 Medium-only options) or the depth (``--num_last_block_to_freeze``,
+    ``--blocks_to_swap``)."""
     from library.models.families.sd3 import VARIANTS
+    from library.training.memory import last_blocks_problems
 
     variant = family.base_model_version
     problems = []
     for name in MEDIUM_ONLY:
-        if getattr(args, name, None) not in (None, False, 0, 0.0):
-            if variant != "5-medium":
-                problems.append(f"--{name} is an SD3.5 Medium option, and this model is {VARIANTS[variant]}; "
-                                "remove it")
-            else:
-                problems.append(f"--{name} is not implemented in this toolkit yet; remove it")
+        if getattr(args, name, None) not in (None, False, 0, 0.0) and variant != "5-medium":
+            problems.append(f"--{name} is an SD3.5 Medium option, and this model is {VARIANTS[variant]}; remove it")
+    problems += last_blocks_problems(getattr(args, "blocks_to_swap", None) or 0, depth, "joint blocks")
+    rates, _ = parse_block_lr(getattr(args, "block_lr", None))
+    if rates is not None and len(rates) not in (depth, depth + 2):
+        problems.append(f"--block_lr has {len(rates)} values; this {VARIANTS[variant]} model has {depth} joint blocks: "
+                        f"give {depth} (one per joint block; the embedders and the final layer use --learning_rate) "
+                        f"or {depth + 2} (the embedders, each joint block, the final layer)")
     freeze = getattr(args, "num_last_block_to_freeze", None)
     if freeze is not None and freeze > depth:
         problems.append(f"--num_last_block_to_freeze {freeze}: this {VARIANTS[variant]} model has only {depth} joint "
                         f"blocks; give at most {depth}")
     return problems
+
+
+def parse_block_lr(text: str | None) -> tuple[list[float] | None, str | None]:
+    """``(rates, problem)`` of ``sd3_train.py``'s ``--block_lr`` (comma-separated learning rates; the count is
+    checked against the depth by :func:`sd3_family_problems`)."""
+    if text is None:
+        return None, None
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        return None, f"--block_lr {text!r}: give comma-separated numbers, one learning rate per block"
+    if any(not 0 <= r < float("inf") for r in rates):
+        return None, f"--block_lr {text!r}: learning rates must be finite and not negative"
+    return rates, None
 
 
 def sd3_ss_metadata(args: argparse.Namespace) -> dict[str, str]:

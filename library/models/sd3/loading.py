@@ -24,8 +24,8 @@ from library.models.weights import build_with_weights, read_weights, safetensors
 SD3_LATENT_SCALE = 1.5305
 SD3_LATENT_SHIFT = 0.0609
 # (option, role in the single file, diffusers subfolder, what the file must be)
-PARTS = (("--clip_l", "clip_l", "text_encoder", "a CLIP text encoder"),
-         ("--clip_g", "clip_g", "text_encoder_2", "a CLIP text encoder"),
+PARTS = (("--clip_l", "clip_l", "text_encoder", "a CLIP-L text encoder"),
+         ("--clip_g", "clip_g", "text_encoder_2", "a CLIP-G text encoder"),
          ("--t5xxl", "t5xxl", "text_encoder_3", "a T5 text encoder"),
          ("--vae", "vae", "vae", "an autoencoder (VAE/AE)"))
 
@@ -46,21 +46,55 @@ def describe_file(keys: Collection[str]) -> str:
     return describe_other(names)
 
 
-def _file_keys(option: str, value: str, problems: list[str]) -> set[str] | None:
+# the hidden width of the full-size CLIPs tells a CLIP-L file (768) from a CLIP-G one (1280)
+CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
+# where each kind of file goes
+_OPTION_OF = {"clip_l": "--clip_l", "clip_g": "--clip_g", "clip": "--clip_l or --clip_g", "t5xxl": "--t5xxl",
+              "vae": "--vae", "sd3": "--pretrained_model_name_or_path"}
+
+
+def _file_shapes(option: str, value: str, problems: list[str]) -> dict[str, tuple[int, ...]] | None:
     path = Path(value).expanduser()
     if not path.is_file() or path.suffix.lower() != ".safetensors":
         problems.append(f"{option} {value}: not found, or not a .safetensors file")
         return None
     try:
-        return set(safetensors_keys(path))
+        safetensors_keys(path)
     except UserError as err:
         problems.append(f"{option} {err.message}")
         return None
+    return _header_shapes(path)
+
+
+def part_of_file(shapes: dict[str, tuple[int, ...]]) -> tuple[str | None, str]:
+    """(kind, description) of a weights file from its header: kind is ``clip_l`` / ``clip_g`` (a CLIP of the
+    full-size width), ``clip`` (a CLIP of another width), ``t5xxl``, ``vae``, ``sd3`` or None."""
+    what = describe_file(shapes)
+    if what == "a CLIP text encoder":
+        width = next((s[-1] for k, s in shapes.items() if k.endswith("position_embedding.weight")), None)
+        kind = CLIP_WIDTHS.get(width) if width is not None else None
+        if kind is None:
+            return "clip", what
+        return kind, f"a CLIP-{kind[-1].upper()} text encoder ({width} wide)"
+    kinds = {"a T5 text encoder": "t5xxl", "an autoencoder (VAE/AE)": "vae"}
+    return kinds.get(what, "sd3" if what.startswith("an SD3 model") else None), what
+
+
+def _part_problem(option: str, role: str, value: str, shapes: dict[str, tuple[int, ...]], expected: str) -> str | None:
+    """Why the file given as ``option`` cannot be its ``role`` (what it is, and the option it belongs to), or None."""
+    kind, what = part_of_file(shapes)
+    if kind == role or (kind == "clip" and role in ("clip_l", "clip_g")) or (
+            role == "vae" and "vae" in parts_in_file(shapes)):
+        return None
+    goes = _OPTION_OF.get(kind) if kind is not None else None
+    fix = (f"it belongs to {goes}; give {option} {expected} file" if goes else f"give {option} {expected} file")
+    return f"{option} {value}: this file is {what}, not {expected}; {fix}"
 
 
 def component_problems(args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> list[str]:
-    """Every problem with the model parts: each given file must hold its part, and each part must come from
-    somewhere (given, inside the single file, or the diffusers folder)."""
+    """Every problem with the model parts: each given file must hold its part (a CLIP-G file given as ``--clip_l``
+    is named, with the option it belongs to), and each part must come from somewhere (given, inside the single
+    file, or the diffusers folder)."""
     problems: list[str] = []
     inside = parts_in_file(keys) if keys is not None else set()
     for option, role, sub, expected in PARTS:
@@ -68,11 +102,9 @@ def component_problems(args: argparse.Namespace, source: Path, keys: Collection[
         if value:
             if role == "vae" and Path(value).expanduser().is_dir():
                 continue
-            file_keys = _file_keys(option, value, problems)
-            if file_keys is not None and describe_file(file_keys) != expected and not (
-                    role == "vae" and "vae" in parts_in_file(file_keys)):
-                problems.append(f"{option} {value}: this file is {describe_file(file_keys)}, not {expected}; give "
-                                f"{option} {expected} file")
+            shapes = _file_shapes(option, value, problems)
+            problem = _part_problem(option, role, value, shapes, expected) if shapes is not None else None
+            problems += [problem] if problem else []
         elif source.is_dir():
             if not (source / sub).is_dir():
                 problems.append(f"{source}: the diffusers folder has no {sub}/; give {option} the {role} file")

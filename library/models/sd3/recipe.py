@@ -35,6 +35,19 @@ class SD3LoRARecipe(LoRARecipe):
         self.dropout_rates = dropout_rates(args)
         self.save_format = getattr(args, "save_lora_format", "sd-scripts")
         self.text: Any = None
+        self.resolutions: list[tuple[int, int]] = []
+        self.position: Any = None  # the SD3.5 Medium position-embedding options, when given
+
+    def prepare_dataset(self, group: Any) -> None:
+        from library.models.sd3.pos_embed import dataset_resolutions
+
+        self.resolutions = dataset_resolutions(group)
+
+    def setup(self, models: Any, args: argparse.Namespace, device: Any) -> None:
+        from library.models.sd3.pos_embed import apply_position_options
+
+        super().setup(models, args, device)
+        self.position = apply_position_options(models.unet, args, self.resolutions)
 
     def option_problems(self, args: argparse.Namespace) -> list[str]:
         from library.models.sd3.arguments import sd3_option_problems
@@ -84,8 +97,9 @@ class SD3LoRARecipe(LoRARecipe):
 
     def train_mode(self, training: bool) -> None:
         super().train_mode(training)
-        if hasattr(self.text, "training"):
-            self.text.training = training
+        for part in (self.text, self.position):
+            if hasattr(part, "training"):
+                part.training = training
 
     def sample(self, run: Any, global_step: int, epoch: int | None) -> None:
         from library.models.sd3.sampling import sample_sd3
