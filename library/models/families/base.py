@@ -291,3 +291,20 @@ class FamilySpec(ABC):
         models.denoiser.set_attn_processor(AttnProcessor2_0())
         models.vae.set_attn_processor(AttnProcessor2_0())
         return "sdpa"
+
+
+class StoredTensorLoRATools:
+    """The LoRA tools' save and target hooks of a family whose checkpoints they change as the single file's stored
+    tensors (``library/lora_tools/stored.py``): the loaded object writes itself and names its weight slots. Listed
+    before :class:`FamilySpec` in a spec's bases."""
+
+    lora_save_formats: tuple[str, ...] = ("safetensors",)
+
+    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
+                      metadata: dict[str, str] | None) -> Path:
+        models.save(path, dtype, metadata)
+        return path
+
+    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
+        return models.targets()
+

@@ -16,7 +16,8 @@ from typing import Any, Collection, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, LatentFlag, ModelFamily
+from library.models.families.base import (FLOW_MATCHING, Conditioning, FamilySpec, LatentFlag, ModelFamily,
+                                          StoredTensorLoRATools)
 from library.models.families.flux import FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT, load_latent_ae
 from library.models.lumina.conversion import layout_of
 
@@ -30,7 +31,7 @@ def lumina_family() -> ModelFamily:
     )
 
 
-class LuminaSpec(FamilySpec):
+class LuminaSpec(StoredTensorLoRATools, FamilySpec):
     """Lumina Image 2.0 behind the family seam."""
 
     name = "lumina"
@@ -124,8 +125,6 @@ class LuminaSpec(FamilySpec):
         return module_path.replace(".", "_")  # networks.lora_lumina names the Next-DiT modules itself
 
     # ---- the LoRA tools: the single file's tensors as stored (library/models/lumina/lora_checkpoint.py)
-    lora_save_formats = ("safetensors",)
-
     def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
         from library.models.lumina.lora_checkpoint import lumina_lora_family
 
@@ -136,10 +135,3 @@ class LuminaSpec(FamilySpec):
 
         return read_lumina_for_lora(args.pretrained_model_name_or_path, dtype)
 
-    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
-                      metadata: dict[str, str] | None) -> Path:
-        models.save(path, dtype, metadata)
-        return path
-
-    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
-        return models.targets()

@@ -18,7 +18,8 @@ from typing import Any, Collection, Mapping
 import torch
 
 from library.errors import UserError
-from library.models.families.base import FLOW_MATCHING, Conditioning, FamilySpec, ModelFamily
+from library.models.families.base import (FLOW_MATCHING, Conditioning, FamilySpec, ModelFamily,
+                                          StoredTensorLoRATools)
 from library.models.sd3.conversion import layout_of
 
 SD3_LATENT_SCALE = 1.5305
@@ -53,7 +54,7 @@ def _is_sd3_folder(folder: Path) -> bool:
         return False
 
 
-class SD3Spec(FamilySpec):
+class SD3Spec(StoredTensorLoRATools, FamilySpec):
     """SD3 / SD3.5 behind the family seam."""
 
     name = "sd3"
@@ -146,8 +147,6 @@ class SD3Spec(FamilySpec):
         return module_path.replace(".", "_")  # networks.lora_sd3 names the SAI modules itself
 
     # ---- the LoRA tools: the single file's tensors as stored (library/models/sd3/lora_checkpoint.py)
-    lora_save_formats = ("safetensors",)
-
     def lora_family(self, args: argparse.Namespace, source: Path, keys: Collection[str] | None) -> ModelFamily:
         from library.models.sd3.lora_checkpoint import sd3_lora_family
 
@@ -158,10 +157,3 @@ class SD3Spec(FamilySpec):
 
         return read_sd3_for_lora(args.pretrained_model_name_or_path, dtype)
 
-    def save_for_lora(self, path: Path, models: Any, *, fmt: str, dtype: torch.dtype | None,
-                      metadata: dict[str, str] | None) -> Path:
-        models.save(path, dtype, metadata)
-        return path
-
-    def lora_targets(self, models: Any, conv_blocks: bool) -> dict[str, tuple[torch.nn.Module, ...]]:
-        return models.targets()
