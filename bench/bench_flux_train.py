@@ -35,26 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import run_case, timed_training, write_dataset_toml, write_images  # noqa: E402
+from bench.timing import memory_variants, run_case, timed_training, write_dataset_toml, write_images  # noqa: E402
 
 CASES = {
     "tiny": {},
     "wide": dict(depth=1, depth_single=2, heads=24, head_dim=128, clip_width=768, t5_width=4096),
 }
 RESOLUTIONS = {"cpu": {"tiny": (64, 128), "wide": (128,)}, "cuda": {"tiny": (512, 1024), "wide": (512, 1024)}}
-LORA = ["--network_dim", "16", "--network_train_unet_only"]
-CKPT = ["--gradient_checkpointing"]
-VARIANTS = {  # name -> (script, extra options, runs on CPU)
-    "lora": ("flux_train_network.py", LORA, True),
-    "lora_ckpt": ("flux_train_network.py", LORA + CKPT, True),
-    "lora_fp8": ("flux_train_network.py", LORA + ["--fp8_base"], True),
-    "lora_swap": ("flux_train_network.py", LORA + CKPT + ["--blocks_to_swap", "2"], False),
-    "lora_offload": ("flux_train_network.py", LORA + CKPT + ["--cpu_offload_checkpointing"], False),
-    "full_blockwise": ("flux_train.py", ["--optimizer_type", "AdamW", "--blockwise_fused_optimizers"], True),
-    "full_swap": ("flux_train.py", ["--optimizer_type", "AdaFactor", "--fused_backward_pass", "--optimizer_args",
-                                    "relative_step=False", "scale_parameter=False", "warmup_init=False",
-                                    "--blocks_to_swap", "2", *CKPT], False),
-}
+VARIANTS = memory_variants("flux_train_network.py", "flux_train.py", swap_blocks=2)
 
 
 def one_case(name: str, variant: str, resolution: int, steps: int, work: Path) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import run_case, timed_training, write_dataset_toml  # noqa: E402
+from bench.timing import memory_variants, run_case, timed_training, write_dataset_toml  # noqa: E402
 
 CASES = {
     "tiny": dict(depth=4),
@@ -44,19 +44,7 @@ CASES = {
                  vae_channels=64),
 }
 RESOLUTIONS = {"cpu": {"tiny": (64, 128), "wide": (128,)}, "cuda": {"tiny": (512, 1024), "wide": (512, 1024)}}
-LORA = ["--network_dim", "16", "--network_train_unet_only"]
-CKPT = ["--gradient_checkpointing"]
-VARIANTS = {  # name -> (script, extra options, runs on CPU)
-    "lora": ("sd3_train_network.py", LORA, True),
-    "lora_ckpt": ("sd3_train_network.py", LORA + CKPT, True),
-    "lora_fp8": ("sd3_train_network.py", LORA + ["--fp8_base"], True),
-    "lora_swap": ("sd3_train_network.py", LORA + CKPT + ["--blocks_to_swap", "1"], False),
-    "lora_offload": ("sd3_train_network.py", LORA + CKPT + ["--cpu_offload_checkpointing"], False),
-    "full_blockwise": ("sd3_train.py", ["--optimizer_type", "AdamW", "--blockwise_fused_optimizers"], True),
-    "full_swap": ("sd3_train.py", ["--optimizer_type", "AdaFactor", "--fused_backward_pass", "--optimizer_args",
-                                   "relative_step=False", "scale_parameter=False", "warmup_init=False",
-                                   "--blocks_to_swap", "1", *CKPT], False),
-}
+VARIANTS = memory_variants("sd3_train_network.py", "sd3_train.py", swap_blocks=1)
 
 
 def one_case(name: str, variant: str, resolution: int, steps: int, work: Path) -> dict:

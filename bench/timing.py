@@ -72,3 +72,23 @@ def run_case(argv: list[str]) -> dict[str, Any] | None:
         print(proc.stderr[-3000:], file=sys.stderr)
         return None
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def memory_variants(network_script: str, full_script: str, swap_blocks: int) -> dict[str, tuple[str, list[str], bool]]:
+    """The memory-option variants of a transformer family's training benches: name -> (script, extra options,
+    runs on the CPU). Block swap and CPU offload need CUDA."""
+    lora = ["--network_dim", "16", "--network_train_unet_only"]
+    ckpt = ["--gradient_checkpointing"]
+    swap = ["--blocks_to_swap", str(swap_blocks)]
+    return {
+        "lora": (network_script, lora, True),
+        "lora_ckpt": (network_script, lora + ckpt, True),
+        "lora_fp8": (network_script, lora + ["--fp8_base"], True),
+        "lora_swap": (network_script, lora + ckpt + swap, False),
+        "lora_offload": (network_script, lora + ckpt + ["--cpu_offload_checkpointing"], False),
+        "full_blockwise": (full_script, ["--optimizer_type", "AdamW", "--blockwise_fused_optimizers"], True),
+        "full_swap": (full_script, ["--optimizer_type", "AdaFactor", "--fused_backward_pass", "--optimizer_args",
+                                    "relative_step=False", "scale_parameter=False", "warmup_init=False",
+                                    *swap, *ckpt], False),
+    }
+
