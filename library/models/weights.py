@@ -257,6 +257,11 @@ def build_with_weights(
 _TRIM_EVERY_BYTES = 256 * 2**20
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def move_module(module: M, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> M:
     """``module.to(device, dtype)``, one leaf module at a time, giving freed host memory back to the system
     as it goes (a cast leaves the old tensors' memory in the allocator's free lists otherwise, where a larger

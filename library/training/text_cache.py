@@ -82,13 +82,26 @@ class TextConditioner:
             return self.encoding.encode(ids.to(device), weights.to(device))
         return self.encoding.encode(self.encoding.tokenize(captions).to(device))
 
-    def fill(self, captions: list[str], device: torch.device, batch_size: int = 8) -> None:
-        """Cache every caption of the run up front (then the text encoders are needed no more)."""
+    def fill(self, captions: list[str], device: torch.device, batch_size: int = 8,
+             budget_bytes: int | None = None) -> bool:
+        """Cache every caption of the run up front (then the text encoders are needed no more); returns whether
+        the cache is on. With ``budget_bytes``, a cache that would outgrow it (projected from the first batch's
+        outputs) is dropped instead and every batch is encoded as it comes."""
         keys = [self._key(c) for c in captions]
         todo = [c for c, k in zip(captions, keys) if k not in self._memory and not self._load(k)]
         for start in tqdm(range(0, len(todo), batch_size), desc="caching text encoder outputs",
                           disable=len(todo) <= batch_size):
             self(todo[start:start + batch_size], device)
+            if start == 0 and budget_bytes is not None and self.nbytes() * len(captions) > budget_bytes * len(
+                    self._memory):
+                self._memory.clear()
+                self.cache = False
+                return False
+        return self.cache
+
+    def nbytes(self) -> int:
+        """Bytes held by the in-memory cache."""
+        return sum(_entry_bytes(entry) for entry in self._memory.values())
 
     def __call__(self, captions: list[str], device: torch.device) -> Any:
         if not self.cache:
@@ -129,6 +142,11 @@ class TextConditioner:
         prefix = "cond." if isinstance(entry, Mapping) else ""
         data = {prefix + k: v.cpu().contiguous() for k, v in items}
         atomic_save_file(self.cache_dir / f"{key}.safetensors", lambda tmp: save_file(data, tmp))
+
+
+def _entry_bytes(entry: Any) -> int:
+    tensors = entry.values() if isinstance(entry, Mapping) else [entry]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _row(out: Any, i: int) -> Any:
