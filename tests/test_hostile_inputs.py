@@ -241,6 +241,13 @@ ROWS = [
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --blocks_to_swap 5 "
          "--gradient_checkpointing", "this model has 2 joint blocks, and at most 0 of them can be swapped",
          setup=lambda work, s: _tiny_sd3(work / "sd3", "medium")),
+    Case("sd3_buckets_larger_than_the_position_table", "sd3_train_network.py --pretrained_model_name_or_path "
+         "{W}/sd3/sd3.safetensors --dataset_config {W}/data.toml --output_dir {W}/o",
+         "images up to 768 px on a side, but this SD3 Medium model's position embedding covers at most 512 px; "
+         "lower max_bucket_reso to 512 or less",
+         setup=lambda work, s: (_tiny_sd3(work / "sd3", "medium"),
+                                _toml("resolution = 256\nenable_bucket = true\nmin_bucket_reso = 64\n"
+                                      "max_bucket_reso = 768")(work, s))),
     Case("sd3_train_block_lr_for_another_depth", "sd3_train.py --pretrained_model_name_or_path "
          "{W}/sd3/sd3.safetensors --dataset_config {DS} --output_dir {W}/o --block_lr 1e-5,1e-5,1e-5",
          "--block_lr has 3 values; this SD3 Medium model has 2 joint blocks",

@@ -79,6 +79,8 @@ def check_run(args: argparse.Namespace, recipe: Recipe, support: DatasetSupport,
     if params is None:
         raise UserError.from_problems("cannot start training", problems)
     problems += recipe.dataset_problems(params)
+    if family is not None:
+        problems += family.spec.dataset_problems(family, args, params)
 
     if args.cache_latents or args.cache_latents_to_disk:
         for ds in params.datasets:

@@ -119,6 +119,9 @@ class ModelFamily:
     ss_v2: bool = False
     lora_blocks: LoRABlockLayout = SD_LORA_BLOCKS
     vae_half_safe: bool = True  # False: the VAE overflows in fp16 and stays float32 under fp16 mixed precision
+    #: the largest image side the loaded denoiser's fixed position table covers (None: no limit); read from the
+    #: checkpoint, so families of one variant with different tables still compare equal
+    max_image_side: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
@@ -271,6 +274,10 @@ class FamilySpec(ABC):
     @abstractmethod
     def lora_denoiser_name(self, denoiser: torch.nn.Module, module_path: str) -> str:
         """The kohya LoRA name body (without ``lora_unet_``) of the ``denoiser`` module at ``module_path``."""
+
+    def dataset_problems(self, family: ModelFamily, args: argparse.Namespace, params: Any) -> list[str]:
+        """What the datasets (``DatasetGroupParams``) ask that this model cannot do, found before it loads."""
+        return []
 
     def swappable_blocks(self, denoiser: torch.nn.Module, count: int) -> tuple[list[torch.nn.Module], list[int]]:
         """``--blocks_to_swap count``: the denoiser's blocks in execution order and the indices of those that

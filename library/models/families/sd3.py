@@ -27,16 +27,16 @@ SD3_LATENT_SHIFT = 0.0609
 VARIANTS = {"medium": "SD3 Medium", "5-medium": "SD3.5 Medium", "5-large": "SD3.5 Large"}
 
 
-def sd3_family(variant: str) -> ModelFamily:
+def sd3_family(variant: str, max_image_side: int | None = None) -> ModelFamily:
     """SD3 ``medium``, ``5-medium`` or ``5-large`` (sd-scripts' ``model_type``, which is also its
-    ``ss_base_model_version``)."""
+    ``ss_base_model_version``); ``max_image_side``: the side the checkpoint's position table covers."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SD3 variant {variant!r}; known: {', '.join(VARIANTS)}")
     return ModelFamily(
         name=f"sd3-{variant}", objective=FLOW_MATCHING, latent_scale=SD3_LATENT_SCALE, latent_shift=SD3_LATENT_SHIFT,
         bucket_step=16, default_resolution=1024, base_model_version=variant,
         modelspec_architecture=f"stable-diffusion-3-{variant}", spec_name="sd3", cache_suffix="_sd3",
-        scheduler_config={"shift": 3.0},
+        scheduler_config={"shift": 3.0}, max_image_side=max_image_side,
     )
 
 
@@ -80,11 +80,20 @@ class SD3Spec(StoredTensorLoRATools, FamilySpec):
             raise UserError(f"{source}: not a diffusers SD3 folder (transformer/config.json of an "
                             "SD3Transformer2DModel is missing)")
         arch = transformer_architecture(source)
-        family = sd3_family(arch.variant)
+        family = sd3_family(arch.variant, max_image_side=arch.pos_embed_max_size * arch.patch_size * 8)
         problems = component_problems(args, source, keys) + sd3_family_problems(args, family, arch.depth)
         if problems:
             raise UserError.from_problems("SD3 model files", problems)
         return family
+
+    def dataset_problems(self, family: ModelFamily, args: argparse.Namespace, params: Any) -> list[str]:
+        """Buckets larger than the MMDiT's position table (diffusers would fail at the first such batch), unless
+        ``--enable_scaled_pos_embed`` builds a table per resolution."""
+        from library.models.sd3.pos_embed import oversized_bucket_problems
+
+        if family.max_image_side is None or getattr(args, "enable_scaled_pos_embed", False):
+            return []
+        return oversized_bucket_problems(params, family.max_image_side, VARIANTS[family.base_model_version])
 
     def latent_family(self, source: Path, args: argparse.Namespace, *, recognised: bool) -> ModelFamily:
         """The variant read from the transformer's shapes (its VAE is inside the single file or folder)."""

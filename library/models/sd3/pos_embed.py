@@ -121,6 +121,22 @@ class PositionEmbedding:
         return window.reshape(1, rows * cols, -1)
 
 
+def oversized_bucket_problems(params: Any, max_side: int, model: str) -> list[str]:
+    """One problem per dataset whose images or buckets can be larger than ``max_side`` pixels on a side (the
+    position table's patches times the patch size times the VAE factor)."""
+    problems = []
+    for ds in params.datasets:
+        width, height = ds.resolution
+        side = max(width, height)
+        if ds.enable_bucket:  # a bucket keeps the area of the resolution, its sides within min/max_bucket_reso
+            side = max(side, min(ds.max_bucket_reso, width * height // max(ds.min_bucket_reso, 1)))
+        if side > max_side:
+            where = "max_bucket_reso" if ds.enable_bucket and ds.max_bucket_reso > max_side else "resolution"
+            problems.append(f"{ds.origin}: images up to {side} px on a side, but this {model} model's position "
+                            f"embedding covers at most {max_side} px; lower {where} to {max_side} or less")
+    return problems
+
+
 def install_position_embedding(transformer: torch.nn.Module, *, crop_rate: float,
                                scaled_sides: Sequence[int] = ()) -> PositionEmbedding:
     """Replace ``transformer.pos_embed.cropped_pos_embed`` by a :class:`PositionEmbedding`; returns it."""
