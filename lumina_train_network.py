@@ -17,42 +17,24 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from library.config.arguments import SUPPORT_TRAIN_NETWORK  # noqa: E402
 from library.errors import run_cli  # noqa: E402
 from library.models.lumina.arguments import add_lumina_arguments  # noqa: E402
-from library.training.network_args import add_network_arguments  # noqa: E402
-from library.training.parser import build_training_parser  # noqa: E402
-
-
-def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    add_network_arguments(parser)
-    add_lumina_arguments(parser)
-    parser.set_defaults(network_module="networks.lora_lumina")
+from library.training.lora_script import build_lora_parser, run_lora_script  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return build_training_parser(prog="lumina_train_network.py", description="Train a Lumina Image 2.0 LoRA.",
-                                 support=SUPPORT_TRAIN_NETWORK, add_recipe_arguments=_add_recipe_arguments)
+    return build_lora_parser(prog="lumina_train_network.py", description="Train a Lumina Image 2.0 LoRA.",
+                             add_family_arguments=add_lumina_arguments, network_module="networks.lora_lumina")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Run a training from command-line arguments; returns the final LoRA file (None with --debug_dataset or
     --output_config)."""
-    from library.config.run_config import load_run_config
     from library.models.lumina.arguments import lumina_ss_metadata
     from library.models.lumina.recipe import LuminaLoRARecipe
-    from library.training.loop import run_training
-    from library.training.lora_metadata import lora_metadata_for_run
 
-    args = load_run_config(build_parser(), argv)
-    if args is None:
-        return None
-
-    def metadata(run):
-        return {**lora_metadata_for_run(run), **lumina_ss_metadata(run.args)}
-
-    return run_training(args, LuminaLoRARecipe(args), SUPPORT_TRAIN_NETWORK, tracker_name="lumina_network_train",
-                        metadata=metadata, families=("lumina",))
+    return run_lora_script(build_parser(), argv, LuminaLoRARecipe, tracker_name="lumina_network_train",
+                           families=("lumina",), metadata_extras=lambda run: lumina_ss_metadata(run.args))
 
 
 if __name__ == "__main__":

@@ -17,30 +17,20 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from library.config.arguments import SUPPORT_TRAIN_NETWORK  # noqa: E402
 from library.errors import run_cli  # noqa: E402
-from library.training.network_args import add_network_arguments  # noqa: E402
-from library.training.parser import build_training_parser  # noqa: E402
+from library.training.lora_script import build_lora_parser, run_lora_script  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return build_training_parser(prog="train_network.py", description="Train a LoRA network.",
-                                 support=SUPPORT_TRAIN_NETWORK, add_recipe_arguments=add_network_arguments)
+    return build_lora_parser(prog="train_network.py", description="Train a LoRA network.")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     """Run a training from command-line arguments; returns the final LoRA file (None with --debug_dataset or
     --output_config)."""
-    from library.config.run_config import load_run_config
-    from library.training.loop import run_training
-    from library.training.lora_metadata import lora_metadata_for_run
     from library.training.recipes import LoRARecipe
 
-    args = load_run_config(build_parser(), argv)
-    if args is None:
-        return None
-    return run_training(args, LoRARecipe(args), SUPPORT_TRAIN_NETWORK, tracker_name="network_train",
-                        metadata=lora_metadata_for_run)
+    return run_lora_script(build_parser(), argv, LoRARecipe, tracker_name="network_train", families=("sd",))
 
 
 if __name__ == "__main__":
