@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import LoRAModule, find_target_modules
-from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, network_for_file, shapes_from_file
+from networks.lora import find_target_modules
+from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, linear_targets, network_from_file
+from networks.lora_fused_options import FusedLoRAOptions
 from networks.lora_flux_options import (
     SHAPE_ARGS, FluxLoRAOptions, parse_block_selection, parse_flux_network_kwargs,
 )
@@ -85,10 +86,7 @@ def flux_block_targets(transformer: nn.Module, options: FluxLoRAOptions) -> list
     for k, group in enumerate(EMBEDDER_TARGETS):
         for suffix, path in group:
             name = f"{PREFIX_UNET}_{suffix}"
-            if options.modules_dim is not None:
-                rank = options.rank_for(name)
-            else:
-                rank = (options.in_dims[k], options.alpha) if options.in_dims and options.in_dims[k] else None
+            rank = options.listed_rank(name, options.in_dims, k)
             if rank is not None:
                 try:
                     found.append((name, [_get(transformer, path)], *rank))
@@ -101,13 +99,17 @@ def flux_block_targets(transformer: nn.Module, options: FluxLoRAOptions) -> list
 
 def t5_targets(t5: nn.Module) -> list[tuple[str, nn.Linear]]:
     """T5 attention and gated-MLP Linear layers with sd-scripts' ``lora_te3_`` names."""
-    found = []
-    for name, module in t5.named_modules():
-        if type(module).__name__ in T5_TARGETS:
-            for child_name, child in module.named_modules():
-                if isinstance(child, nn.Linear):
-                    found.append((f"{PREFIX_T5}_{name}.{child_name}".replace(".", "_"), child))
-    return found
+    return linear_targets(t5, T5_TARGETS, PREFIX_T5)
+
+
+def clip_t5_targets(clips: list[nn.Module | None], t5: nn.Module | None, options: FusedLoRAOptions
+                    ) -> list[tuple[str, nn.Module]]:
+    """The CLIP layers (sd-scripts' ``lora_te1_``/``lora_te2_`` names) and T5's when it trains (``train_t5xxl``,
+    or a file's modules)."""
+    targets = [(t.lora_name, t.module) for t in find_target_modules(clips, None, False)]
+    if t5 is not None and (options.train_t5xxl or options.modules_dim is not None):
+        targets += t5_targets(t5)
+    return targets
 
 
 def _text_encoders(text_encoders: Any) -> tuple[nn.Module | None, nn.Module | None]:
@@ -130,31 +132,14 @@ class FluxLoRANetwork(FusedLoRANetwork):
 
     def __init__(self, text_encoders: Any, transformer: nn.Module | None, options: FluxLoRAOptions,
                  multiplier: float = 1.0):
-        nn.Module.__init__(self)  # the parent's __init__ discovers SD modules; the state below is what it sets up
-        self.options = options
-        self.multiplier = multiplier
-        self.applied = False
-        self.dropped: list[str] = []
-        self.text_encoder_loras: list[nn.Module] = []
-        self.unet_loras: list[nn.Module] = []
+        super().__init__(options, multiplier)
         clip, t5 = _text_encoders(text_encoders)
-        drop = dict(dropout=options.dropout, rank_dropout=options.rank_dropout, module_dropout=options.module_dropout)
-        te_targets = [(t.lora_name, t.module) for t in find_target_modules([clip, None], None, False)]
-        if t5 is not None and (options.train_t5xxl or options.modules_dim is not None):
-            te_targets += t5_targets(t5)
-        for name, module in te_targets:
-            rank = options.rank_for(name)
-            if rank is not None:
-                self._add(LoRAModule(name, module, multiplier, rank[0], rank[1], **drop), self.text_encoder_loras)
+        self._add_text_encoder_loras(clip_t5_targets([clip, None], t5, options))
         if transformer is not None:
             for name, parts, dim, alpha in flux_block_targets(transformer, options):
-                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **drop, split=options.split_qkv),
-                          self.unet_loras)
-        logger.info("FLUX LoRA: %d text encoder modules, %d transformer modules", len(self.text_encoder_loras),
-                    len(self.unet_loras))
-        if options.verbose:
-            for lora in self.all_loras():
-                logger.info("  %-56s rank %d alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
+                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **self._dropouts(),
+                                          split=options.split_qkv), self.unet_loras)
+        self._log_modules(logger, "FLUX LoRA: %d text encoder modules, %d transformer modules")
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, ae: Any,
@@ -169,15 +154,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
                                 flux: nn.Module | None, weights_sd: Mapping[str, torch.Tensor] | None = None,
                                 for_inference: bool = False, **kwargs: Any) -> tuple[FluxLoRANetwork, dict]:
     """A network shaped like a FLUX LoRA file (ranks and alphas from the file); the weights are not loaded."""
-    source, weights_sd, modules_dim, modules_alpha = shapes_from_file(file, weights_sd)
-    rest = {k: v for k, v in kwargs.items() if k not in SHAPE_ARGS}
-    parsed = parse_flux_network_kwargs(rest)
-    options = FluxLoRAOptions(
-        dropout=parsed.dropout, rank_dropout=parsed.rank_dropout, module_dropout=parsed.module_dropout,
-        loraplus_lr_ratio=parsed.loraplus_lr_ratio, loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
-        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio, reg_lrs=parsed.reg_lrs,
-        modules_dim=modules_dim, modules_alpha=modules_alpha,
-    )
-    network = FluxLoRANetwork(text_encoders, flux, options, multiplier)
-    return network_for_file(network, source, weights_sd, modules_dim, "FLUX model",
-                            "is the file for another model family, or does it train T5 while no T5 was given?", for_inference)
+    return network_from_file(
+        lambda options: FluxLoRANetwork(text_encoders, flux, options, multiplier), parse_flux_network_kwargs,
+        SHAPE_ARGS, file, weights_sd, kwargs, model="FLUX model", for_inference=for_inference,
+        hint="is the file for another model family, or does it train T5 while no T5 was given?")

@@ -11,17 +11,19 @@ update.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import LoRANetwork, _listing, _split_by_module, load_lora_file, standard_key
+from networks.lora import LoRAModule, LoRANetwork, _listing, _split_by_module, load_lora_file, standard_key
+from networks.lora_fused_options import FusedLoRAOptions
 
 
 class FusedLoRAModule(nn.Module):
@@ -134,15 +136,45 @@ class FusedLoRAModule(nn.Module):
 
 class FusedLoRANetwork(LoRANetwork):
     """The kohya network interface (``apply_to``, save/load/merge from ``networks.lora.LoRANetwork``) with
-    per-text-encoder learning rates. Subclasses find their modules (calling :meth:`_add`) and name their text
-    encoders' prefixes in :attr:`TEXT_ENCODER_GROUPS`; ``self.options`` has the ``loraplus_*`` ratios."""
+    per-text-encoder learning rates. Subclasses find their modules (calling :meth:`_add`,
+    :meth:`_add_text_encoder_loras`) and name their text encoders' prefixes in :attr:`TEXT_ENCODER_GROUPS`."""
 
     TEXT_ENCODER_GROUPS: tuple[tuple[str, str], ...] = ()
-    options: Any
+
+    def __init__(self, options: FusedLoRAOptions, multiplier: float = 1.0):
+        nn.Module.__init__(self)  # LoRANetwork's __init__ discovers SD modules; the state below is what it sets up
+        self.options = options
+        self.multiplier = multiplier
+        self.applied = False
+        self.dropped: list[str] = []
+        self.text_encoder_loras: list[nn.Module] = []
+        self.unet_loras: list[nn.Module] = []
 
     def _add(self, lora: nn.Module, into: list[nn.Module]) -> None:
         self.add_module(lora.lora_name, lora)
         into.append(lora)
+
+    def _dropouts(self) -> dict[str, float | None]:
+        o = self.options
+        return dict(dropout=o.dropout, rank_dropout=o.rank_dropout, module_dropout=o.module_dropout)
+
+    def _add_text_encoder_loras(self, targets: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """A plain LoRA on each ``(name, layer)`` that ``options.text_encoder_rank`` gives a rank; returns those."""
+        added = []
+        for name, module in targets:
+            rank = self.options.text_encoder_rank(name)
+            if rank is not None:
+                self._add(LoRAModule(name, module, self.multiplier, rank[0], rank[1], **self._dropouts()),
+                          self.text_encoder_loras)
+                added.append((name, module))
+        return added
+
+    def _log_modules(self, log: logging.Logger, message: str) -> None:
+        """Log ``message`` with the text-encoder and transformer module counts; with ``verbose``, every module."""
+        log.info(message, len(self.text_encoder_loras), len(self.unet_loras))
+        if self.options.verbose:
+            for lora in self.all_loras():
+                log.info("  %-56s rank %d alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
 
     def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
                                  default_lr: float | None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -187,6 +219,18 @@ class FusedLoRANetwork(LoRANetwork):
         return groups, descriptions
 
 
+def linear_targets(model: nn.Module, class_names: Collection[str], prefix: str) -> list[tuple[str, nn.Linear]]:
+    """Every ``Linear`` inside the modules of ``model`` whose class is one of ``class_names``, with sd-scripts'
+    name ``<prefix>_<path with _>``."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in class_names:
+            for child_name, child in module.named_modules():
+                if isinstance(child, nn.Linear):
+                    found.append((f"{prefix}_{name}.{child_name}".replace(".", "_"), child))
+    return found
+
+
 def shapes_from_file(file: str | os.PathLike | None, weights_sd: Mapping[str, torch.Tensor] | None
                      ) -> tuple[str, dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
     """For ``create_network_from_weights``: the source's name, its weights (read from ``file`` unless given)
@@ -217,3 +261,17 @@ def network_for_file(network: FusedLoRANetwork, source: str, weights: Mapping[st
         network.requires_grad_(False)
         network.eval()
     return network, {standard_key(k): v for k, v in weights.items()}
+
+
+def network_from_file(make: Callable[[FusedLoRAOptions], FusedLoRANetwork],
+                      parse: Callable[[Mapping[str, Any]], FusedLoRAOptions], shape_args: Collection[str],
+                      file: str | os.PathLike | None, weights_sd: Mapping[str, torch.Tensor] | None,
+                      kwargs: Mapping[str, Any], *, model: str, hint: str, for_inference: bool
+                      ) -> tuple[FusedLoRANetwork, dict[str, torch.Tensor]]:
+    """``create_network_from_weights`` of a family: the network ``make`` builds with the ranks and alphas of the
+    file, and of ``kwargs`` (``--network_args``, checked by ``parse``) what is not a shape (``shape_args``);
+    then :func:`network_for_file`."""
+    source, weights, modules_dim, modules_alpha = shapes_from_file(file, weights_sd)
+    parsed = parse({k: v for k, v in kwargs.items() if k not in shape_args})
+    network = make(parsed.for_file(modules_dim, modules_alpha))
+    return network_for_file(network, source, weights, modules_dim, model, hint, for_inference)

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import LoRAModule
-from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, network_for_file, shapes_from_file
-from networks.lora_flux_options import _flag, _number, _probability, network_args_getter
+from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, linear_targets, network_from_file
+from networks.lora_fused_options import (
+    FusedLoRAOptions, common_option_values, given_flag, network_args_getter, rank_list, refuse_split_qkv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ EMBEDDER_TARGETS = (  # embedder_dims order [x, t, cap]
     (("cap_embedder_1", "time_caption_embed.caption_embedder.1"),),
 )
 TYPE_DIM_ARGS = ("attn_dim", "mlp_dim", "mod_dim", "refiner_dim")
-_TYPE_FRAGMENTS = ("attention", "feed_forward", "modulation", "refiner")
+_TYPE_FRAGMENTS = (("attention",), ("feed_forward",), ("modulation",), ("refiner",))
 TRAIN_BLOCKS = {"all": None, "transformer": ("layers_",), "refiners": ("noise_refiner", "context_refiner"),
                 "noise_refiner": ("noise_refiner",), "context_refiner": ("context_refiner",)}
 NETWORK_ARGS = TYPE_DIM_ARGS + ("embedder_dims", "train_blocks", "split_qkv", "verbose", "dropout", "rank_dropout",
@@ -61,39 +62,19 @@ NETWORK_ARGS = TYPE_DIM_ARGS + ("embedder_dims", "train_blocks", "split_qkv", "v
 SHAPE_ARGS = TYPE_DIM_ARGS + ("embedder_dims", "train_blocks")
 
 
-@dataclass(frozen=True)
-class LuminaLoRAOptions:
+@dataclass(frozen=True, kw_only=True)
+class LuminaLoRAOptions(FusedLoRAOptions):
     """Parsed ``--network_args`` (plus ``--network_dim``/``--network_alpha``/``--network_dropout``)."""
 
-    dim: int = 4
-    alpha: float = 1.0
-    dropout: float | None = None
-    rank_dropout: float | None = None
-    module_dropout: float | None = None
+    TYPE_FRAGMENTS: ClassVar[tuple[tuple[str, ...], ...]] = _TYPE_FRAGMENTS
+
     type_dims: tuple[int | None, ...] = (None,) * 4
     embedder_dims: tuple[int, int, int] | None = None
     train_blocks: str = "all"
-    verbose: bool = False
-    loraplus_lr_ratio: float | None = None
-    loraplus_unet_lr_ratio: float | None = None
-    loraplus_text_encoder_lr_ratio: float | None = None
-    modules_dim: Mapping[str, int] | None = field(default=None, repr=False)
-    modules_alpha: Mapping[str, float] | None = field(default=None, repr=False)
 
-    def rank_for(self, lora_name: str, default: int | None = None) -> tuple[int, float] | None:
-        """``(rank, alpha)`` of a module, or None (no LoRA). ``default`` is an embedder's rank."""
-        if self.modules_dim is not None:
-            if lora_name not in self.modules_dim:
-                return None
-            dim = self.modules_dim[lora_name]
-            return dim, (self.modules_alpha or {}).get(lora_name, dim)
-        dim = self.dim if default is None else default
-        if default is None:
-            for type_dim, fragment in zip(self.type_dims, _TYPE_FRAGMENTS):
-                if type_dim is not None and fragment in lora_name:
-                    dim = type_dim
-                    break
-        return (dim, self.alpha) if dim else None
+    def text_encoder_rank(self, lora_name: str) -> tuple[int, float] | None:
+        """Gemma2 modules take ``dim`` (the per-type ranks are the transformer's)."""
+        return self._from_file(lora_name) if self.modules_dim is not None else (self.dim, self.alpha)
 
 
 def parse_lumina_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | None = None,
@@ -102,30 +83,16 @@ def parse_lumina_network_kwargs(kwargs: Mapping[str, Any], network_dim: int | No
     """Validate ``--network_args`` for ``networks.lora_lumina``; unknown keys get a "did you mean"."""
     get = network_args_getter(kwargs, NETWORK_ARGS, "networks.lora_lumina")
 
-    if get("split_qkv") is not None and _flag("split_qkv", get("split_qkv")):
-        raise UserError("--network_args split_qkv=True is not supported: the fused qkv LoRA is what ComfyUI and "
-                        "sd-scripts read; remove split_qkv")
+    refuse_split_qkv(get)
     train_blocks = str(get("train_blocks") or "all")
     if train_blocks not in TRAIN_BLOCKS:
         raise UserError(f"--network_args train_blocks={train_blocks!r}: expected one of {', '.join(TRAIN_BLOCKS)}")
     embedder_dims = None
     if get("embedder_dims") is not None:
-        parts = [p.strip() for p in str(get("embedder_dims")).strip().strip("[]").split(",") if p.strip()]
-        if len(parts) != 3:
-            raise UserError(f"--network_args embedder_dims={get('embedder_dims')!r}: expected 3 ranks "
-                            "[x_embedder, t_embedder, cap_embedder]")
-        embedder_dims = tuple(_number("embedder_dims", p, int) for p in parts)
-    ratio = {k: None if get(k) is None else _number(k, get(k), float)
-             for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")}
+        embedder_dims = rank_list("embedder_dims", get("embedder_dims"), ("x_embedder", "t_embedder", "cap_embedder"))
     return LuminaLoRAOptions(
-        dim=4 if network_dim is None else int(network_dim),
-        alpha=1.0 if network_alpha is None else float(network_alpha),
-        dropout=_probability("dropout", neuron_dropout if neuron_dropout is not None else get("dropout")),
-        rank_dropout=_probability("rank_dropout", get("rank_dropout")),
-        module_dropout=_probability("module_dropout", get("module_dropout")),
-        type_dims=tuple(None if get(k) is None else _number(k, get(k), int) for k in TYPE_DIM_ARGS),
-        embedder_dims=embedder_dims, train_blocks=train_blocks,
-        verbose=get("verbose") is not None and _flag("verbose", get("verbose")), **ratio,
+        **common_option_values(get, TYPE_DIM_ARGS, network_dim, network_alpha, neuron_dropout),
+        embedder_dims=embedder_dims, train_blocks=train_blocks, verbose=given_flag(get, "verbose"),
     )
 
 
@@ -151,10 +118,7 @@ def lumina_block_targets(transformer: nn.Module, options: LuminaLoRAOptions
     for k, group in enumerate(EMBEDDER_TARGETS):
         for suffix, path in group:
             name = f"{PREFIX_UNET}_{suffix}"
-            if options.modules_dim is not None:
-                rank = options.rank_for(name)
-            else:
-                rank = options.rank_for(name, options.embedder_dims[k]) if options.embedder_dims else None
+            rank = options.listed_rank(name, options.embedder_dims, k)
             if rank is not None:
                 found.append((name, [transformer.get_submodule(path)], *rank))
     return found
@@ -162,13 +126,7 @@ def lumina_block_targets(transformer: nn.Module, options: LuminaLoRAOptions
 
 def gemma_targets(gemma: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Gemma2 attention and MLP Linear layers with sd-scripts' ``lora_te_`` names."""
-    found = []
-    for name, module in gemma.named_modules():
-        if type(module).__name__ in TE_TARGETS:
-            for child_name, child in module.named_modules():
-                if isinstance(child, nn.Linear):
-                    found.append((f"{PREFIX_TE}_{name}.{child_name}".replace(".", "_"), child))
-    return found
+    return linear_targets(gemma, TE_TARGETS, PREFIX_TE)
 
 
 def _gemma(text_encoders: Any) -> nn.Module | None:
@@ -184,27 +142,13 @@ class LuminaLoRANetwork(FusedLoRANetwork):
 
     def __init__(self, text_encoders: Any, transformer: nn.Module | None, options: LuminaLoRAOptions,
                  multiplier: float = 1.0):
-        nn.Module.__init__(self)
-        self.options = options
-        self.multiplier = multiplier
-        self.applied = False
-        self.dropped: list[str] = []
-        self.text_encoder_loras: list[nn.Module] = []
-        self.unet_loras: list[nn.Module] = []
-        drop = dict(dropout=options.dropout, rank_dropout=options.rank_dropout, module_dropout=options.module_dropout)
+        super().__init__(options, multiplier)
         gemma = _gemma(text_encoders)
-        for name, module in gemma_targets(gemma) if gemma is not None else []:
-            rank = options.rank_for(name) if options.modules_dim is not None else (options.dim, options.alpha)
-            if rank is not None:
-                self._add(LoRAModule(name, module, multiplier, rank[0], rank[1], **drop), self.text_encoder_loras)
+        self._add_text_encoder_loras(gemma_targets(gemma) if gemma is not None else [])
         if transformer is not None:
             for name, parts, dim, alpha in lumina_block_targets(transformer, options):
-                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **drop), self.unet_loras)
-        logger.info("Lumina LoRA: %d Gemma2 modules, %d transformer modules", len(self.text_encoder_loras),
-                    len(self.unet_loras))
-        if options.verbose:
-            for lora in self.all_loras():
-                logger.info("  %-56s rank %d alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
+                self._add(FusedLoRAModule(name, parts, multiplier, dim, alpha, **self._dropouts()), self.unet_loras)
+        self._log_modules(logger, "Lumina LoRA: %d Gemma2 modules, %d transformer modules")
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, ae: Any,
@@ -220,14 +164,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
                                 lumina: nn.Module | None, weights_sd: Mapping[str, torch.Tensor] | None = None,
                                 for_inference: bool = False, **kwargs: Any) -> tuple[LuminaLoRANetwork, dict]:
     """A network shaped like a Lumina LoRA file (ranks and alphas from the file); the weights are not loaded."""
-    source, weights_sd, modules_dim, modules_alpha = shapes_from_file(file, weights_sd)
-    parsed = parse_lumina_network_kwargs({k: v for k, v in kwargs.items() if k not in SHAPE_ARGS})
-    options = LuminaLoRAOptions(
-        dropout=parsed.dropout, rank_dropout=parsed.rank_dropout, module_dropout=parsed.module_dropout,
-        loraplus_lr_ratio=parsed.loraplus_lr_ratio, loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
-        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio,
-        modules_dim=modules_dim, modules_alpha=modules_alpha,
-    )
-    network = LuminaLoRANetwork(text_encoders, lumina, options, multiplier)
-    return network_for_file(network, source, weights_sd, modules_dim, "Lumina model",
-                            "is the file for another model family?", for_inference)
+    return network_from_file(
+        lambda options: LuminaLoRANetwork(text_encoders, lumina, options, multiplier), parse_lumina_network_kwargs,
+        SHAPE_ARGS, file, weights_sd, kwargs, model="Lumina model", for_inference=for_inference,
+        hint="is the file for another model family?")

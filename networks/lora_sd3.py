@@ -22,10 +22,10 @@ from torch import nn
 
 from library.errors import UserError
 from library.models.sd3.conversion import GLOBAL_MODULES, architecture_of_diffusers, module_pairs
-from networks.lora import LoRAModule, find_target_modules
-from networks.lora_flux import t5_targets
-from networks.lora_flux_options import parse_block_selection
-from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, network_for_file, shapes_from_file
+from networks.lora import LoRAModule
+from networks.lora_flux import clip_t5_targets
+from networks.lora_fused import FusedLoRAModule, FusedLoRANetwork, network_from_file
+from networks.lora_fused_options import parse_block_selection
 from networks.lora_sd3_options import SHAPE_ARGS, SD3LoRAOptions, parse_sd3_network_kwargs
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def sd3_block_targets(transformer: nn.Module, options: SD3LoRAOptions
     for sai, parts, swapped in module_pairs(arch):
         name = lora_name(sai)
         if sai in globals_:
-            rank = options.embedder_rank(name, _EMB_INDEX[sai])
+            rank = options.listed_rank(name, options.emb_dims, _EMB_INDEX[sai])
         else:
             rank = options.rank_for(name, selected[int(sai.split(".")[1])])
         if rank is not None:
@@ -78,42 +78,24 @@ class SD3LoRANetwork(FusedLoRANetwork):
 
     def __init__(self, text_encoders: Any, transformer: nn.Module | None, options: SD3LoRAOptions,
                  multiplier: float = 1.0):
-        nn.Module.__init__(self)  # the parent's __init__ discovers SD modules; the state below is what it sets up
-        self.options = options
-        self.multiplier = multiplier
-        self.applied = False
-        self.dropped: list[str] = []
-        self.text_encoder_loras: list[nn.Module] = []
-        self.unet_loras: list[nn.Module] = []
+        super().__init__(options, multiplier)
         self.diffusers_paths: dict[str, list[str]] = {}  # lora name -> diffusers module of each part
         clip_l, clip_g, t5 = _text_encoders(text_encoders)
         te_paths = {id(m): f"{root}.{name}" for root, te in (("text_encoder", clip_l), ("text_encoder_2", clip_g))
                     if te is not None for name, m in te.named_modules()}
-        drop = dict(dropout=options.dropout, rank_dropout=options.rank_dropout, module_dropout=options.module_dropout)
-        te_targets = [(t.lora_name, t.module) for t in find_target_modules([clip_l, clip_g], None, False)]
-        if t5 is not None and (options.train_t5xxl or options.modules_dim is not None):
-            te_targets += t5_targets(t5)
-        for name, module in te_targets:
-            rank = options.rank_for(name)
-            if rank is not None:
-                self._add(LoRAModule(name, module, multiplier, rank[0], rank[1], **drop), self.text_encoder_loras)
-                if id(module) in te_paths:
-                    self.diffusers_paths[name] = [te_paths[id(module)]]
+        for name, module in self._add_text_encoder_loras(clip_t5_targets([clip_l, clip_g], t5, options)):
+            if id(module) in te_paths:
+                self.diffusers_paths[name] = [te_paths[id(module)]]
         if transformer is not None:
             paths = {id(m): f"transformer.{name}" for name, m in transformer.named_modules()}
             for name, parts, swapped, dim, alpha in sd3_block_targets(transformer, options):
                 self.diffusers_paths[name] = [paths[id(p)] for p in parts]
                 if isinstance(parts[0], nn.Conv2d):  # the patch embedding
-                    lora = LoRAModule(name, parts[0], multiplier, dim, alpha, **drop)
+                    lora = LoRAModule(name, parts[0], multiplier, dim, alpha, **self._dropouts())
                 else:
-                    lora = FusedLoRAModule(name, parts, multiplier, dim, alpha, swap_halves=swapped, **drop)
+                    lora = FusedLoRAModule(name, parts, multiplier, dim, alpha, swap_halves=swapped, **self._dropouts())
                 self._add(lora, self.unet_loras)
-        logger.info("SD3 LoRA: %d text encoder modules, %d MMDiT modules", len(self.text_encoder_loras),
-                    len(self.unet_loras))
-        if options.verbose:
-            for lora in self.all_loras():
-                logger.info("  %-56s rank %d alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
-
+        self._log_modules(logger, "SD3 LoRA: %d text encoder modules, %d MMDiT modules")
 
     def diffusers_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The network in the PEFT layout ``StableDiffusion3Pipeline.load_lora_weights`` reads
@@ -155,15 +137,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
                                 mmdit: nn.Module | None, weights_sd: Mapping[str, torch.Tensor] | None = None,
                                 for_inference: bool = False, **kwargs: Any) -> tuple[SD3LoRANetwork, dict]:
     """A network shaped like an SD3 LoRA file (ranks and alphas from the file); the weights are not loaded."""
-    source, weights_sd, modules_dim, modules_alpha = shapes_from_file(file, weights_sd)
-    parsed = parse_sd3_network_kwargs({k: v for k, v in kwargs.items() if k not in SHAPE_ARGS})
-    options = SD3LoRAOptions(
-        dropout=parsed.dropout, rank_dropout=parsed.rank_dropout, module_dropout=parsed.module_dropout,
-        loraplus_lr_ratio=parsed.loraplus_lr_ratio, loraplus_unet_lr_ratio=parsed.loraplus_unet_lr_ratio,
-        loraplus_text_encoder_lr_ratio=parsed.loraplus_text_encoder_lr_ratio,
-        modules_dim=modules_dim, modules_alpha=modules_alpha,
-    )
-    network = SD3LoRANetwork(text_encoders, mmdit, options, multiplier)
-    return network_for_file(network, source, weights_sd, modules_dim, "SD3 model",
-                            "is the file for another model family or variant, or does it train T5 while no T5 "
-                            "was given?", for_inference)
+    return network_from_file(
+        lambda options: SD3LoRANetwork(text_encoders, mmdit, options, multiplier), parse_sd3_network_kwargs,
+        SHAPE_ARGS, file, weights_sd, kwargs, model="SD3 model", for_inference=for_inference,
+        hint="is the file for another model family or variant, or does it train T5 while no T5 was given?")
