@@ -12,17 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_helpers import assert_resume_is_bit_exact, forbid_loading, with_dataset
 from library.errors import UserError
 from library.models.flux.tiny import save_tiny_flux_files
-from train_helpers import dataset_toml, make_images, run_script
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux_ft")
-    files = save_tiny_flux_files(root / "dev", seed=0)
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_flux_files(root / "dev", seed=0))
 
 
 def _argv(flux, out: Path, *, steps: int = 2, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
@@ -94,18 +92,9 @@ def test_mem_eff_save_writes_the_same_tensors_and_metadata(tmp_path):
 
 def test_ema_and_resume_are_bit_exact(flux, tmp_path):
     extra = ["--ema_decay", "0.9", "--save_every_n_steps", "2", "--save_state", "--noise_offset", "0.05"]
-    full = run_script(_argv(flux, tmp_path / "a", steps=4, extra=extra), script="flux_train.py")
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert (tmp_path / "a" / "ft-ema.safetensors").is_file()
-    state = tmp_path / "a" / "ft-step00000002-state"
-    assert json.loads((state / "train_state.json").read_text())["global_step"] == 2
-    resumed = run_script(_argv(flux, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
-                         script="flux_train.py")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for name in ("ft.safetensors", "ft-ema.safetensors"):
-        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    a, e = load_file(str(tmp_path / "a" / "ft.safetensors")), load_file(str(tmp_path / "a" / "ft-ema.safetensors"))
+    weights = assert_resume_is_bit_exact("flux_train.py", lambda out, more: _argv(flux, out, steps=4, extra=more),
+                                         tmp_path, extra, name="ft", files=("ft.safetensors", "ft-ema.safetensors"))
+    a, e = weights["ft.safetensors"], weights["ft-ema.safetensors"]
     assert any(not torch.equal(a[k], e[k]) for k in a)
 
 
@@ -119,7 +108,7 @@ def test_ema_and_resume_are_bit_exact(flux, tmp_path):
 def test_refusals_before_any_model_loads(flux, tmp_path, monkeypatch, extra, message):
     import library.models.flux.loading as loading
 
-    monkeypatch.setattr(loading, "load_flux_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    forbid_loading(monkeypatch, loading, "load_flux_models")
     with pytest.raises(UserError, match=message):
         _main(_argv(flux, tmp_path / "out", extra=extra))
 

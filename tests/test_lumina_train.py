@@ -9,17 +9,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_helpers import assert_resume_is_bit_exact, forbid_loading, with_dataset
 from library.errors import UserError
 from library.models.lumina.tiny import build_tiny_lumina, save_tiny_lumina_files
-from train_helpers import dataset_toml, make_images, run_script
+from train_helpers import make_images
 
 
 @pytest.fixture(scope="module")
 def lumina(tmp_path_factory):
     root = tmp_path_factory.mktemp("lumina_ft")
-    files = save_tiny_lumina_files(root / "model", seed=0)
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_lumina_files(root / "model", seed=0))
 
 
 def _argv(lumina, out, *, steps=2, extra=()):
@@ -62,14 +61,8 @@ def test_blockwise_fused_optimizers_and_mem_eff_save_give_the_plain_weights(lumi
 
 def test_resume_is_bit_exact_with_blockwise_fused_optimizers(lumina, tmp_path):
     extra = ["--save_every_n_steps", "2", "--save_state", "--blockwise_fused_optimizers", "--noise_offset", "0.05"]
-    full = run_script(_argv(lumina, tmp_path / "a", steps=4, extra=extra), script="lumina_train.py")
-    assert full.returncode == 0, full.stderr[-3000:]
-    state = tmp_path / "a" / "ft-step00000002-state"
-    resumed = run_script(_argv(lumina, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
-                         script="lumina_train.py")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(str(tmp_path / "a" / "ft.safetensors")), load_file(str(tmp_path / "b" / "ft.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_exact("lumina_train.py", lambda out, more: _argv(lumina, out, steps=4, extra=more), tmp_path,
+                               extra, name="ft")
 
 
 def test_offloading_checkpoint_changes_no_gradient():
@@ -102,10 +95,7 @@ def test_offloading_checkpoint_changes_no_gradient():
 def test_bad_input_is_one_message_before_any_model_loads(lumina, tmp_path, monkeypatch, extra, message):
     import library.models.lumina.loading as loading
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(loading, "load_lumina_models", no_loading)
+    forbid_loading(monkeypatch, loading, "load_lumina_models")
     with pytest.raises(UserError, match=message):
         _main(_argv(lumina, tmp_path / "out", extra=extra))
 
