@@ -156,6 +156,38 @@ def assert_fp8_lora_close(plain: Weights, fp8: Weights, meta: dict[str, str]) ->
     assert not torch.equal(a, b) and cosine > 0.9
 
 
+# ------------------------------------------------------------------------------ latents made ahead of training
+
+LATENT_BUCKETS = ("--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16")
+
+
+def captioned_folder(root: Path) -> tuple[Path, Path, Path]:
+    """Two images and a metadata JSON with their captions: (the image folder, that JSON, the JSON
+    prepare_buckets_latents.py is to write)."""
+    folder = make_images(root / "train", count=2)
+    in_json, out_json = root / "meta.json", root / "meta_lat.json"
+    in_json.write_text(json.dumps({f"img{i}": {"caption": f"sks {i}"} for i in range(2)}), encoding="utf-8")
+    return folder, in_json, out_json
+
+
+def prepare_latents_refuses(base: list[str], cases: Iterable[tuple[Path, list[str], str]]) -> None:
+    """prepare_buckets_latents.py on ``base`` (folder, JSON in, JSON out) refuses each (model, options, message)."""
+    from library.errors import UserError
+    from library.tools.prepare_latents import main as prepare
+
+    for model, extra, message in cases:
+        with pytest.raises(UserError, match=message):
+            prepare([*base, str(model), *extra, "--max_resolution", "64,64", *LATENT_BUCKETS])
+
+
+def in_json_argv(argv: list[str], folder: Path, out_json: Path) -> list[str]:
+    """A fine-tuning command line that reads ``out_json`` and the images in ``folder`` instead of its
+    --dataset_config."""
+    i = argv.index("--dataset_config")
+    return argv[:i] + argv[i + 2:] + ["--in_json", str(out_json), "--train_data_dir", str(folder), "--resolution",
+                                      "64", "--enable_bucket", *LATENT_BUCKETS, "--train_batch_size", "2"]
+
+
 # ------------------------------------------------------------------------------ memory options on tiny models
 
 Forward = Callable[..., torch.Tensor]  # forward(model, grad=True) -> the denoiser's output on fixed inputs

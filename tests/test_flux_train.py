@@ -4,7 +4,6 @@ EMA files, bit-exact resume, and FLUX fine-tuning refusals before any model load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from family_helpers import assert_resume_is_bit_exact, forbid_loading, with_dataset
+from family_helpers import (LATENT_BUCKETS, assert_resume_is_bit_exact, captioned_folder, forbid_loading, in_json_argv,
+                            prepare_latents_refuses, with_dataset)
 from library.errors import UserError
 from library.models.flux.tiny import save_tiny_flux_files
 
@@ -140,26 +140,18 @@ def test_prepare_buckets_latents_writes_flux_latents_that_flux_train_reads(flux,
     import numpy as np
 
     from library.tools.prepare_latents import main as prepare
-    from train_helpers import make_images
 
-    folder = make_images(tmp_path / "train", count=2)
-    in_json, out_json = tmp_path / "meta.json", tmp_path / "meta_lat.json"
-    in_json.write_text(json.dumps({f"img{i}": {"caption": f"sks {i}"} for i in range(2)}), encoding="utf-8")
-    buckets = ["--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16"]
+    folder, in_json, out_json = captioned_folder(tmp_path)
     base = [str(folder), str(in_json), str(out_json)]
-    for model, extra, message in ((flux["flux"], ["--flux"], "this is the FLUX.1 transformer"),
-                                  (flux["ae"], [], "16-channel autoencoder .* add --flux")):
-        with pytest.raises(UserError, match=message):
-            prepare([*base, str(model), *extra, "--max_resolution", "64,64", *buckets])
-    assert prepare([*base, str(flux["ae"]), "--flux", "--max_resolution", "64,64", *buckets]) == 0
+    prepare_latents_refuses(base, [(flux["flux"], ["--flux"], "this is the FLUX.1 transformer"),
+                                   (flux["ae"], [], "16-channel autoencoder .* add --flux")])
+    assert prepare([*base, str(flux["ae"]), "--flux", "--max_resolution", "64,64", *LATENT_BUCKETS]) == 0
     npz = sorted(folder.glob("*.npz"))
     assert len(npz) == 2 and all(p.name.endswith("_flux.npz") for p in npz)
     with np.load(npz[0]) as f:
         assert f["latents"].shape[0] == 16
     stamps = {p: p.stat().st_mtime_ns for p in npz}
-    argv = _argv(flux, tmp_path / "out", steps=1)
-    argv = argv[: argv.index("--dataset_config")] + argv[argv.index("--dataset_config") + 2:]
+    argv = in_json_argv(_argv(flux, tmp_path / "out", steps=1), folder, out_json)
     argv.remove("--cache_latents")
-    _main(argv + ["--in_json", str(out_json), "--train_data_dir", str(folder), "--resolution", "64",
-                  "--enable_bucket", *buckets, "--train_batch_size", "2"])
+    _main(argv)
     assert sorted(folder.glob("*.npz")) == npz and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
