@@ -10,18 +10,14 @@ process's peak RSS on CPU and ``torch.cuda.max_memory_allocated`` on CUDA. Each 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import run_case, timed_training, write_dataset_toml, write_images  # noqa: E402
+from bench.cases import bench_main, bench_parser, bench_threads  # noqa: E402
+from bench.timing import timed_training, write_images  # noqa: E402
 
 from bench.bench_train import CASES, RESOLUTIONS  # noqa: E402
 
@@ -45,45 +41,24 @@ def one_case(name: str, method: str, resolution: int, steps: int, work: Path) ->
             "--max_data_loader_n_workers", "0", "--mixed_precision", "bf16" if cuda else "no"]
     args = load_textual_inversion_args(build_textual_inversion_parser("bench", "bench", SUPPORT_TEXTUAL_INVERSION),
                                        argv)
-    threads = int(os.environ.get("BENCH_THREADS", torch.get_num_threads()))
+    threads = bench_threads()
     run = prepare_training(args, TextualInversionRecipe(args, xti=method == "xti"), SUPPORT_TEXTUAL_INVERSION)
     torch.set_num_threads(threads)
     return {"model": name, "method": method, "resolution": resolution, **timed_training(run, steps)}
 
 
+def _line(result: dict, device: str) -> str:
+    return (f"{result['model']:5s} {result['method']:3s} {result['resolution']:4d}px {device}: "
+            f"{result['seconds_per_step']:.3f} s/step, peak {result['peak_memory_mib']:.0f} MiB "
+            f"({result['memory_kind']}), {result['threads']} thread(s)")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per case (default 6)")
-    parser.add_argument("--models", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--json", type=str, default=None, help="also write the results here")
-    parser.add_argument("--case", nargs=4, metavar=("MODEL", "METHOD", "RESOLUTION", "WORKDIR"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.case:
-        name, method, resolution, work = args.case
-        print("RESULT " + json.dumps(one_case(name, method, int(resolution), args.steps, Path(work))), flush=True)
-        return 0
-
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bench_ti_") as work:
-        for name in args.models:
-            subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--build", name, work],
-                           check=True, cwd=ROOT, capture_output=True)
-            for resolution in RESOLUTIONS[device][name]:
-                for method in METHODS:
-                    result = run_case([__file__, "--steps", str(args.steps), "--case", name, method,
-                                       str(resolution), work])
-                    if result is None:
-                        return 1
-                    results.append(result)
-                    print(f"{name:5s} {method:3s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, "
-                          f"peak {result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), "
-                          f"{result['threads']} thread(s)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    return 0
+    parser = bench_parser(__doc__, CASES, CASES, ("MODEL", "METHOD", "RESOLUTION", "WORKDIR"), build=False)
+    return bench_main(parser, __file__, "bench_ti_", build=None, one_case=one_case, line=_line, keep_going=False,
+                      cases=lambda args, device, name: [
+                          (method, str(resolution)) for resolution in RESOLUTIONS[device][name] for method in METHODS],
+                      builder=str(ROOT / "bench" / "bench_train.py"))
 
 
 if __name__ == "__main__":

@@ -20,19 +20,15 @@ own process so peaks do not mix. ``BENCH_THREADS=N`` sets the CPU threads (defau
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import run_case, timed_training, write_dataset_toml, write_images  # noqa: E402
+from bench.cases import bench_main, bench_parser, bench_threads  # noqa: E402
+from bench.timing import prepare_run, timed_training, write_dataset_toml  # noqa: E402
 
 CASES = {
     "tiny": dict(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, text_layers=2, text_heads=4,
@@ -71,14 +67,11 @@ def _prepare(argv: list[str], sdxl: bool):
     import sdxl_train_network
     import train_network
     from library.config.arguments import SUPPORT_TRAIN_NETWORK
-    from library.config.run_config import load_run_config
-    from library.training.loop import prepare_training
     from library.training.recipes import LoRARecipe
 
     torch.set_num_threads(1)
-    script = sdxl_train_network if sdxl else train_network
-    args = load_run_config(script.build_parser(), argv)
-    return prepare_training(args, LoRARecipe(args), SUPPORT_TRAIN_NETWORK, families=("sdxl",) if sdxl else ("sd",))
+    return prepare_run(sdxl_train_network if sdxl else train_network, LoRARecipe, SUPPORT_TRAIN_NETWORK,
+                       ("sdxl",) if sdxl else ("sd",), argv)
 
 
 def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
@@ -95,7 +88,7 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
             "--mixed_precision", "bf16" if cuda else "no"]
     if sdxl:
         argv += ["--cache_text_encoder_outputs", "--gradient_checkpointing"]
-    threads = int(os.environ.get("BENCH_THREADS", torch.get_num_threads()))
+    threads = bench_threads()
     start_load = time.perf_counter()
     run = _prepare(argv, sdxl)  # (sets one thread, as the tests use)
     load_seconds = time.perf_counter() - start_load
@@ -105,42 +98,17 @@ def one_case(name: str, resolution: int, steps: int, work: Path) -> dict:
             "prepare_seconds": load_seconds, **timed_training(run, steps)}
 
 
+def _line(result: dict, device: str) -> str:
+    return (f"{result['model']:9s} {result['resolution']:4d}px {device}: {result['seconds_per_step']:.3f} s/step, peak "
+            f"{result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), UNet "
+            f"{result['unet_parameters'] / 1e6:.1f} M params, {result['threads']} thread(s)")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per case (default 6)")
-    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, choices=[*CASES, *SDXL_CASES])
-    parser.add_argument("--json", type=str, default=None, help="also write the results here")
-    parser.add_argument("--case", nargs=3, metavar=("MODEL", "RESOLUTION", "WORKDIR"), help=argparse.SUPPRESS)
-    parser.add_argument("--build", nargs=2, metavar=("MODEL", "WORKDIR"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.build:
-        name, work = args.build
-        build_model(name, Path(work))
-        return 0
-    if args.case:
-        name, resolution, work = args.case
-        print("RESULT " + json.dumps(one_case(name, int(resolution), args.steps, Path(work))), flush=True)
-        return 0
-
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = []
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
-        for name in args.models:
-            subprocess.run([sys.executable, __file__, "--build", name, work], check=True, cwd=ROOT,
-                           capture_output=True)
-            for resolution in RESOLUTIONS[device][name]:
-                result = run_case([__file__, "--steps", str(args.steps), "--case", name, str(resolution), work])
-                if result is None:
-                    return 1
-                results.append(result)
-                print(f"{name:9s} {resolution:4d}px {device}: {result['seconds_per_step']:.3f} s/step, peak "
-                      f"{result['peak_memory_mib']:.0f} MiB ({result['memory_kind']}), UNet "
-                      f"{result['unet_parameters'] / 1e6:.1f} M params, {result['threads']} thread(s)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    return 0
+    parser = bench_parser(__doc__, [*CASES, *SDXL_CASES], DEFAULT_MODELS, ("MODEL", "RESOLUTION", "WORKDIR"))
+    return bench_main(parser, __file__, "bench_train_", build=build_model, one_case=one_case, line=_line,
+                      cases=lambda args, device, name: [(str(resolution),) for resolution in RESOLUTIONS[device][name]],
+                      keep_going=False)
 
 
 if __name__ == "__main__":

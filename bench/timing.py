@@ -1,20 +1,16 @@
-"""What the training benchmarks share: generated images, the timed part of a run, and one case per process.
-
-Each case runs in its own process (so peak memory does not mix between cases) and prints one ``RESULT {json}``
-line; :func:`run_case` starts it and reads that line back.
+"""What the training benchmarks share: generated images, the options of a cached run, the timed part of a run, and
+the memory-option variants. How the cases run (one process each) is in bench/cases.py.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import resource
-import subprocess
-import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_images(folder: Path, resolution: int, caption: str = "a photo {i}") -> Path:
@@ -63,20 +59,54 @@ def timed_training(run: Any, steps: int) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def run_case(argv: list[str]) -> dict[str, Any] | None:
-    """Run ``python <argv>`` from the repository root and return its ``RESULT`` (None, with its stderr printed,
-    when it failed)."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
+def prepare_run(script: ModuleType, recipe: Callable[[argparse.Namespace], Any], support: Any,
+                families: tuple[str, ...], argv: list[str]) -> Any:
+    """The run a training script would make of ``argv``: its parser (``script.build_parser()``, ``--config_file``
+    applied), then ``prepare_training`` with ``recipe(args)``."""
+    from library.config.run_config import load_run_config
+    from library.training.loop import prepare_training
+
+    args = load_run_config(script.build_parser(), argv)
+    return prepare_training(args, recipe(args), support, families=families)
+
+
+def transformer_case(name: str, variant: str, resolution: int, steps: int, work: Path, *,
+                     variants: Mapping[str, tuple[str, list[str], bool]], full_script: str, model_argv: list[str],
+                     prepare: Callable[[str, list[str]], Any], kind: str = "variant") -> dict[str, Any]:
+    """One timed case of a transformer family's bench. The run's options: the model's (``model_argv``), the
+    dataset of :func:`write_dataset_toml`, the case's own output folder, latents and text outputs cached, 2 steps
+    (the warm-up), seed 0, no loader workers, bf16 on CUDA (and ``--full_bf16`` for ``full_script``), then the
+    variant's own; ``prepare(script, argv)`` makes the run of the variant's script. The result names the variant
+    under ``kind``."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    script, extra, _ = variants[variant]
+    toml = write_dataset_toml(work, resolution)
+    argv = [*model_argv, "--dataset_config", str(toml), "--output_dir",
+            str(work / f"out_{name}_{variant}_{resolution}"), "--overwrite", "--cache_latents",
+            "--cache_text_encoder_outputs", "--learning_rate", "1e-4", "--max_train_steps", "2", "--seed", "0",
+            "--max_data_loader_n_workers", "0", "--mixed_precision", "bf16" if cuda else "no", *extra,
+            *(["--full_bf16"] if cuda and script == full_script else [])]
+    run = prepare(script, argv)
+    params = sum(p.numel() for p in run.models.unet.parameters())
+    return {"model": name, kind: variant, "resolution": resolution, "transformer_parameters": params,
+            **timed_training(run, steps)}
 
 
 def memory_variants(network_script: str, full_script: str, swap_blocks: int) -> dict[str, tuple[str, list[str], bool]]:
     """The memory-option variants of a transformer family's training benches: name -> (script, extra options,
-    runs on the CPU). Block swap and CPU offload need CUDA."""
+    runs on the CPU). Block swap and CPU offload need CUDA.
+
+      lora           ``network_script``, LoRA rank 16 on the denoiser (the reference)
+      lora_ckpt      + --gradient_checkpointing
+      lora_fp8       + --fp8_base (frozen Linear weights in float8)
+      lora_swap      + --gradient_checkpointing --blocks_to_swap ``swap_blocks`` (CUDA only)
+      lora_offload   + --gradient_checkpointing --cpu_offload_checkpointing (CUDA only)
+      full_blockwise ``full_script``, AdamW, --blockwise_fused_optimizers
+      full_swap      ``full_script``, AdaFactor --fused_backward_pass --gradient_checkpointing --blocks_to_swap
+                     ``swap_blocks`` (CUDA only)
+    """
     lora = ["--network_dim", "16", "--network_train_unet_only"]
     ckpt = ["--gradient_checkpointing"]
     swap = ["--blocks_to_swap", str(swap_blocks)]
