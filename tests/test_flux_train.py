@@ -4,7 +4,6 @@ EMA files, bit-exact resume, and FLUX fine-tuning refusals before any model load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_helpers import (LATENT_BUCKETS, assert_resume_is_bit_exact, captioned_folder, forbid_loading, in_json_argv,
+                            prepare_latents_refuses, with_dataset)
 from library.errors import UserError
 from library.models.flux.tiny import save_tiny_flux_files
-from train_helpers import dataset_toml, make_images, run_script
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux_ft")
-    files = save_tiny_flux_files(root / "dev", seed=0)
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_flux_files(root / "dev", seed=0))
 
 
 def _argv(flux, out: Path, *, steps: int = 2, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
@@ -94,18 +92,9 @@ def test_mem_eff_save_writes_the_same_tensors_and_metadata(tmp_path):
 
 def test_ema_and_resume_are_bit_exact(flux, tmp_path):
     extra = ["--ema_decay", "0.9", "--save_every_n_steps", "2", "--save_state", "--noise_offset", "0.05"]
-    full = run_script(_argv(flux, tmp_path / "a", steps=4, extra=extra), script="flux_train.py")
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert (tmp_path / "a" / "ft-ema.safetensors").is_file()
-    state = tmp_path / "a" / "ft-step00000002-state"
-    assert json.loads((state / "train_state.json").read_text())["global_step"] == 2
-    resumed = run_script(_argv(flux, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
-                         script="flux_train.py")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for name in ("ft.safetensors", "ft-ema.safetensors"):
-        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    a, e = load_file(str(tmp_path / "a" / "ft.safetensors")), load_file(str(tmp_path / "a" / "ft-ema.safetensors"))
+    weights = assert_resume_is_bit_exact("flux_train.py", lambda out, more: _argv(flux, out, steps=4, extra=more),
+                                         tmp_path, extra, name="ft", files=("ft.safetensors", "ft-ema.safetensors"))
+    a, e = weights["ft.safetensors"], weights["ft-ema.safetensors"]
     assert any(not torch.equal(a[k], e[k]) for k in a)
 
 
@@ -119,7 +108,7 @@ def test_ema_and_resume_are_bit_exact(flux, tmp_path):
 def test_refusals_before_any_model_loads(flux, tmp_path, monkeypatch, extra, message):
     import library.models.flux.loading as loading
 
-    monkeypatch.setattr(loading, "load_flux_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    forbid_loading(monkeypatch, loading, "load_flux_models")
     with pytest.raises(UserError, match=message):
         _main(_argv(flux, tmp_path / "out", extra=extra))
 
@@ -151,26 +140,18 @@ def test_prepare_buckets_latents_writes_flux_latents_that_flux_train_reads(flux,
     import numpy as np
 
     from library.tools.prepare_latents import main as prepare
-    from train_helpers import make_images
 
-    folder = make_images(tmp_path / "train", count=2)
-    in_json, out_json = tmp_path / "meta.json", tmp_path / "meta_lat.json"
-    in_json.write_text(json.dumps({f"img{i}": {"caption": f"sks {i}"} for i in range(2)}), encoding="utf-8")
-    buckets = ["--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16"]
+    folder, in_json, out_json = captioned_folder(tmp_path)
     base = [str(folder), str(in_json), str(out_json)]
-    for model, extra, message in ((flux["flux"], ["--flux"], "this is the FLUX.1 transformer"),
-                                  (flux["ae"], [], "16-channel autoencoder .* add --flux")):
-        with pytest.raises(UserError, match=message):
-            prepare([*base, str(model), *extra, "--max_resolution", "64,64", *buckets])
-    assert prepare([*base, str(flux["ae"]), "--flux", "--max_resolution", "64,64", *buckets]) == 0
+    prepare_latents_refuses(base, [(flux["flux"], ["--flux"], "this is the FLUX.1 transformer"),
+                                   (flux["ae"], [], "16-channel autoencoder .* add --flux")])
+    assert prepare([*base, str(flux["ae"]), "--flux", "--max_resolution", "64,64", *LATENT_BUCKETS]) == 0
     npz = sorted(folder.glob("*.npz"))
     assert len(npz) == 2 and all(p.name.endswith("_flux.npz") for p in npz)
     with np.load(npz[0]) as f:
         assert f["latents"].shape[0] == 16
     stamps = {p: p.stat().st_mtime_ns for p in npz}
-    argv = _argv(flux, tmp_path / "out", steps=1)
-    argv = argv[: argv.index("--dataset_config")] + argv[argv.index("--dataset_config") + 2:]
+    argv = in_json_argv(_argv(flux, tmp_path / "out", steps=1), folder, out_json)
     argv.remove("--cache_latents")
-    _main(argv + ["--in_json", str(out_json), "--train_data_dir", str(folder), "--resolution", "64",
-                  "--enable_bucket", *buckets, "--train_batch_size", "2"])
+    _main(argv)
     assert sorted(folder.glob("*.npz")) == npz and all(p.stat().st_mtime_ns == t for p, t in stamps.items())

@@ -3,52 +3,43 @@ diffusers folders, schnell, metadata, bit-exact resume, and bad input refused be
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.models.flux.tiny import TinyFluxConfig, save_tiny_flux_diffusers, save_tiny_flux_files
+from family_helpers import (LoRAScript, assert_finite_loss_and_gradient, assert_fp8_lora_close,
+                            assert_resume_is_bit_exact, forbid_loading, post_hoc_ema, refusal_argv, run_two_processes,
+                            trained, two_process_dataset, with_dataset)
 from library.training.flow_matching import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, FlowMatchingSettings
-from train_helpers import dataset_toml, load_lora, make_images, prepare_run, run_main, run_script, train_args
+from train_helpers import load_lora, train_args
+
+FLUX = LoRAScript("flux_train_network", "library.models.flux.recipe:FluxLoRARecipe", "flux")
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux")
-    files = save_tiny_flux_files(root / "dev", seed=0)
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_flux_files(root / "dev", seed=0))
 
 
-def _argv(flux, out, *, steps=2, model=None, extra=()):
-    argv = train_args(model or flux["flux"], out, config=flux["data"], steps=steps)
+def _argv(flux, out, *, steps=2, model=None, extra=(), config=None):
+    argv = train_args(model or flux["flux"], out, config=config or flux["data"], steps=steps)
     argv += ["--tokenizer_cache_dir", str(flux["tokenizer_cache_dir"]), "--t5xxl_max_token_length", "16"]
     if model is None:
         argv += ["--clip_l", str(flux["clip_l"]), "--t5xxl", str(flux["t5xxl"]), "--ae", str(flux["ae"])]
     return argv + list(extra)
 
 
-def _main(argv):
-    return run_main(argv, script="flux_train_network")
-
-
-def _prepare(argv):
-    from library.models.flux.recipe import FluxLoRARecipe
-
-    return prepare_run(argv, script="flux_train_network", recipe=FluxLoRARecipe, families=("flux",))
-
-
 def test_trains_a_flux_lora_with_sd_scripts_names_and_metadata(flux, tmp_path):
-    out = _main(_argv(flux, tmp_path / "out", steps=3, extra=["--cache_latents"]))
+    out = FLUX.main(_argv(flux, tmp_path / "out", steps=3, extra=["--cache_latents"]))
     sd, meta = load_lora(out)
     names = {k.split(".")[0] for k in sd}
     assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
     assert sum(n.startswith("lora_te1_text_model_") for n in names) == 12 and len(names) == 26 + 12
     assert sd["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (4 * 64 + 3 * 64, 4)
-    assert any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+    assert trained(sd)
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
     assert meta["ss_network_module"] == "networks.lora_flux"
     assert (meta["ss_guidance_scale"], meta["ss_timestep_sampling"], meta["ss_model_prediction_type"]) == (
@@ -56,21 +47,15 @@ def test_trains_a_flux_lora_with_sd_scripts_names_and_metadata(flux, tmp_path):
 
 
 def test_every_sampling_and_prediction_type_gives_a_finite_loss_and_gradient(flux, tmp_path):
-    from library.training.loop import batch_loss
-
-    run = _prepare(_argv(flux, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
+    run = FLUX.prepare(_argv(flux, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
     batch = next(iter(run.loader))
     combos = [(s, "raw") for s in TIMESTEP_SAMPLINGS] + [("sigma", p) for p in MODEL_PREDICTION_TYPES[1:]]
     combos.append(("sigma", "sigma_scaled"))
     for sampling, prediction in combos:
         weighting = "sigma_sqrt" if prediction == "sigma_scaled" else "uniform"
-        run.flow_settings = FlowMatchingSettings(timestep_sampling=sampling, model_prediction_type=prediction,
-                                                 weighting_scheme=weighting)
-        run.recipe.network.zero_grad(set_to_none=True)
-        loss = batch_loss(run, batch, 0)
-        loss.backward()
-        grads = [p.grad for p in run.recipe.network.parameters() if p.grad is not None]
-        assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), (sampling, prediction)
+        settings = FlowMatchingSettings(timestep_sampling=sampling, model_prediction_type=prediction,
+                                        weighting_scheme=weighting)
+        assert_finite_loss_and_gradient(run, batch, settings, (sampling, prediction))
 
 
 def test_cached_and_uncached_text_give_the_same_first_loss(flux, tmp_path):
@@ -79,7 +64,7 @@ def test_cached_and_uncached_text_give_the_same_first_loss(flux, tmp_path):
     losses = []
     for i, extra in enumerate(([], ["--cache_text_encoder_outputs_to_disk", "--apply_t5_attn_mask"],
                                ["--apply_t5_attn_mask"])):
-        run = _prepare(_argv(flux, tmp_path / f"o{i}", extra=["--network_train_unet_only", *extra]))
+        run = FLUX.prepare(_argv(flux, tmp_path / f"o{i}", extra=["--network_train_unet_only", *extra]))
         if i == 1:
             assert run.text.cache and run.text.cache_dir is not None
         batch = next(iter(run.loader))
@@ -95,12 +80,12 @@ def test_cached_and_uncached_text_give_the_same_first_loss(flux, tmp_path):
 def test_diffusers_folder_and_schnell(tmp_path, flux):
     folder = save_tiny_flux_diffusers(tmp_path / "schnell", TinyFluxConfig(guidance=False), seed=1)
     argv = train_args(folder, tmp_path / "out", config=flux["data"], steps=2)
-    out = _main(argv + ["--t5xxl_max_token_length", "8", "--network_train_unet_only"])
+    out = FLUX.main(argv + ["--t5xxl_max_token_length", "8", "--network_train_unet_only"])
     sd, meta = load_lora(out)
     assert meta["modelspec.architecture"] == "flux-1-schnell/lora" and meta["ss_guidance_scale"] == "1.0"
     assert all(k.startswith("lora_unet_") for k in sd)
     with pytest.raises(UserError, match="schnell has no guidance embedding"):
-        _main(argv + ["--guidance_scale", "3.5"])
+        FLUX.main(argv + ["--guidance_scale", "3.5"])
 
 
 def _sdxl_like_file(path):
@@ -124,69 +109,33 @@ def _sdxl_like_file(path):
 def test_bad_input_is_one_message_before_any_model_loads(flux, tmp_path, monkeypatch, case, message):
     import library.models.flux.loading as loading
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(loading, "load_flux_models", no_loading)
-    argv = _argv(flux, tmp_path / "out")
+    forbid_loading(monkeypatch, loading, "load_flux_models")
     edits = {
         "sdxl": lambda a: a[:1] + [str(_sdxl_like_file(tmp_path / "sdxl.safetensors"))] + a[2:],
         "t5_as_clip": lambda a: [flux["t5xxl"].as_posix() if x == str(flux["clip_l"]) else x for x in a],
-        "no_ae": lambda a: a[: a.index("--ae")] + a[a.index("--ae") + 2:],
-        "offload": lambda a: a + ["--cpu_offload_checkpointing"],
-        "swap": lambda a: a + ["--blocks_to_swap", "8"],
-        "sd_flags": lambda a: a + ["--clip_skip", "2"],
-        "flow": lambda a: a + ["--min_snr_gamma", "5"],
-        "network": lambda a: a + ["--network_module", "networks.lora"],
         "network_args": lambda a: a + ["--network_args", "img_atn_dim=4"],
     }
     with pytest.raises(UserError, match=message):
-        _main(edits[case](argv))
+        FLUX.main(refusal_argv(_argv(flux, tmp_path / "out"), case, edits))
 
 
 def test_resume_is_bit_exact(flux, tmp_path):
     extra = ["--cache_latents", "--network_train_unet_only", "--save_every_n_steps", "2", "--save_state",
              "--network_dropout", "0.1", "--noise_offset", "0.05", "--timestep_sampling", "shift"]
-    full = run_script(_argv(flux, tmp_path / "a", steps=4, extra=extra), script="flux_train_network.py")
-    assert full.returncode == 0, full.stderr[-3000:]
-    state = tmp_path / "a" / "lora-step00000002-state"
-    assert json.loads((state / "train_state.json").read_text())["global_step"] == 2
-    resumed = run_script(_argv(flux, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
-                         script="flux_train_network.py")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, _ = load_lora(tmp_path / "a" / "lora.safetensors")
-    b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_exact(FLUX.file, lambda out, more: _argv(flux, out, steps=4, extra=more), tmp_path, extra)
 
 
 def test_two_processes(flux, tmp_path):
-    data = dataset_toml(tmp_path / "d.toml", make_images(tmp_path / "img", count=4), resolution=64, batch_size=1)
-    argv = train_args(flux["flux"], tmp_path / "out", config=data, steps=2)
-    argv += ["--clip_l", str(flux["clip_l"]), "--t5xxl", str(flux["t5xxl"]), "--ae", str(flux["ae"]),
-             "--tokenizer_cache_dir", str(flux["tokenizer_cache_dir"]), "--t5xxl_max_token_length", "16",
-             "--cache_latents"]
-    result = run_script(argv, processes=2, script="flux_train_network.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 per process with 2 process(es)" in result.stdout
-    sd, _ = load_lora(tmp_path / "out" / "lora.safetensors")
-    assert len(sd) == 3 * (26 + 12) and any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+    argv = _argv(flux, tmp_path / "out", config=two_process_dataset(tmp_path), extra=["--cache_latents"])
+    sd, _ = run_two_processes(argv, FLUX.file, tmp_path / "out")
+    assert len(sd) == 3 * (26 + 12) and trained(sd)
 
 
 def test_post_hoc_ema_of_flux_loras(flux, tmp_path):
-    import subprocess
-    import sys
-
-    from train_helpers import ROOT
-
-    _main(_argv(flux, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
-                                                        "--save_every_n_steps", "1"]))
-    files = sorted(str(p) for p in (tmp_path / "out").glob("lora-step*.safetensors"))
-    result = subprocess.run([sys.executable, str(ROOT / "lora_post_hoc_ema.py"), *files, "--output_file",
-                             str(tmp_path / "ema.safetensors")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ema, meta = load_lora(tmp_path / "ema.safetensors")
-    last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
-    assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    FLUX.main(_argv(flux, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
+                                                            "--save_every_n_steps", "1"]))
+    meta = post_hoc_ema(tmp_path / "out", tmp_path / "ema.safetensors")
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
 
 
 def test_samples_are_written_and_deterministic_for_a_seed(flux, tmp_path):
@@ -200,7 +149,7 @@ def test_samples_are_written_and_deterministic_for_a_seed(flux, tmp_path):
              "--sample_every_n_steps", "1"]
     images = []
     for name in ("a", "b"):
-        _main(_argv(flux, tmp_path / name, steps=1, extra=extra))
+        FLUX.main(_argv(flux, tmp_path / name, steps=1, extra=extra))
         files = sorted((tmp_path / name / "sample").glob("*.png"))
         assert [f.name.split("_")[1:3] for f in files] == [["000000", "00"], ["000000", "01"], ["000001", "00"],
                                                            ["000001", "01"]]
@@ -212,21 +161,15 @@ def test_samples_are_written_and_deterministic_for_a_seed(flux, tmp_path):
 
 def test_fp8_base_trains_a_lora_close_to_the_bf16_run(flux, tmp_path):
     extra = ["--cache_latents", "--network_train_unet_only", "--mixed_precision", "bf16", "--max_grad_norm", "0"]
-    plain, _ = load_lora(_main(_argv(flux, tmp_path / "bf16", steps=2, extra=extra)))
-    fp8, meta = load_lora(_main(_argv(flux, tmp_path / "fp8", steps=2, extra=extra + ["--fp8_base"])))
-    assert meta["ss_fp8_base"] == "True" and plain.keys() == fp8.keys()
-    ups = [k for k in plain if k.endswith("lora_up.weight")]
-    assert all(fp8[k].abs().sum() > 0 for k in ups)  # it trained
-    a = torch.cat([plain[k].float().flatten() for k in ups])
-    b = torch.cat([fp8[k].float().flatten() for k in ups])
-    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    assert not torch.equal(a, b) and cosine > 0.9  # float8 storage changes the result a little, not its direction
+    plain, _ = load_lora(FLUX.main(_argv(flux, tmp_path / "bf16", steps=2, extra=extra)))
+    fp8, meta = load_lora(FLUX.main(_argv(flux, tmp_path / "fp8", steps=2, extra=extra + ["--fp8_base"])))
+    assert_fp8_lora_close(plain, fp8, meta)
 
 
 def test_t5_and_clip_loras_train_end_to_end_with_split_qkv_and_regex_ranks(flux, tmp_path):
     extra = ["--cache_latents", "--network_args", "train_t5xxl=True", "split_qkv=True",
              "network_reg_dims=single_blocks_\\d+_linear1=2", "--text_encoder_lr", "1e-3", "5e-4"]
-    sd, meta = load_lora(_main(_argv(flux, tmp_path / "out", steps=2, extra=extra)))
+    sd, meta = load_lora(FLUX.main(_argv(flux, tmp_path / "out", steps=2, extra=extra)))
     assert sd["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * 2, 64)  # q, k, v, mlp at rank 2
     assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (3 * 4, 64)
     t5 = {k.split(".")[0] for k in sd if k.startswith("lora_te3_")}

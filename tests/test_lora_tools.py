@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import networks.lora as lora
+from family_helpers import assert_extracted, check_report, full_size_lora, merge_and_extract
 from library.errors import UserError
 from library.lora_tools import lowrank
 from library.lora_tools.lora_file import LoRAModuleWeights, read_lora
@@ -230,18 +231,10 @@ def test_dynamic_resize_meets_its_target(tiny_sd1_dir, tmp_path, method, param):
 
 def test_extract_recovers_a_known_low_rank_delta(tiny_sd1_dir, sd1_file, tmp_path):
     src = make_lora(tiny_sd1_dir, tmp_path / "known.safetensors", dim=2, alpha=2, conv_dim=2)
-    tuned = tmp_path / "tuned.safetensors"
-    merge_lora.main(["--sd_model", str(sd1_file), "--save_to", str(tuned), "--models", str(src)])
-    out = tmp_path / "extracted.safetensors"
-    extract_lora_from_models.main(["--model_org", str(sd1_file), "--model_tuned", str(tuned), "--save_to", str(out),
-                                   "--dim", "2", "--conv_dim", "2", "--clamp_quantile", "1"])
-    known, extracted = read_lora(src), read_lora(out)
-    assert set(known.modules) <= set(extracted.modules)
+    extracted = merge_and_extract(sd1_file, src, tmp_path, "--dim", "2", "--conv_dim", "2", "--clamp_quantile", "1")
+    assert_extracted(src, extracted)
     te = [n for n in extracted.modules if n.startswith("lora_te")]
     assert te, "the text encoder differs, so it is extracted"
-    for name, m in extracted.modules.items():
-        expected = known.modules[name].delta() if name in known.modules else torch.zeros(m.weight_shape)
-        assert torch.allclose(m.delta(), expected, atol=2e-6), name
     meta = extracted.metadata
     assert meta["ss_network_dim"] == "2" and meta["ss_base_model_version"] == "sd_v1"
 
@@ -251,11 +244,7 @@ def test_extract_skips_an_unchanged_text_encoder(tiny_sd1_dir, sd1_file, tmp_pat
     unet_only = tmp_path / "unet_only.safetensors"
     sd = {k: v for k, v in load_file(str(src)).items() if k.startswith("lora_unet")}
     save_file(sd, str(unet_only))
-    tuned = tmp_path / "tuned.safetensors"
-    merge_lora.main(["--sd_model", str(sd1_file), "--save_to", str(tuned), "--models", str(unet_only)])
-    out = tmp_path / "x.safetensors"
-    extract_lora_from_models.main(["--model_org", str(sd1_file), "--model_tuned", str(tuned), "--save_to", str(out)])
-    names = read_lora(out).modules
+    names = merge_and_extract(sd1_file, unet_only, tmp_path).modules
     assert names and not any(n.startswith("lora_te") for n in names)
 
 
@@ -266,26 +255,14 @@ def test_check_reports_family_counts_and_loaders(tiny_sd1_dir, tmp_path, capsys)
     from library.lora_tools import references
 
     te, unet = references.sd_reference("sd1")
-    found = lora.find_target_modules(te, unet, scan_conv_blocks=False)
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for t in found:
-        w = t.module.weight
-        down = torch.randn(1, *w.shape[1:], generator=gen) * 0.01
-        up = torch.randn(w.shape[0], 1, *([1, 1] if w.dim() == 4 else []), generator=gen) * 0.01
-        name = t.lora_name.replace("lora_te_text_model_", "lora_te_")  # the transformers-5 spelling
-        sd.update({f"{name}.lora_down.weight": down.half(), f"{name}.lora_up.weight": up.half(),
-                   f"{name}.alpha": torch.tensor(1.0).half()})
+    targets = {t.lora_name: tuple(t.module.weight.shape)
+               for t in lora.find_target_modules(te, unet, scan_conv_blocks=False)}
     path = tmp_path / "full_size.safetensors"
-    save_file(sd, str(path), {"ss_network_dim": "1", "ss_network_alpha": "1.0"})
-    check_lora_weights.main([str(path)])
-    out = capsys.readouterr().out
-    assert "family: SD1.x" in out
-    assert "modules: 264 (te: 72, unet: 192)" in out
-    assert "ranks: 1: 264" in out
-    assert "without 'text_model_'" in out
-    assert "loads in networks.lora: yes: all 264 modules match" in out
-    assert "loads in diffusers: yes: layers applied: unet 192/192, text encoder 72/72" in out
+    full_size_lora(targets, path, rename=lambda n: n.replace("lora_te_text_model_", "lora_te_"),  # transformers 5
+                   metadata={"ss_network_dim": "1", "ss_network_alpha": "1.0"})
+    check_report(capsys, [str(path)], ["family: SD1.x", "modules: 264 (te: 72, unet: 192)", "ranks: 1: 264",
+                                       "without 'text_model_'", "loads in networks.lora: yes: all 264 modules match",
+                                       "loads in diffusers: yes: layers applied: unet 192/192, text encoder 72/72"])
 
 
 def test_check_tiny_lora_without_loaders_and_all_keys(tiny_sd1_dir, tmp_path, capsys):

@@ -11,12 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import networks.lora as lora
+from family_helpers import assert_extracted, check_report, full_size_lora, merge_and_extract
 from library.errors import UserError
 from library.lora_tools.lora_file import read_lora
 from library.lora_tools.targets import load_model_for_lora
 from library.models.families import sdxl_family
 from library.models.families.flux import flux_family
-from networks import check_lora_weights, extract_lora_from_models, lora_flux, merge_lora, svd_merge_lora
+from networks import lora_flux, merge_lora, svd_merge_lora
 from tests.test_lora_network import randomize_up
 
 
@@ -114,43 +115,16 @@ def test_sdxl_merge_matches_diffusers_fuse_lora(sdxl, tmp_path):
 def test_sdxl_extract_takes_each_text_encoder_that_differs(sdxl, tmp_path):
     known = sdxl_lora(sdxl["file"], tmp_path / "known.safetensors", dim=2, alpha=2, conv_dim=2,
                       keep=lambda name: not name.startswith("lora_te1_"))
-    tuned = tmp_path / "tuned.safetensors"
-    merge_lora.main(["--sd_model", str(sdxl["file"]), "--save_to", str(tuned), "--models", str(known)])
-    out = tmp_path / "extracted.safetensors"
-    extract_lora_from_models.main(["--model_org", str(sdxl["file"]), "--model_tuned", str(tuned), "--save_to",
-                                   str(out), "--dim", "2", "--conv_dim", "2", "--clamp_quantile", "1", "--sdxl"])
-    source, extracted = read_lora(known), read_lora(out)
+    extracted = merge_and_extract(sdxl["file"], known, tmp_path, "--dim", "2", "--conv_dim", "2", "--clamp_quantile",
+                                  "1", "--sdxl")
     names = set(extracted.modules)
     assert any(n.startswith("lora_te2_") for n in names) and not any(n.startswith("lora_te1_") for n in names)
-    assert set(source.modules) <= names
-    for name, m in extracted.modules.items():
-        expected = source.modules[name].delta() if name in source.modules else torch.zeros(m.weight_shape)
-        assert torch.allclose(m.delta(), expected, atol=2e-6), name
+    assert_extracted(known, extracted)
     assert extracted.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     both = sdxl_lora(sdxl["file"], tmp_path / "both.safetensors", dim=1, alpha=1, seed=4)
-    tuned_both = tmp_path / "tuned_both.safetensors"
-    merge_lora.main(["--sd_model", str(sdxl["file"]), "--save_to", str(tuned_both), "--models", str(both)])
-    out_both = tmp_path / "both_extracted.safetensors"
-    extract_lora_from_models.main(["--model_org", str(sdxl["file"]), "--model_tuned", str(tuned_both),
-                                   "--save_to", str(out_both), "--dim", "1", "--clamp_quantile", "1"])
-    parts = {n.split("_")[1] for n in read_lora(out_both).modules}
+    parts = {n.split("_")[1] for n in merge_and_extract(sdxl["file"], both, tmp_path, "--dim", "1", "--clamp_quantile",
+                                                        "1").modules}
     assert parts == {"te1", "te2", "unet"}
-
-
-def _full_size_lora(text_encoders, denoiser, targets_of, path, rename=lambda n: n, keep=lambda n: True) -> dict:
-    """A rank-1 LoRA over every target (that ``keep`` keeps) of a full-size (meta) model."""
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for name, shape in targets_of(text_encoders, denoiser).items():
-        if not keep(name):
-            continue
-        down = torch.randn(1, *shape[1:], generator=gen) * 0.01
-        up = torch.randn(shape[0], 1, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.01
-        name = rename(name)
-        sd.update({f"{name}.lora_down.weight": down.half(), f"{name}.lora_up.weight": up.half(),
-                   f"{name}.alpha": torch.tensor(1.0).half()})
-    save_file(sd, str(path))
-    return sd
 
 
 def _shapes(spec_name):
@@ -169,15 +143,11 @@ def test_check_reports_sdxl_counts_and_loaders(tmp_path, capsys):
     from library.lora_tools.references import sdxl_reference
 
     path = tmp_path / "sdxl_full.safetensors"
-    _full_size_lora(*sdxl_reference(), _shapes("sdxl"), path,
-                    rename=lambda n: n.replace("lora_te1_text_model_", "lora_te1_"))  # transformers-5 spelling
-    check_lora_weights.main([str(path)])
-    out = capsys.readouterr().out
-    assert "family: SDXL\n" in out
-    assert "modules: 986 (te1: 72, te2: 192, unet: 722)" in out
-    assert "without 'text_model_'" in out
-    assert "loads in networks.lora: yes: all 986 modules match" in out
-    assert "loads in diffusers: yes: layers applied: unet 722/722, text encoder 264/264" in out
+    full_size_lora(_shapes("sdxl")(*sdxl_reference()), path,
+                   rename=lambda n: n.replace("lora_te1_text_model_", "lora_te1_"))  # transformers-5 spelling
+    check_report(capsys, [str(path)], ["family: SDXL\n", "modules: 986 (te1: 72, te2: 192, unet: 722)",
+                                       "without 'text_model_'", "loads in networks.lora: yes: all 986 modules match",
+                                       "loads in diffusers: yes: layers applied: unet 722/722, text encoder 264/264"])
 
 
 def test_lbws_weigh_the_blocks_like_sd_scripts(sdxl, tmp_path, capsys):
@@ -293,31 +263,20 @@ def test_flux_extract_check_and_refusals(flux, tmp_path, capsys):
     from library.lora_tools.references import flux_reference
 
     known = flux_lora(tmp_path / "known.safetensors", in_dims="[2,0,0,0,2]")
-    tuned = tmp_path / "tuned.safetensors"
-    merge_lora.main(["--sd_model", str(flux["flux"]), "--save_to", str(tuned), "--models", str(known)])
-    out = tmp_path / "extracted.safetensors"
-    extract_lora_from_models.main(["--model_org", str(flux["flux"]), "--model_tuned", str(tuned), "--save_to",
-                                   str(out), "--dim", "4", "--clamp_quantile", "1"])
-    source, extracted = read_lora(known), read_lora(out)
-    assert set(source.modules) <= set(extracted.modules)
-    for name, m in extracted.modules.items():
-        expected = source.modules[name].delta() if name in source.modules else torch.zeros(m.weight_shape)
-        assert torch.allclose(m.delta(), expected, atol=2e-6), name
+    extracted = merge_and_extract(flux["flux"], known, tmp_path, "--dim", "4", "--clamp_quantile", "1")
+    assert_extracted(known, extracted)
     assert extracted.metadata["ss_network_module"] == "networks.lora_flux"
     assert extracted.metadata["ss_base_model_version"] == "flux1"
 
     full = tmp_path / "flux_full.safetensors"  # full-size shapes; block 0 of each kind, img_in, CLIP and T5 layer 0
     first = re.compile(r"^lora_(unet_(double|single)_blocks_0_|unet_img_in|te1_text_model_encoder_layers_0_|"
                        r"te3_encoder_block_0_)")
-    _full_size_lora(*flux_reference(), _shapes("flux"), full, keep=first.match)
-    capsys.readouterr()
-    check_lora_weights.main([str(full)])
-    report = capsys.readouterr().out
-    assert "family: FLUX.1\n" in report
-    assert "modules: 27 (te1: 6, te3: 7, unet: 14)" in report
-    assert "loads in networks.lora: yes: all 27 modules match (networks.lora_flux)" in report
-    # diffusers 0.42 splits the fused modules (qkv: 3 layers, linear1: 4) and drops T5 and img_in LoRAs
-    assert "loads in diffusers: partly: layers applied: unet 20/21, text encoder 6/13" in report
+    full_size_lora(_shapes("flux")(*flux_reference()), full, keep=first.match)
+    check_report(capsys, [str(full)], [
+        "family: FLUX.1\n", "modules: 27 (te1: 6, te3: 7, unet: 14)",
+        "loads in networks.lora: yes: all 27 modules match (networks.lora_flux)",
+        # diffusers 0.42 splits the fused modules (qkv: 3 layers, linear1: 4) and drops T5 and img_in LoRAs
+        "loads in diffusers: partly: layers applied: unet 20/21, text encoder 6/13"])
 
     with pytest.raises(UserError, match="a FLUX.1 checkpoint is written as .safetensors file"):
         merge_lora.main(["--sd_model", str(flux["flux"]), "--save_to", str(tmp_path / "folder"), "--models",

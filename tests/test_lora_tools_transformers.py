@@ -9,9 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from family_helpers import assert_extracted, merge_and_extract
 from library.errors import UserError
 from library.lora_tools.lora_file import read_lora
-from networks import check_lora_weights, extract_lora_from_models, lora_lumina, lora_sd3, merge_lora, resize_lora
+from networks import check_lora_weights, lora_lumina, lora_sd3, merge_lora, resize_lora
 from tests.test_lora_network import randomize_up
 from tests.test_lora_tools_families import flux_lora, max_diff
 
@@ -143,17 +144,9 @@ def test_sd3_concat_resize_extract_and_check(sd3, tmp_path, capsys):
     known = sd3_lora(tmp_path / "known.safetensors", seed=3, t5=False, emb_dims="[2,0,0,0,0,2]")
     known_sd = {k: v for k, v in load_file(str(known)).items() if not k.startswith("lora_te2_")}
     save_file(known_sd, str(known))  # CLIP-G and T5 unchanged: extracted without them
-    tuned = tmp_path / "tuned.safetensors"
-    merge_lora.main(["--sd_model", str(sd3["sd3"]), "--save_to", str(tuned), "--models", str(known)])
-    out = tmp_path / "extracted.safetensors"
-    extract_lora_from_models.main(["--model_org", str(sd3["sd3"]), "--model_tuned", str(tuned), "--save_to",
-                                   str(out), "--dim", "4", "--clamp_quantile", "1"])
-    source, extracted = read_lora(known), read_lora(out)
-    assert set(source.modules) <= set(extracted.modules)
+    extracted = merge_and_extract(sd3["sd3"], known, tmp_path, "--dim", "4", "--clamp_quantile", "1")
     assert {n.split("_")[1] for n in extracted.modules} == {"te1", "unet"}
-    for name, m in extracted.modules.items():
-        expected = source.modules[name].delta() if name in source.modules else torch.zeros(m.weight_shape)
-        assert torch.allclose(m.delta(), expected, atol=2e-6), name
+    assert_extracted(known, extracted)
     assert extracted.metadata["ss_network_module"] == "networks.lora_sd3"
 
     capsys.readouterr()
@@ -260,15 +253,9 @@ def test_lumina_merge_extract_concat_and_lbws(lumina, tmp_path, capsys):
         expected = 0.6 * la.modules[name].delta() + (1.5 * lb.modules[name].delta() if name in lb.modules else 0)
         assert torch.allclose(m.delta(), expected, atol=1e-6), name
 
-    extracted = tmp_path / "extracted.safetensors"
-    tuned = tmp_path / "tuned.safetensors"
-    merge_lora.main(["--sd_model", str(lumina["lumina"]), "--save_to", str(tuned), "--models", str(a)])
-    extract_lora_from_models.main(["--model_org", str(lumina["lumina"]), "--model_tuned", str(tuned), "--save_to",
-                                   str(extracted), "--dim", "4", "--clamp_quantile", "1"])
-    result = read_lora(extracted)
+    result = merge_and_extract(lumina["lumina"], a, tmp_path, "--dim", "4", "--clamp_quantile", "1")
     assert set(result.modules) == set(la.modules)
-    for name, m in result.modules.items():
-        assert torch.allclose(m.delta(), la.modules[name].delta(), atol=2e-6), name
+    assert_extracted(a, result)
     assert result.metadata["ss_network_module"] == "networks.lora_lumina"
 
     weights = [1, 0, 2, 1, 0, 3, 1]  # TE IN N00 C00 L00 L01 OUT of the tiny model (one refiner layer each)

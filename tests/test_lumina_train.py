@@ -9,17 +9,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_helpers import (LATENT_BUCKETS, assert_resume_is_bit_exact, captioned_folder, forbid_loading, in_json_argv,
+                            prepare_latents_refuses, with_dataset)
 from library.errors import UserError
 from library.models.lumina.tiny import build_tiny_lumina, save_tiny_lumina_files
-from train_helpers import dataset_toml, make_images, run_script
+from train_helpers import make_images
 
 
 @pytest.fixture(scope="module")
 def lumina(tmp_path_factory):
     root = tmp_path_factory.mktemp("lumina_ft")
-    files = save_tiny_lumina_files(root / "model", seed=0)
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_lumina_files(root / "model", seed=0))
 
 
 def _argv(lumina, out, *, steps=2, extra=()):
@@ -62,14 +62,8 @@ def test_blockwise_fused_optimizers_and_mem_eff_save_give_the_plain_weights(lumi
 
 def test_resume_is_bit_exact_with_blockwise_fused_optimizers(lumina, tmp_path):
     extra = ["--save_every_n_steps", "2", "--save_state", "--blockwise_fused_optimizers", "--noise_offset", "0.05"]
-    full = run_script(_argv(lumina, tmp_path / "a", steps=4, extra=extra), script="lumina_train.py")
-    assert full.returncode == 0, full.stderr[-3000:]
-    state = tmp_path / "a" / "ft-step00000002-state"
-    resumed = run_script(_argv(lumina, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
-                         script="lumina_train.py")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(str(tmp_path / "a" / "ft.safetensors")), load_file(str(tmp_path / "b" / "ft.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_exact("lumina_train.py", lambda out, more: _argv(lumina, out, steps=4, extra=more), tmp_path,
+                               extra, name="ft")
 
 
 def test_offloading_checkpoint_changes_no_gradient():
@@ -102,10 +96,7 @@ def test_offloading_checkpoint_changes_no_gradient():
 def test_bad_input_is_one_message_before_any_model_loads(lumina, tmp_path, monkeypatch, extra, message):
     import library.models.lumina.loading as loading
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(loading, "load_lumina_models", no_loading)
+    forbid_loading(monkeypatch, loading, "load_lumina_models")
     with pytest.raises(UserError, match=message):
         _main(_argv(lumina, tmp_path / "out", extra=extra))
 
@@ -122,19 +113,15 @@ def test_prepare_buckets_latents_writes_lumina_latents_that_lumina_train_reads(l
     from library.tools.prepare_latents import main as prepare
     from library.training.preparation import vae_cache_key
 
-    folder = make_images(tmp_path / "train", count=2)
-    in_json, out_json = tmp_path / "meta.json", tmp_path / "meta_lat.json"
-    in_json.write_text(json.dumps({f"img{i}": {"caption": f"sks {i}"} for i in range(2)}), encoding="utf-8")
-    buckets = ["--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16"]
+    folder, in_json, out_json = captioned_folder(tmp_path)
     base = [str(folder), str(in_json), str(out_json)]
-    for model, extra, message in ((lumina["lumina"], ["--lumina"], "this is the Lumina 2 transformer"),
-                                  (lumina["ae"], [], "16-channel autoencoder given alone; add --flux .* or --lumina"),
-                                  (lumina["ae"], ["--flux", "--lumina"], "--flux and --lumina name different"),
-                                  (lumina["gemma2"], ["--lumina"], "no VAE weights found")):
-        with pytest.raises(UserError, match=message):
-            prepare([*base, str(model), *extra, "--max_resolution", "64,64", *buckets])
+    prepare_latents_refuses(base, [
+        (lumina["lumina"], ["--lumina"], "this is the Lumina 2 transformer"),
+        (lumina["ae"], [], "16-channel autoencoder given alone; add --flux .* or --lumina"),
+        (lumina["ae"], ["--flux", "--lumina"], "--flux and --lumina name different"),
+        (lumina["gemma2"], ["--lumina"], "no VAE weights found")])
     assert not list(folder.glob("*.npz")) and not out_json.exists()
-    assert prepare([*base, str(lumina["ae"]), "--lumina", "--max_resolution", "64,64", *buckets]) == 0
+    assert prepare([*base, str(lumina["ae"]), "--lumina", "--max_resolution", "64,64", *LATENT_BUCKETS]) == 0
     npz = sorted(folder.glob("*.npz"))
     assert [p.name for p in npz] == ["img0_0064x0064_lumina.npz", "img1_0064x0064_lumina.npz"]
     training_key = vae_cache_key(load_ae(str(lumina["ae"]), torch.float32), torch.float32)
@@ -144,11 +131,9 @@ def test_prepare_buckets_latents_writes_lumina_latents_that_lumina_train_reads(l
             assert json.loads(str(f["cache_meta"]))["key"]["vae"] == training_key
     assert json.loads(out_json.read_text(encoding="utf-8"))["img0"]["train_resolution"] == [64, 64]
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in npz}
-    argv = _argv(lumina, tmp_path / "out", steps=1)
-    argv = argv[: argv.index("--dataset_config")] + argv[argv.index("--dataset_config") + 2:]
+    argv = in_json_argv(_argv(lumina, tmp_path / "out", steps=1), folder, out_json)
     argv[argv.index("--cache_latents")] = "--cache_latents_to_disk"
-    out = _main(argv + ["--in_json", str(out_json), "--train_data_dir", str(folder), "--resolution", "64",
-                        "--enable_bucket", *buckets, "--train_batch_size", "2"])
+    out = _main(argv)
     assert out is not None and out.is_file()
     assert sorted(folder.glob("*.npz")) == npz
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in npz} == before

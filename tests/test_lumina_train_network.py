@@ -4,7 +4,6 @@ resume, diffusers' Lumina2Pipeline applying the converted LoRA, and bad input re
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
@@ -13,22 +12,24 @@ from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
 from library.models.lumina.tiny import save_tiny_lumina_diffusers, save_tiny_lumina_files
+from family_helpers import (LoRAScript, assert_finite_loss_and_gradient, assert_fp8_lora_close,
+                            assert_resume_is_bit_exact, forbid_loading, post_hoc_ema, refusal_argv, run_two_processes,
+                            trained, two_process_dataset, with_dataset)
 from library.training.flow_matching import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS, FlowMatchingSettings
-from train_helpers import ROOT, dataset_toml, load_lora, make_images, prepare_run, run_main, run_script, train_args
+from train_helpers import ROOT, load_lora, train_args
 
 SYSTEM = "You are an assistant."
+LUMINA = LoRAScript("lumina_train_network", "library.models.lumina.recipe:LuminaLoRARecipe", "lumina")
 
 
 @pytest.fixture(scope="module")
 def lumina(tmp_path_factory):
     root = tmp_path_factory.mktemp("lumina")
-    files = save_tiny_lumina_files(root / "model", seed=0)
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_lumina_files(root / "model", seed=0))
 
 
-def _argv(lumina, out, *, steps=2, model=None, extra=()):
-    argv = train_args(model or lumina["lumina"], out, config=lumina["data"], steps=steps)
+def _argv(lumina, out, *, steps=2, model=None, extra=(), config=None):
+    argv = train_args(model or lumina["lumina"], out, config=config or lumina["data"], steps=steps)
     argv += ["--tokenizer_cache_dir", str(lumina["tokenizer_cache_dir"]), "--gemma2_max_token_length", "16",
              "--system_prompt", SYSTEM]
     if model is None:
@@ -36,18 +37,8 @@ def _argv(lumina, out, *, steps=2, model=None, extra=()):
     return argv + list(extra)
 
 
-def _main(argv):
-    return run_main(argv, script="lumina_train_network")
-
-
-def _prepare(argv):
-    from library.models.lumina.recipe import LuminaLoRARecipe
-
-    return prepare_run(argv, script="lumina_train_network", recipe=LuminaLoRARecipe, families=("lumina",))
-
-
 def test_trains_a_lumina_lora_with_sd_scripts_names_and_metadata(lumina, tmp_path):
-    out = _main(_argv(lumina, tmp_path / "out", steps=3, extra=["--cache_latents"]))
+    out = LUMINA.main(_argv(lumina, tmp_path / "out", steps=3, extra=["--cache_latents"]))
     sd, meta = load_lora(out)
     names = {k.split(".")[0] for k in sd}
     assert {"lora_unet_layers_0_attention_qkv", "lora_unet_context_refiner_0_feed_forward_w2",
@@ -55,7 +46,7 @@ def test_trains_a_lumina_lora_with_sd_scripts_names_and_metadata(lumina, tmp_pat
             "lora_te_layers_1_self_attn_q_proj", "lora_te_layers_0_mlp_down_proj"} <= names
     assert len(names) == 2 * 7 + 2 * 6 + 6 + 5 + 2 and "lora_unet_context_refiner_0_adaLN_modulation_1" not in names
     assert sd["lora_unet_layers_0_attention_qkv.lora_up.weight"].shape == (48 + 2 * 24, 4)
-    assert any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+    assert trained(sd)
     assert meta["ss_base_model_version"] == "lumina2" and meta["modelspec.architecture"] == "lumina-2/lora"
     assert meta["ss_network_module"] == "networks.lora_lumina"
     assert (meta["ss_timestep_sampling"], meta["ss_discrete_flow_shift"], meta["ss_model_prediction_type"]) == (
@@ -78,7 +69,7 @@ def test_loss_drops_and_the_lora_changes_the_output(lumina, tmp_path):
 
     argv = _argv(lumina, tmp_path / "out", steps=12, extra=["--cache_latents", "--network_train_unet_only",
                                                            "--learning_rate", "1e-2", "--network_alpha", "4"])
-    run = _prepare(argv)
+    run = LUMINA.prepare(argv)
     batches = list(run.loader)
     before = _fixed_loss(run, batches)
     train(run)
@@ -92,20 +83,14 @@ def test_loss_drops_and_the_lora_changes_the_output(lumina, tmp_path):
 
 
 def test_every_sampling_and_prediction_type_gives_a_finite_loss_and_gradient(lumina, tmp_path):
-    from library.training.loop import batch_loss
-
-    run = _prepare(_argv(lumina, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
+    run = LUMINA.prepare(_argv(lumina, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
     batch = next(iter(run.loader))
     assert "nextdit_shift" in TIMESTEP_SAMPLINGS
     combos = [(s, "raw") for s in TIMESTEP_SAMPLINGS] + [("shift", p) for p in MODEL_PREDICTION_TYPES[1:]]
     for sampling, prediction in combos:
-        run.flow_settings = FlowMatchingSettings(timestep_sampling=sampling, model_prediction_type=prediction,
-                                                 discrete_flow_shift=6.0)
-        run.recipe.network.zero_grad(set_to_none=True)
-        loss = batch_loss(run, batch, 0)
-        loss.backward()
-        grads = [p.grad for p in run.recipe.network.parameters() if p.grad is not None]
-        assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), (sampling, prediction)
+        settings = FlowMatchingSettings(timestep_sampling=sampling, model_prediction_type=prediction,
+                                        discrete_flow_shift=6.0)
+        assert_finite_loss_and_gradient(run, batch, settings, (sampling, prediction))
 
 
 def test_cached_text_outputs_are_keyed_by_the_system_prompt(lumina, tmp_path):
@@ -117,7 +102,7 @@ def test_cached_text_outputs_are_keyed_by_the_system_prompt(lumina, tmp_path):
     for i, system in enumerate((SYSTEM, "Another system prompt.", SYSTEM)):
         argv = _argv(lumina, out, extra=["--network_train_unet_only", "--cache_text_encoder_outputs_to_disk",
                                          "--cache_latents", "--system_prompt", system])
-        run = _prepare(argv)
+        run = LUMINA.prepare(argv)
         batch = next(iter(run.loader))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -131,7 +116,7 @@ def test_diffusers_folder_and_flash_attn_request(lumina, tmp_path, caplog):
     folder = save_tiny_lumina_diffusers(tmp_path / "diffusers", seed=1)
     argv = train_args(folder, tmp_path / "out", config=lumina["data"], steps=2)
     with caplog.at_level(logging.INFO):
-        out = _main(argv + ["--gemma2_max_token_length", "8", "--network_train_unet_only", "--use_flash_attn"])
+        out = LUMINA.main(argv + ["--gemma2_max_token_length", "8", "--network_train_unet_only", "--use_flash_attn"])
     sd, meta = load_lora(out)
     assert meta["modelspec.architecture"] == "lumina-2/lora" and all(k.startswith("lora_unet_") for k in sd)
     said = [r.getMessage() for r in caplog.records if "Lumina attention" in r.getMessage()]
@@ -162,29 +147,18 @@ def _flux_like_file(path):
 def test_bad_input_is_one_message_before_any_model_loads(lumina, tmp_path, monkeypatch, case, message):
     import library.models.lumina.loading as loading
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(loading, "load_lumina_models", no_loading)
+    forbid_loading(monkeypatch, loading, "load_lumina_models")
     t5 = tmp_path / "t5.safetensors"
     save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}, str(t5))
-    argv = _argv(lumina, tmp_path / "out")
     edits = {
         "flux": lambda a: a[:1] + [str(_flux_like_file(tmp_path / "flux.safetensors"))] + a[2:],
         "t5_as_gemma": lambda a: [str(t5) if x == str(lumina["gemma2"]) else x for x in a],
-        "no_ae": lambda a: a[: a.index("--ae")] + a[a.index("--ae") + 2:],
-        "swap": lambda a: a + ["--blocks_to_swap", "8"],
-        "swap_limit": lambda a: a + ["--blocks_to_swap", "8", "--gradient_checkpointing"],
-        "offload": lambda a: a + ["--cpu_offload_checkpointing"],
-        "sd_flags": lambda a: a + ["--clip_skip", "2"],
-        "flow": lambda a: a + ["--min_snr_gamma", "5"],
-        "network": lambda a: a + ["--network_module", "networks.lora"],
         "network_args": lambda a: a + ["--network_args", "atn_dim=4"],
         "sage": lambda a: a + ["--use_sage_attn"],
         "length": lambda a: a + ["--gemma2_max_token_length", "0"],
     }
     with pytest.raises(UserError, match=message):
-        _main(edits[case](argv))
+        LUMINA.main(refusal_argv(_argv(lumina, tmp_path / "out"), case, edits))
 
 
 def test_a_lumina_file_given_to_the_flux_script_names_the_lumina_scripts(lumina, tmp_path):
@@ -198,16 +172,8 @@ def test_a_lumina_file_given_to_the_flux_script_names_the_lumina_scripts(lumina,
 def test_resume_is_bit_exact(lumina, tmp_path):
     extra = ["--cache_latents", "--save_every_n_steps", "2", "--save_state", "--network_dropout", "0.1",
              "--noise_offset", "0.05", "--timestep_sampling", "nextdit_shift"]
-    full = run_script(_argv(lumina, tmp_path / "a", steps=4, extra=extra), script="lumina_train_network.py")
-    assert full.returncode == 0, full.stderr[-3000:]
-    state = tmp_path / "a" / "lora-step00000002-state"
-    assert json.loads((state / "train_state.json").read_text())["global_step"] == 2
-    resumed = run_script(_argv(lumina, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
-                         script="lumina_train_network.py")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, _ = load_lora(tmp_path / "a" / "lora.safetensors")
-    b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_exact(LUMINA.file, lambda out, more: _argv(lumina, out, steps=4, extra=more), tmp_path,
+                               extra)
 
 
 def test_lumina2_pipeline_applies_the_converted_lora_with_our_merge_math(lumina, tmp_path):
@@ -219,9 +185,9 @@ def test_lumina2_pipeline_applies_the_converted_lora_with_our_merge_math(lumina,
     from library.models.lumina.conversion import diffusers_to_nextdit, nextdit_to_diffusers
 
     folder = save_tiny_lumina_diffusers(tmp_path / "diffusers", seed=2)
-    lora = _main(train_args(folder, tmp_path / "out", config=lumina["data"], steps=2,
-                            extra=["--gemma2_max_token_length", "8", "--learning_rate", "5e-2",
-                                   "--network_args", "embedder_dims=[2,2,2]"]))
+    lora = LUMINA.main(train_args(folder, tmp_path / "out", config=lumina["data"], steps=2,
+                                  extra=["--gemma2_max_token_length", "8", "--learning_rate", "5e-2",
+                                         "--network_args", "embedder_dims=[2,2,2]"]))
     converted = tmp_path / "diffusers_lora.safetensors"
     result = subprocess.run([sys.executable, str(ROOT / "networks" / "convert_lumina_lora_to_diffusers.py"),
                              str(lora), str(converted)], capture_output=True, text=True, cwd=ROOT)
@@ -248,18 +214,10 @@ def test_lumina2_pipeline_applies_the_converted_lora_with_our_merge_math(lumina,
 
 
 def test_post_hoc_ema_of_lumina_loras(lumina, tmp_path):
-    import subprocess
-    import sys
-
-    _main(_argv(lumina, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
-                                                          "--save_every_n_steps", "1"]))
-    files = sorted(str(p) for p in (tmp_path / "out").glob("lora-step*.safetensors"))
-    result = subprocess.run([sys.executable, str(ROOT / "lora_post_hoc_ema.py"), *files, "--output_file",
-                             str(tmp_path / "ema.safetensors")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ema, meta = load_lora(tmp_path / "ema.safetensors")
-    last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
-    assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "lumina-2/lora"
+    LUMINA.main(_argv(lumina, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
+                                                                "--save_every_n_steps", "1"]))
+    meta = post_hoc_ema(tmp_path / "out", tmp_path / "ema.safetensors")
+    assert meta["modelspec.architecture"] == "lumina-2/lora"
     assert meta["ss_base_model_version"] == "lumina2"
 
 
@@ -286,8 +244,9 @@ def test_samples_during_training_in_batches(lumina, tmp_path):
     images = {}
     for batch in (1, 2):
         out = tmp_path / f"out{batch}"
-        _main(_argv(lumina, out, steps=1, extra=["--cache_latents", "--sample_prompts", str(prompts),
-                                                 "--sample_every_n_steps", "1", "--sample_batch_size", str(batch)]))
+        extra = ["--cache_latents", "--sample_prompts", str(prompts), "--sample_every_n_steps", "1",
+                 "--sample_batch_size", str(batch)]
+        LUMINA.main(_argv(lumina, out, steps=1, extra=extra))
         files = sorted((out / "sample").glob("*.png"))
         assert [f.name.split("_")[2] for f in files] == ["00", "01", "02"]
         assert all(f.name.startswith("lora_000001_") for f in files)
@@ -298,30 +257,18 @@ def test_samples_during_training_in_batches(lumina, tmp_path):
 
 
 def test_two_processes(lumina, tmp_path):
-    data = dataset_toml(tmp_path / "d.toml", make_images(tmp_path / "img", count=4), resolution=64, batch_size=1)
-    argv = train_args(lumina["lumina"], tmp_path / "out", config=data, steps=2)
-    argv += ["--gemma2", str(lumina["gemma2"]), "--ae", str(lumina["ae"]), "--tokenizer_cache_dir",
-             str(lumina["tokenizer_cache_dir"]), "--gemma2_max_token_length", "16", "--cache_latents"]
-    result = run_script(argv, processes=2, script="lumina_train_network.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 per process with 2 process(es)" in result.stdout
-    sd, _ = load_lora(tmp_path / "out" / "lora.safetensors")
-    assert len(sd) == 3 * 39 and any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+    argv = _argv(lumina, tmp_path / "out", config=two_process_dataset(tmp_path), extra=["--cache_latents"])
+    sd, _ = run_two_processes(argv, LUMINA.file, tmp_path / "out")
+    assert len(sd) == 3 * 39 and trained(sd)
 
 
 def test_fp8_base_trains_a_lora_close_to_the_bf16_run(lumina, tmp_path):
     """--fp8_base on CPU: the transformer and the frozen Gemma2 in float8, a LoRA that points the same way as the
     bf16 run's."""
     extra = ["--cache_latents", "--network_train_unet_only", "--mixed_precision", "bf16", "--max_grad_norm", "0"]
-    plain, _ = load_lora(_main(_argv(lumina, tmp_path / "bf16", extra=extra)))
-    run = _prepare(_argv(lumina, tmp_path / "fp8", extra=extra + ["--fp8_base"]))
+    plain, _ = load_lora(LUMINA.main(_argv(lumina, tmp_path / "bf16", extra=extra)))
+    run = LUMINA.prepare(_argv(lumina, tmp_path / "fp8", extra=extra + ["--fp8_base"]))
     assert run.models.unet.layers[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
     assert run.models.text_encoders[0].layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
-    fp8, meta = load_lora(_main(_argv(lumina, tmp_path / "fp8b", extra=extra + ["--fp8_base"])))
-    assert meta["ss_fp8_base"] == "True" and plain.keys() == fp8.keys()
-    ups = [k for k in plain if k.endswith("lora_up.weight")]
-    assert all(fp8[k].abs().sum() > 0 for k in ups)
-    a = torch.cat([plain[k].float().flatten() for k in ups])
-    b = torch.cat([fp8[k].float().flatten() for k in ups])
-    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    assert not torch.equal(a, b) and cosine > 0.9
+    fp8, meta = load_lora(LUMINA.main(_argv(lumina, tmp_path / "fp8b", extra=extra + ["--fp8_base"])))
+    assert_fp8_lora_close(plain, fp8, meta)

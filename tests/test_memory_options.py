@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.models.families.flux import FluxSpec, image_ids, pack_latents
+from family_helpers import (assert_block_swap_keeps_the_fused_updates, assert_swap_repeats_the_plain_step,
+                            loss_and_grads, random_lora)
+from library.models.families.flux import FluxSpec
 
 
 @pytest.fixture()
@@ -26,29 +28,18 @@ def _inputs(seed: int = 1):
     return noisy, torch.tensor([300.0, 800.0]), cond
 
 
-def _loss_and_grads(model, params, *, grad=True):
+def _forward(model, grad=True):
     noisy, t, cond = _inputs()
     with torch.set_grad_enabled(grad):
-        out = FluxSpec().forward(model, noisy, t, cond, torch.float32)
-        loss = out.square().mean()
-    if not grad:
-        return loss, []
-    loss.backward()
-    grads = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    return loss.detach(), grads
+        return FluxSpec().forward(model, noisy, t, cond, torch.float32)
+
+
+def _loss_and_grads(model, params, *, grad=True):
+    return loss_and_grads(_forward, model, params, grad)
 
 
 def _lora(model):
-    import networks.lora_flux as lora_flux
-
-    network = lora_flux.create_network(1.0, 4, 4, None, [], model)
-    network.apply_to([], model, False, True)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.normal_(0, 0.05)
-    return network
+    return random_lora(model, "networks.lora_flux")
 
 
 def _swap(model, swapped, *, checkpointing=True):
@@ -64,55 +55,17 @@ def test_block_swap_gives_the_same_lora_loss_and_gradients(tiny, swapped):
     params = list(network.parameters())
     tiny.enable_gradient_checkpointing()
     tiny.train()
-    plain_loss, plain_grads = _loss_and_grads(tiny, params)
+    plain = _loss_and_grads(tiny, params)
     swap = _swap(tiny, swapped)
     blocks = [*tiny.transformer_blocks, *tiny.single_transformer_blocks]
     assert all(torch.isnan(blocks[i].norm.linear.weight).all() if hasattr(blocks[i], "norm")
                else torch.isnan(blocks[i].norm1.linear.weight).all() for i in swapped)  # offloaded = poisoned
-    for _ in range(2):  # twice: the state left by one step is right for the next
-        loss, grads = _loss_and_grads(tiny, params)
-        assert torch.equal(loss, plain_loss)
-        assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
-        swap.release_all()
-        assert not swap.resident
-    with torch.no_grad():  # sampling / validation
-        assert torch.equal(_loss_and_grads(tiny, params, grad=False)[0], plain_loss)
-    assert not swap.resident
-
-
-def _fused_sgd(model) -> None:
-    """Step each parameter inside backward, as --fused_backward_pass does."""
-    def step(p):
-        with torch.no_grad():
-            p.add_(p.grad, alpha=-0.1)
-        p.grad = None
-
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(step)
+    assert_swap_repeats_the_plain_step(_forward, tiny, params, swap, plain)
 
 
 def test_block_swap_of_trained_blocks_keeps_the_fused_updates(tiny):
-    import copy
-
-    swapped_model = copy.deepcopy(tiny)
-    losses = {}
-    for name, model in (("plain", tiny), ("swap", swapped_model)):
-        model.enable_gradient_checkpointing()
-        _fused_sgd(model)
-        swap = _swap(model, [0, 2]) if name == "swap" else None
-        losses[name] = []
-        for _ in range(3):
-            noisy, t, cond = _inputs()
-            loss = FluxSpec().forward(model, noisy, t, cond, torch.float32).square().mean()
-            loss.backward()
-            losses[name].append(float(loss.detach()))
-        if swap is not None:
-            swap.release_all()
-            for i in swap.swapped:  # the host copies hold the updated weights
-                for t_, host, _ in swap.host[i]:
-                    t_.data = host
-    assert losses["plain"] == losses["swap"] and losses["plain"][2] < losses["plain"][0]
-    assert all(torch.equal(a, b) for a, b in zip(tiny.parameters(), swapped_model.parameters()))
+    """Each parameter stepped inside backward (--fused_backward_pass), blocks 0 and 2 swapped."""
+    assert_block_swap_keeps_the_fused_updates(tiny, _forward, 0.1, lambda model: _swap(model, [0, 2]))
 
 
 def test_block_swap_without_checkpointing_keeps_training_blocks_until_backward(tiny):

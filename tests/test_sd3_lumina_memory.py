@@ -11,6 +11,8 @@ import copy
 import pytest
 import torch
 
+from family_helpers import (assert_block_swap_keeps_the_fused_updates, assert_swap_repeats_the_plain_step,
+                            loss_and_grads, random_lora)
 from library.errors import UserError
 from library.models.families.lumina import LuminaSpec
 from library.models.families.sd3 import SD3Spec
@@ -54,28 +56,6 @@ FAMILIES = {
 }
 
 
-def _lora(model, module: str):
-    import importlib
-
-    network = importlib.import_module(module).create_network(1.0, 4, 4, None, [], model)
-    network.apply_to([], model, False, True)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.normal_(0, 0.05)
-    return network
-
-
-def _loss_and_grads(forward, model, params, grad=True):
-    loss = forward(model, grad).square().mean()
-    if not grad:
-        return loss, []
-    loss.backward()
-    grads = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("count", [1, 2])
 def test_block_swap_gives_the_same_lora_loss_and_gradients(family, count):
@@ -83,22 +63,15 @@ def test_block_swap_gives_the_same_lora_loss_and_gradients(family, count):
 
     build, forward, spec, module = FAMILIES[family]
     model = build()
-    params = list(_lora(model, module).parameters())
+    params = list(random_lora(model, module).parameters())
     model.enable_gradient_checkpointing()
     model.train()
-    plain_loss, plain_grads = _loss_and_grads(forward, model, params)
+    plain = loss_and_grads(forward, model, params)
     blocks, swapped = spec().swappable_blocks(model, count)
     assert swapped == list(range(4 - count, 4)) and len(blocks) == 4  # the last N main blocks, as sd-scripts
     swap = BlockSwap(blocks, swapped, "cpu", checkpointing=True, poison=True)
     assert all(torch.isnan(next(blocks[i].parameters())).all() for i in swapped)  # offloaded = poisoned
-    for _ in range(2):  # twice: the state left by one step is right for the next
-        loss, grads = _loss_and_grads(forward, model, params)
-        assert torch.equal(loss, plain_loss)
-        assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
-        swap.release_all()
-        assert not swap.resident
-    assert torch.equal(_loss_and_grads(forward, model, params, grad=False)[0], plain_loss)  # sampling / validation
-    assert not swap.resident
+    assert_swap_repeats_the_plain_step(forward, model, params, swap, plain)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -108,33 +81,9 @@ def test_block_swap_of_trained_blocks_keeps_the_fused_updates(family):
     from library.training.block_swap import BlockSwap
 
     build, forward, spec, _ = FAMILIES[family]
-    plain = build()
-    swapped_model = copy.deepcopy(plain)
-    losses = {}
-    for name, model in (("plain", plain), ("swap", swapped_model)):
-        model.enable_gradient_checkpointing()
-        for p in model.parameters():
-            p.register_post_accumulate_grad_hook(_sgd_step)
-        swap = BlockSwap(*spec().swappable_blocks(model, 2), "cpu", checkpointing=True, poison=True) \
-            if name == "swap" else None
-        losses[name] = []
-        for _ in range(3):
-            loss = forward(model).square().mean()
-            loss.backward()
-            losses[name].append(float(loss.detach()))
-        if swap is not None:
-            swap.release_all()
-            for i in swap.swapped:  # the host copies hold the updated weights
-                for t, host, _ in swap.host[i]:
-                    t.data = host
-    assert losses["plain"] == losses["swap"] and losses["plain"][2] < losses["plain"][0]
-    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), swapped_model.parameters()))
-
-
-def _sgd_step(p: torch.Tensor) -> None:
-    with torch.no_grad():
-        p.add_(p.grad, alpha=-0.05)
-    p.grad = None
+    assert_block_swap_keeps_the_fused_updates(
+        build(), forward, 0.05,
+        lambda model: BlockSwap(*spec().swappable_blocks(model, 2), "cpu", checkpointing=True, poison=True))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -144,18 +93,18 @@ def test_fp8_storage_takes_fewer_bytes_and_keeps_the_loss_close(family):
     build, forward, _, module = FAMILIES[family]
     model = build(2).requires_grad_(False)
     reference = copy.deepcopy(model)
-    reference_params = list(_lora(reference, module).parameters())
+    reference_params = list(random_lora(reference, module).parameters())
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     count = to_fp8(model)  # before the LoRA wraps the layers, as training does
     after = sum(p.numel() * p.element_size() for p in model.parameters())
-    params = list(_lora(model, module).parameters())
+    params = list(random_lora(model, module).parameters())
     with torch.no_grad():
         for a, b in zip(params, reference_params):
             a.copy_(b)
     assert count > 10 and after < 0.5 * before
     assert sum(p.dtype == FP8_DTYPE for p in model.parameters()) >= count
-    ref_loss = _loss_and_grads(forward, reference, reference_params)[0]
-    loss, grads = _loss_and_grads(forward, model, params)
+    ref_loss = loss_and_grads(forward, reference, reference_params)[0]
+    loss, grads = loss_and_grads(forward, model, params)
     assert abs(float(loss) - float(ref_loss)) < 0.05 * float(ref_loss)
     assert all(g.abs().sum() > 0 for g in grads)  # the LoRA on float8 layers gets gradients
 

@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from family_helpers import with_dataset
 from library.errors import UserError
 from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_files
-from tests.train_helpers import dataset_toml, make_images
+from tests.train_helpers import dataset_toml
 
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3ft")
-    files = save_tiny_sd3_files(root / "m", TinySD3Config(variant="5-medium"))
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_sd3_files(root / "m", TinySD3Config(variant="5-medium")))
 
 
 def _argv(sd3, out, *, steps=2, extra=()):

@@ -9,16 +9,18 @@ import torch
 
 from library.errors import UserError
 from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_diffusers, save_tiny_sd3_files
+from family_helpers import (LoRAScript, assert_finite_loss_and_gradient, assert_fp8_lora_close,
+                            assert_resume_is_bit_exact, post_hoc_ema, refusal_argv, trained, with_dataset)
 from library.training.flow_matching import WEIGHTING_SCHEMES
-from train_helpers import dataset_toml, load_lora, make_images, prepare_run, run_main, train_args
+from train_helpers import load_lora, train_args
+
+SD3 = LoRAScript("sd3_train_network", "library.models.sd3.recipe:SD3LoRARecipe", "sd3")
 
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3")
-    files = save_tiny_sd3_files(root / "m", TinySD3Config(variant="5-medium"))
-    files["data"] = dataset_toml(root / "data.toml", make_images(root / "images", count=2), resolution=64)
-    return files
+    return with_dataset(root, save_tiny_sd3_files(root / "m", TinySD3Config(variant="5-medium")))
 
 
 def _argv(sd3, out, *, steps=2, model=None, extra=()):
@@ -27,18 +29,8 @@ def _argv(sd3, out, *, steps=2, model=None, extra=()):
                    *extra]
 
 
-def _main(argv):
-    return run_main(argv, script="sd3_train_network")
-
-
-def _prepare(argv):
-    from library.models.sd3.recipe import SD3LoRARecipe
-
-    return prepare_run(argv, script="sd3_train_network", recipe=SD3LoRARecipe, families=("sd3",))
-
-
 def test_trains_an_sd3_lora_with_sd_scripts_names_and_metadata(sd3, tmp_path):
-    out = _main(_argv(sd3, tmp_path / "out", steps=3, extra=["--cache_latents"]))
+    out = SD3.main(_argv(sd3, tmp_path / "out", steps=3, extra=["--cache_latents"]))
     sd, meta = load_lora(out)
     names = {k.split(".")[0] for k in sd}
     assert {"lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_0_x_block_attn2_qkv"} <= names
@@ -47,7 +39,7 @@ def test_trains_an_sd3_lora_with_sd_scripts_names_and_metadata(sd3, tmp_path):
     assert sum(n.startswith("lora_te2_text_model_") for n in names) == 12
     assert not any(n.startswith("lora_te3_") for n in names)
     assert sd["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape == (3 * 32, 4)
-    assert any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+    assert trained(sd)
     assert meta["ss_base_model_version"] == "5-medium"
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
     assert meta["ss_network_module"] == "networks.lora_sd3"
@@ -56,27 +48,22 @@ def test_trains_an_sd3_lora_with_sd_scripts_names_and_metadata(sd3, tmp_path):
 
 def test_every_weighting_scheme_gives_a_finite_loss_and_gradient(sd3, tmp_path):
     from library.training.flow_matching import FlowMatchingSettings
-    from library.training.loop import batch_loss
 
-    run = _prepare(_argv(sd3, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
+    run = SD3.prepare(_argv(sd3, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only"]))
     assert (run.flow_settings.timestep_sampling, run.flow_settings.model_prediction_type) == ("sd3", "sigma_scaled")
     batch = next(iter(run.loader))
     for scheme in WEIGHTING_SCHEMES:
         for shift in (1.0, 3.0):
-            run.flow_settings = FlowMatchingSettings(timestep_sampling="sd3", model_prediction_type="sigma_scaled",
-                                                     weighting_scheme=scheme, training_shift=shift)
-            run.recipe.network.zero_grad(set_to_none=True)
-            loss = batch_loss(run, batch, 0)
-            loss.backward()
-            grads = [p.grad for p in run.recipe.network.parameters() if p.grad is not None]
-            assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads), (scheme, shift)
+            settings = FlowMatchingSettings(timestep_sampling="sd3", model_prediction_type="sigma_scaled",
+                                            weighting_scheme=scheme, training_shift=shift)
+            assert_finite_loss_and_gradient(run, batch, settings, (scheme, shift))
 
 
 def test_the_lora_learns_and_changes_the_output(sd3, tmp_path):
     from library.training.loop import batch_loss
 
-    run = _prepare(_argv(sd3, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only",
-                                                       "--learning_rate", "2e-2", "--network_dim", "8"]))
+    run = SD3.prepare(_argv(sd3, tmp_path / "out", extra=["--cache_latents", "--network_train_unet_only",
+                                                          "--learning_rate", "2e-2", "--network_dim", "8"]))
     batch = next(iter(run.loader))
     fixed = torch.tensor([300.0, 700.0])
 
@@ -110,12 +97,12 @@ def test_separate_parts_diffusers_folder_and_text_options(sd3, tmp_path):
         "--vae", str(parts["vae"]), "--apply_lg_attn_mask", "--apply_t5_attn_mask", "--clip_l_dropout_rate", "0.5",
         "--t5_dropout_rate", "0.5", "--weighting_scheme", "logit_normal", "--training_shift", "3.0",
         "--cache_text_encoder_outputs", "--network_train_unet_only"])
-    sd, meta = load_lora(_main(argv))
+    sd, meta = load_lora(SD3.main(argv))
     assert meta["ss_base_model_version"] == "medium" and meta["ss_apply_lg_attn_mask"] == "True"
     assert meta["modelspec.architecture"] == "stable-diffusion-3-medium/lora"
     assert not any(k.startswith("lora_te") for k in sd) and "lora_unet_joint_blocks_0_x_block_attn2_qkv.alpha" not in sd
     folder = save_tiny_sd3_diffusers(tmp_path / "folder", TinySD3Config(variant="5-large"))
-    sd, meta = load_lora(_main(train_args(folder, tmp_path / "b", config=sd3["data"], steps=2) + [
+    sd, meta = load_lora(SD3.main(train_args(folder, tmp_path / "b", config=sd3["data"], steps=2) + [
         "--t5xxl_max_token_length", "8", "--network_args", "train_t5xxl=True", "emb_dims=[2,2,2,2,2,2]"]))
     names = {k.split(".")[0] for k in sd}
     assert meta["ss_base_model_version"] == "5-large"
@@ -154,54 +141,39 @@ def test_bad_input_is_one_message_before_any_model_loads(sd3, tmp_path, case, me
         "t5_as_clip_g": lambda a: a + ["--clip_g", str(parts["t5xxl"])],
         "medium_only": lambda a: a[:1] + [str(parts["sd3"])] + a[2:] + with_parts + ["--pos_emb_random_crop_rate",
                                                                                      "0.2"],
-        "swap": lambda a: a + ["--blocks_to_swap", "8"],
-        "swap_limit": lambda a: a + ["--blocks_to_swap", "8", "--gradient_checkpointing"],
-        "offload": lambda a: a + ["--cpu_offload_checkpointing"],
-        "sd_flags": lambda a: a + ["--clip_skip", "2"],
-        "flow": lambda a: a + ["--min_snr_gamma", "5"],
         "timesteps": lambda a: a + ["--min_timestep", "800", "--max_timestep", "200"],
-        "network": lambda a: a + ["--network_module", "networks.lora"],
         "network_args": lambda a: a + ["--network_args", "x_atn_dim=4"],
         "t5_cache": lambda a: a + ["--network_args", "train_t5xxl=True", "--cache_text_encoder_outputs",
                                    "--network_train_unet_only"],
     }
     with pytest.raises(UserError, match=message):
-        _main(edits[case](argv))
+        SD3.main(refusal_argv(argv, case, edits))
 
 
 def test_resume_is_bit_exact(sd3, tmp_path):
-    from train_helpers import run_script
-
     extra = ["--cache_latents", "--save_every_n_steps", "2", "--save_state", "--network_dropout", "0.1",
              "--clip_g_dropout_rate", "0.3", "--weighting_scheme", "logit_normal", "--training_shift", "2.0"]
-    full = run_script(_argv(sd3, tmp_path / "a", steps=4, extra=extra), script="sd3_train_network.py")
-    assert full.returncode == 0, full.stderr[-3000:]
-    state = tmp_path / "a" / "lora-step00000002-state"
-    resumed = run_script(_argv(sd3, tmp_path / "b", steps=4, extra=extra + ["--resume", str(state)]),
-                         script="sd3_train_network.py")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, _ = load_lora(tmp_path / "a" / "lora.safetensors")
-    b, _ = load_lora(tmp_path / "b" / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(k.startswith("lora_te2_") for k in a)
+    weights = assert_resume_is_bit_exact(SD3.file, lambda out, more: _argv(sd3, out, steps=4, extra=more), tmp_path,
+                                         extra)
+    assert any(k.startswith("lora_te2_") for k in weights["lora.safetensors"])
 
 
 def test_save_lora_format_diffusers(sd3, tmp_path):
-    sd, meta = load_lora(_main(_argv(sd3, tmp_path / "out", extra=["--save_lora_format", "diffusers"])))
+    sd, meta = load_lora(SD3.main(_argv(sd3, tmp_path / "out", extra=["--save_lora_format", "diffusers"])))
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in sd
     assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in sd
     assert not any(k.startswith("lora_") for k in sd) and meta["ss_base_model_version"] == "5-medium"
     with pytest.raises(UserError, match="loads no T5 LoRA"):
-        _main(_argv(sd3, tmp_path / "o2", extra=["--save_lora_format", "diffusers", "--network_args",
-                                                 "train_t5xxl=True"]))
+        SD3.main(_argv(sd3, tmp_path / "o2", extra=["--save_lora_format", "diffusers", "--network_args",
+                                                    "train_t5xxl=True"]))
 
 
 def test_samples_during_training_with_the_flow_euler_sampler(sd3, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat --n blurry --w 80 --h 64 --d 7 --s 3 --l 4.0\nsks dog --d 8 --s 2 --l 1\n",
                        encoding="utf-8")
-    _main(_argv(sd3, tmp_path / "out", extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "1",
-                                              "--cache_latents"]))
+    SD3.main(_argv(sd3, tmp_path / "out", extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "1",
+                                                 "--cache_latents"]))
     images = sorted((tmp_path / "out" / "sample").glob("*.png"))
     assert len(images) == 2 * 2  # two prompts after steps 1 and 2
     from PIL import Image
@@ -220,34 +192,18 @@ def test_flow_euler_reaches_the_data_for_an_exact_velocity():
 
 
 def test_plan_names_the_family_and_post_hoc_ema_of_sd3_loras(sd3, tmp_path, capsys):
-    import subprocess
-    import sys
-
-    from train_helpers import ROOT
-
-    _main(_argv(sd3, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
-                                                       "--save_every_n_steps", "1"]))
+    SD3.main(_argv(sd3, tmp_path / "out", steps=3, extra=["--cache_latents", "--network_train_unet_only",
+                                                          "--save_every_n_steps", "1"]))
     assert "model family: sd3-5-medium" in capsys.readouterr().out
-    files = sorted(str(p) for p in (tmp_path / "out").glob("lora-step*.safetensors"))
-    result = subprocess.run([sys.executable, str(ROOT / "lora_post_hoc_ema.py"), *files, "--output_file",
-                             str(tmp_path / "ema.safetensors")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ema, meta = load_lora(tmp_path / "ema.safetensors")
-    last, _ = load_lora(tmp_path / "out" / "lora.safetensors")
-    assert ema.keys() == last.keys() and meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    meta = post_hoc_ema(tmp_path / "out", tmp_path / "ema.safetensors")
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
 
 
 def test_fp8_base_trains_a_lora_close_to_the_bf16_run(sd3, tmp_path):
     """--fp8_base on CPU: the MMDiT and the three frozen text encoders in float8, a LoRA that points the same way
     as the bf16 run's."""
     extra = ["--cache_latents", "--mixed_precision", "bf16", "--max_grad_norm", "0"]
-    plain, _ = load_lora(_main(_argv(sd3, tmp_path / "bf16", extra=extra)))
-    fp8, meta = load_lora(_main(_argv(sd3, tmp_path / "fp8", extra=extra + ["--fp8_base"])))
-    assert meta["ss_fp8_base"] == "True" and plain.keys() == fp8.keys()
+    plain, _ = load_lora(SD3.main(_argv(sd3, tmp_path / "bf16", extra=extra)))
+    fp8, meta = load_lora(SD3.main(_argv(sd3, tmp_path / "fp8", extra=extra + ["--fp8_base"])))
     assert any(k.startswith("lora_te2_") for k in fp8)  # CLIP LoRAs train on float8 layers too
-    ups = [k for k in plain if k.endswith("lora_up.weight")]
-    assert all(fp8[k].abs().sum() > 0 for k in ups)
-    a = torch.cat([plain[k].float().flatten() for k in ups])
-    b = torch.cat([fp8[k].float().flatten() for k in ups])
-    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    assert not torch.equal(a, b) and cosine > 0.9
+    assert_fp8_lora_close(plain, fp8, meta)

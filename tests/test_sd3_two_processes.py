@@ -8,8 +8,9 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
+from family_helpers import run_two_processes, two_process_dataset
 from library.models.sd3.tiny import TinySD3Config, save_tiny_sd3_files
-from train_helpers import dataset_toml, load_lora, make_images, run_script, train_args
+from train_helpers import train_args
 
 # sd3_train_network.main, keeping the run to write each process's trained network beside the outputs
 DRIVER = textwrap.dedent("""
@@ -36,18 +37,15 @@ DRIVER = textwrap.dedent("""
 
 def test_two_processes_train_one_sd3_lora(tmp_path):
     files = save_tiny_sd3_files(tmp_path / "m", TinySD3Config(variant="5-medium"))
-    data = dataset_toml(tmp_path / "d.toml", make_images(tmp_path / "img", count=4), resolution=64, batch_size=1)
+    data = two_process_dataset(tmp_path)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER, encoding="utf-8")
     out = tmp_path / "run" / "out"
     argv = train_args(files["sd3"], out, config=data, steps=2) + [
         "--tokenizer_cache_dir", str(files["tokenizer_cache_dir"]), "--t5xxl_max_token_length", "8",
         "--cache_latents", "--learning_rate", "1e-2"]
-    result = run_script(argv, processes=2, script=str(driver))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 per process with 2 process(es)" in result.stdout  # 4 images, batch 1: each process 2 batches
+    saved, meta = run_two_processes(argv, str(driver), out)
     assert sorted(p.name for p in out.iterdir()) == ["lora.safetensors"]  # saved once, by the main process
-    saved, meta = load_lora(out / "lora.safetensors")
     assert meta["ss_base_model_version"] == "5-medium" and meta["ss_network_module"] == "networks.lora_sd3"
     ranks = [load_file(str(tmp_path / "run" / f"rank{i}.safetensors")) for i in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() == saved.keys()
