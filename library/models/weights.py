@@ -9,7 +9,7 @@ import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -257,9 +257,14 @@ def build_with_weights(
 _TRIM_EVERY_BYTES = 256 * 2**20
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes held by a module's parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return tensor_bytes((*module.parameters(), *module.buffers()))
 
 
 def move_module(module: M, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> M:
@@ -273,7 +278,7 @@ def move_module(module: M, device: torch.device | str | None = None, dtype: torc
         if next(leaf.children(), None) is not None:
             continue
         torch.nn.Module.to(leaf, device=device, dtype=dtype)
-        moved += sum(t.numel() * t.element_size() for t in leaf.parameters(recurse=False))
+        moved += tensor_bytes(leaf.parameters(recurse=False))
         if moved >= _TRIM_EVERY_BYTES:
             release_host_memory()
             moved = 0

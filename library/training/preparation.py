@@ -350,15 +350,15 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
             identity += f"|{encoding.cache_settings}"
     text = TextConditioner(encoding, weighted=args.weighted_captions, cache=checked.cache_text,
                            cache_dir=cache_dir, identity=identity or "")
-    sampling = bool(checked.sample_prompts)
+    releasable = not (recipe.needs_frozen_models or checked.sample_prompts)  # nothing uses the frozen models later
     if checked.cache_text and not recipe.trains_text_encoder():
         asked = bool(args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk)
-        releasable = not (recipe.needs_frozen_models or sampling)
         # cached unasked only to free the encoders: never when the outputs would take more memory than they do
         budget = None if asked or not releasable else sum(module_bytes(te) for te in models.text_encoders)
         text.fill(group.fixed_captions(), device, budget_bytes=budget)
-    release_frozen_models(models, text, recipe, sampling=sampling, latents_cached=group.latents is not None,
-                          verbose=accelerator.is_main_process)
+    if releasable:
+        release_frozen_models(models, text, recipe, latents_cached=group.latents is not None,
+                              verbose=accelerator.is_main_process)
     if deferred:  # cast only now: the released encoders' memory is free again
         block_swap = _place_denoiser(models, args, recipe, device, dtype, verbose=verbose)
     text = recipe.text_conditioning(text)
@@ -406,15 +406,12 @@ def build_run(args: argparse.Namespace, recipe: Recipe, checked: Checked, accele
     )
 
 
-def release_frozen_models(models: Any, text: Any, recipe: Recipe, *, sampling: bool, latents_cached: bool,
-                          verbose: bool) -> None:
+def release_frozen_models(models: Any, text: Any, recipe: Recipe, *, latents_cached: bool, verbose: bool) -> None:
     """Free the frozen text encoders once every caption's outputs are cached (asked for with
     ``--cache_text_encoder_outputs``, or cached because the captions never change and the outputs take less
-    memory than the encoders), and the VAE once every latent is, when nothing later needs them (no samples; a
-    recipe that saves only what it trains). Their weights move to the ``meta`` device: the memory is returned
-    and any later use fails loudly."""
-    if recipe.needs_frozen_models or sampling:
-        return
+    memory than the encoders), and the VAE once every latent is. Called only when nothing later needs them (no
+    samples; a recipe that saves only what it trains). Their weights move to the ``meta`` device: the memory is
+    returned and any later use fails loudly."""
     released = []
     if text.cache and not recipe.trains_text_encoder():
         for te in models.text_encoders:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from library.config.params import DatasetGroupParams
 from library.io_utils import atomic_save_file
+from library.models.weights import tensor_bytes
 
 # Part of every disk cache identity; raised whenever the same caption may encode differently than before.
 # 2: '!' in SD2/SDXL-TE2 captions is tokenised as OpenCLIP does, no longer as the pad id.
@@ -101,7 +102,8 @@ class TextConditioner:
 
     def nbytes(self) -> int:
         """Bytes held by the in-memory cache."""
-        return sum(_entry_bytes(entry) for entry in self._memory.values())
+        return sum(tensor_bytes(entry.values() if isinstance(entry, Mapping) else [entry])
+                   for entry in self._memory.values())
 
     def __call__(self, captions: list[str], device: torch.device) -> Any:
         if not self.cache:
@@ -142,11 +144,6 @@ class TextConditioner:
         prefix = "cond." if isinstance(entry, Mapping) else ""
         data = {prefix + k: v.cpu().contiguous() for k, v in items}
         atomic_save_file(self.cache_dir / f"{key}.safetensors", lambda tmp: save_file(data, tmp))
-
-
-def _entry_bytes(entry: Any) -> int:
-    tensors = entry.values() if isinstance(entry, Mapping) else [entry]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _row(out: Any, i: int) -> Any:
